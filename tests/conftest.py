@@ -1,0 +1,30 @@
+"""Test configuration.
+
+Without a GPU the Triton kernels run through Triton's interpreter on CPU
+tensors, which must be switched on before Triton is first imported.
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def kernel_device(monkeypatch):
+    """Device on which the Triton kernels run, with the triton backend forced."""
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "triton")
+    return "cuda" if torch.cuda.is_available() else "cpu"

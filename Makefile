@@ -1,0 +1,35 @@
+# `make train` and `make test` do all set-up: a virtual environment in .venv,
+# torch 2.13.0 installed first (so pip never pulls a CUDA build of torch on a
+# CPU machine), then the package (editable) with its extras.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+INSTALLED := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train test bench report clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.py pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[triton,train,test]"
+	touch $@
+
+train: $(INSTALLED)
+	$(PY) -m mvcl_fast.train $(ARGS)
+
+test: $(INSTALLED)
+	$(PY) -m pytest tests/ -q $(ARGS)
+
+bench: $(INSTALLED)
+	$(PY) -m pytest benchmarks/ --benchmark-only -q $(ARGS)
+
+report: $(INSTALLED)
+	env -u TRITON_INTERPRET $(PY) -m mvcl_fast.kernels.report
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,0 +1,150 @@
+"""The public custom ops: registration (opcheck), torch.compile, dispatch, dtypes, modules."""
+import pytest
+import torch
+
+import mvcl_fast
+from mvcl_fast import reference
+from mvcl_fast.ops import daf, multiview, prototypes
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "reference")
+
+
+def _grad(*shape):
+    return torch.randn(*shape, requires_grad=True)
+
+
+OPCHECK_CASES = {
+    "batch_prototypes": lambda: (prototypes._batch_prototypes,
+                                 (_grad(9, 8), torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1]), 4, False)),
+    "prototype_infonce_loss": lambda: (
+        prototypes._prototype_infonce_loss,
+        (_grad(2, 6, 8), torch.tensor([0, 1, 1, 2, 0, 1]), _grad(4, 8),
+         torch.tensor([True, True, True, False]), 0.1)),
+    "prototype_infonce_loss_no_mask": lambda: (
+        prototypes._prototype_infonce_loss,
+        (_grad(1, 6, 8), torch.tensor([0, 1, 1, 2, 0, 3]), _grad(4, 8), None, 0.3)),
+    "multiview_infonce": lambda: (multiview._multiview_infonce, (_grad(5, 8), _grad(3, 5, 8), 0.1, False)),
+    "multiview_infonce_symmetric": lambda: (
+        multiview._multiview_infonce, (_grad(5, 8), _grad(2, 5, 8), 0.2, True)),
+    "daf_attention": lambda: (
+        daf._daf_attention,
+        (_grad(2, 3, 8), _grad(2, 5, 8), _grad(2, 5, 8), _grad(2, 3, 8), _grad(2, 3, 8),
+         torch.tensor([[False, False, True, False, True], [True] * 5]), 2)),
+    "daf_attention_no_mask": lambda: (
+        daf._daf_attention,
+        (_grad(1, 4, 8), _grad(1, 2, 8), _grad(1, 2, 8), _grad(1, 4, 8), _grad(1, 4, 8), None, 4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
+def test_opcheck(case, reference_backend):
+    op, args = OPCHECK_CASES[case]()
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_public_ops_match_reference_and_keep_dtype(dtype, reference_backend):
+    z = torch.randn(3, 10, 16).to(dtype)
+    y = torch.randint(0, 4, (10,))
+    loss = mvcl_fast.prototype_infonce(z, y, 4)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss, reference.prototype_infonce(z, y, 4))
+    loss = mvcl_fast.multiview_infonce(z[0], z[1:], symmetric=True)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss, reference.multiview_infonce(z[0], z[1:], symmetric=True))
+    out = mvcl_fast.daf_attention(z, z, z, z, z, 4)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, reference.daf_attention(z, z, z, z, z, 4))
+
+
+def test_prototype_infonce_gradient_flows_through_batch_prototypes(reference_backend):
+    z = torch.randn(2, 12, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (12,))
+    for detach in (False, True):
+        mvcl_fast.prototype_infonce(z, y, 5, 0.2, detach_prototypes=detach).backward()
+        ours, z.grad = z.grad, None
+        reference.prototype_infonce(z, y, 5, 0.2, detach_prototypes=detach).backward()
+        torch.testing.assert_close(ours, z.grad)
+        z.grad = None
+
+
+def test_batch_prototypes_api(reference_backend):
+    z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, 1, 0, 3, 3, 3])
+    protos, counts = mvcl_fast.batch_prototypes(z, y, 5)
+    assert counts.tolist() == [1, 2, 0, 3, 0]
+    protos.sum().backward()
+    torch.testing.assert_close(z.grad, (1.0 / counts[y].double())[:, None].expand(6, 4))
+
+
+def test_views_as_list_equal_stacked(reference_backend):
+    anchor, views = torch.randn(5, 8), torch.randn(2, 5, 8)
+    torch.testing.assert_close(mvcl_fast.multiview_infonce(anchor, list(views)),
+                               mvcl_fast.multiview_infonce(anchor, views))
+
+
+def test_losses_are_drop_in_modules(reference_backend):
+    z = torch.randn(16, 8, requires_grad=True)
+    y = torch.randint(0, 4, (16,))
+    loss = mvcl_fast.PrototypeInfoNCELoss(4, tau=0.1)(z, y)
+    loss = loss + mvcl_fast.MultiViewInfoNCELoss(tau=0.1, symmetric=True)(z, [z * 2, z + 1])
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+    assert "num_classes=4" in repr(mvcl_fast.PrototypeInfoNCELoss(4))
+
+
+def _all_ops(z, y, anchor, views, q, kv, mask):
+    loss = mvcl_fast.prototype_infonce(z, y, 5)
+    protos, _ = mvcl_fast.batch_prototypes(z, y, 5)
+    loss = loss + mvcl_fast.prototype_infonce(z, y, 5, prototypes=protos.detach() + 1)
+    loss = loss + mvcl_fast.multiview_infonce(anchor, views, symmetric=True)
+    out = mvcl_fast.daf_attention(q, kv, kv, q, q, 2, mask)
+    return loss + out.square().mean()
+
+
+def test_torch_compile_fullgraph_all_ops(reference_backend):
+    torch._dynamo.reset()
+    inputs = [torch.randn(12, 8, requires_grad=True), torch.randint(0, 5, (12,)),
+              torch.randn(6, 8, requires_grad=True), torch.randn(3, 6, 8, requires_grad=True),
+              torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 4, 8, requires_grad=True),
+              torch.tensor([[False, True, False, False], [True] * 4])]
+    eager = _all_ops(*inputs)
+    eager_grads = torch.autograd.grad(eager, [x for x in inputs if x.requires_grad])
+    compiled = torch.compile(_all_ops, fullgraph=True, backend="aot_eager")(*inputs)
+    compiled_grads = torch.autograd.grad(compiled, [x for x in inputs if x.requires_grad])
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_inductor_no_graph_break(reference_backend):
+    torch._dynamo.reset()
+    z = torch.randn(12, 8, requires_grad=True)
+    y = torch.randint(0, 5, (12,))
+    fn = torch.compile(lambda z, y: mvcl_fast.prototype_infonce(z, y, 5) * 2, fullgraph=True)
+    fn(z, y).backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_backend_env_is_validated(monkeypatch):
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="MVCL_FAST_BACKEND"):
+        mvcl_fast.multiview_infonce(torch.randn(3, 4), torch.randn(1, 3, 4))
+
+
+def test_forced_triton_without_a_way_to_run_it_raises(monkeypatch):
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        mvcl_fast.multiview_infonce(torch.randn(3, 4), torch.randn(1, 3, 4))
+    with pytest.raises(RuntimeError, match="float64"):
+        mvcl_fast.multiview_infonce(torch.randn(3, 4).double(), torch.randn(1, 3, 4).double())
+
+
+def test_auto_backend_runs_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv("MVCL_FAST_BACKEND", raising=False)
+    from mvcl_fast import backend
+    assert not backend.use_triton("x", torch.randn(2))

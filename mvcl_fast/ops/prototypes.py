@@ -129,14 +129,40 @@ def _deterministic(flag: bool) -> bool:
     return bool(flag) or torch.are_deterministic_algorithms_enabled()
 
 
+def _prototypes(z: Tensor, y: Tensor, num_classes: int, deterministic: bool, group):
+    """Batch prototypes, of the global batch when group is a process group.
+
+    Under DDP the scatter-mean is reduce-friendly: each rank turns its
+    prototypes back into per-class sums, and two all-reduces (C x D sums, C
+    counts) give every rank the global means. The differentiable all-reduce
+    sums dP over ranks in backward, so each rank's rows get the gradient of
+    every rank's loss through the shared prototypes.
+    """
+    prototypes, counts = _batch_prototypes(z, y, num_classes, _deterministic(deterministic))
+    if group is None:
+        return prototypes, counts
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    acc = reference.compute_dtype(z.dtype)
+    sums = prototypes.to(acc) * counts.unsqueeze(1).to(acc)
+    sums = dist_fn.all_reduce(sums, group=group)
+    counts = counts.clone()
+    dist.all_reduce(counts, group=group)
+    return (sums / counts.clamp_min(1).unsqueeze(1).to(acc)).to(z.dtype), counts
+
+
 def batch_prototypes(z: Tensor, y: Tensor, num_classes: int, *, deterministic: bool = False,
-                     check_finite: Optional[bool] = None):
+                     check_finite: Optional[bool] = None, group=None):
     """Class prototypes of a batch: the mean of z [N, D] over each label of y [N].
 
     Returns (prototypes [C, D] in z's dtype, counts [C] int64). An absent class
     has count 0 and prototype 0 (never NaN). Differentiable in z. On CUDA the
     fused Triton scatter-mean runs; ``deterministic=True`` (or
     ``torch.use_deterministic_algorithms(True)``) picks its atomics-free variant.
+    With ``group`` (a torch.distributed process group, e.g.
+    ``torch.distributed.group.WORLD``) sums and counts are all-reduced: every
+    rank gets the prototypes and counts of the global batch.
     """
     checks.check_tensor("z", z, 2)
     checks.check_nonempty("z", z)
@@ -144,12 +170,13 @@ def batch_prototypes(z: Tensor, y: Tensor, num_classes: int, *, deterministic: b
     checks.check_labels("y", y, z.shape[0], num_classes, z.device)
     if checks.wants_finite_check(check_finite, z):
         checks.check_finite_values(["z"], [z])
-    return _batch_prototypes(z, y.long(), num_classes, _deterministic(deterministic))
+    return _prototypes(z, y.long(), num_classes, deterministic, group)
 
 
 def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
                       prototypes: Optional[Tensor] = None, detach_prototypes: bool = False, *,
-                      deterministic: bool = False, check_finite: Optional[bool] = None) -> Tensor:
+                      deterministic: bool = False, check_finite: Optional[bool] = None,
+                      group=None) -> Tensor:
     """Prototype InfoNCE: cross-entropy of each row against the class prototypes.
 
     z: [N, D], or [V, N, D] views sharing labels y [N] (the loss is then the
@@ -158,6 +185,8 @@ def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
     classes out of the softmax; explicit prototypes [C, D] (an EMA bank, say)
     make every class a candidate. Logits are norm(z) norm(P)^T / tau.
     Returns a scalar in z's dtype (fp16/bf16 accumulate in fp32).
+    With ``group`` (DDP) the batch prototypes and the absent-class mask are
+    those of the global batch; the loss is the mean over this rank's rows.
     """
     checks.check_tensor("z", z, (2, 3))
     checks.check_nonempty("z", z)
@@ -174,8 +203,8 @@ def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
     y = y.long()
     if prototypes is None:
         flat = views.reshape(-1, views.shape[2])
-        prototypes, counts = _batch_prototypes(flat, y.repeat(views.shape[0]), num_classes,
-                                               _deterministic(deterministic))
+        prototypes, counts = _prototypes(flat, y.repeat(views.shape[0]), num_classes,
+                                         deterministic, group)
         class_mask = counts > 0
     else:
         class_mask = None

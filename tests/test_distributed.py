@@ -1,0 +1,58 @@
+"""DDP: with the batch split over 2 gloo ranks, losses and gradients equal one process on the whole batch."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mvcl_fast
+
+WORLD = 2
+
+
+def _run_ranks(fn, tmp_path, *args):
+    """Run fn(rank, *args) on WORLD gloo ranks; return the per-rank results."""
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_rank_main, args=(fn, init, str(tmp_path), args), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _rank_main(rank, fn, init, out_dir, args):
+    os.environ["MVCL_FAST_BACKEND"] = "reference"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _prototype_rank(rank, z, y, num_classes, detach):
+    rows = slice(rank * len(y) // WORLD, (rank + 1) * len(y) // WORLD)
+    z_local = z[:, rows].clone().requires_grad_()
+    loss = mvcl_fast.prototype_infonce(z_local, y[rows], num_classes, 0.2, detach_prototypes=detach,
+                                       group=dist.group.WORLD)
+    loss.backward()
+    protos, counts = mvcl_fast.batch_prototypes(z_local[0].detach(), y[rows], num_classes,
+                                                group=dist.group.WORLD)
+    return {"loss": loss.detach(), "grad": z_local.grad, "protos": protos, "counts": counts}
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_prototype_infonce_over_two_ranks_equals_whole_batch(tmp_path, detach):
+    z = torch.randn(2, 12, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 2, 0, 4, 4, 1, 2, 2, 0, 1])  # class 3 absent everywhere, 4 on rank 0 only
+    results = _run_ranks(_prototype_rank, tmp_path, z, y, 5, detach)
+    z_full = z.clone().requires_grad_()
+    loss = mvcl_fast.prototype_infonce(z_full, y, 5, 0.2, detach_prototypes=detach)
+    loss.backward()
+    protos, counts = mvcl_fast.batch_prototypes(z[0], y, 5)
+    # DDP averages over ranks: the global loss is the mean of the rank losses,
+    # and each rank's gradient (which carries every rank's loss through the
+    # shared prototypes) divided by the world size is the whole-batch gradient.
+    torch.testing.assert_close(torch.stack([r["loss"] for r in results]).mean(), loss.detach())
+    grads = torch.cat([r["grad"] for r in results], dim=1) / WORLD
+    torch.testing.assert_close(grads, z_full.grad)
+    for r in results:
+        torch.testing.assert_close(r["protos"], protos)
+        assert r["counts"].tolist() == counts.tolist()

@@ -1,0 +1,507 @@
+"""A deterministic synthetic data set written in the MIntRec layout.
+
+``write_synthetic_mintrec(out_dir, seed=0)`` writes ``train.tsv``, ``dev.tsv``,
+``test.tsv`` (columns season, episode, clip, text, label; keys
+``season_episode_clip``; the 20 real MIntRec intents) and ``video_feats.pkl`` /
+``audio_feats.pkl`` (dict key -> float32 array (T, 256) / (T, 768), some stored
+(T, 1, D) as in the real pickles, variable numbers of real frames, some longer
+than the padded length, some already zero-padded). ``mvcl_fast.data.load_split``
+reads it exactly as it reads the real benchmark.
+
+What makes it a test of multimodal fusion:
+- Text: real English utterances, 10-12 templates per intent with slot fillers.
+  A share (``ambiguous_fraction``) of utterances is replaced by a short
+  ambiguous reply ("Oh, really.", "Okay.", "Fine." ...) that several intents
+  share, so their intent is only recoverable from video and audio.
+- Video / audio: each real frame is ``amplitude * envelope_t * u_c + noise``
+  (u_c a fixed random unit direction per class and modality, the amplitude
+  random per utterance, the envelope rising and falling over the clip), plus a
+  per-utterance nuisance offset. A modality carries the signal only in a share
+  of utterances (``INFORMATIVE``: the face is off screen, the voice flat); in
+  those it identifies the intent reliably. So each modality alone is right on
+  about 60-65% of utterances, both together on about 85%, and together with
+  the text's hint (which few intents use that reply) on about 95%.
+- Class mix: long-tailed (Zipf-like, head/tail ratio about 11 for 20 classes)
+  when ``long_tail=True``, the same mix in every split.
+
+Same seed and arguments -> the same bytes (numpy's PCG64 streams, pickle
+protocol 4, fixed key order).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mvcl_fast.data import DATASETS, SYNTHETIC_META
+
+FORMAT_VERSION = 1
+LABELS = DATASETS["mintrec"].labels
+VIDEO_DIM = DATASETS["mintrec"].video_dim
+AUDIO_DIM = DATASETS["mintrec"].audio_dim
+
+DEFAULTS = dict(
+    seed=0, n_train=1000, n_dev=250, n_test=400, video_len=32, audio_len=48,
+    ambiguous_fraction=0.35, long_tail=True,
+)
+# A tiny version for tests (writes in well under a second).
+TINY = dict(n_train=60, n_dev=20, n_test=20, video_len=8, audio_len=12)
+
+# Feature signal (see the module docstring): the share of utterances in which a
+# modality carries the intent, the per-frame signal along the class direction
+# (in units of the per-dimension noise), and the per-utterance offset.
+INFORMATIVE = 0.6
+AMPLITUDE = (2.0, 6.0)
+FRAME_NOISE = 1.0
+NUISANCE = 0.3
+
+SLOTS = {
+    "name": ["Sarah", "Mike", "Dina", "Jonah", "Amy", "Glenn", "Cheyenne", "Garrett", "Mateo",
+             "Sandra", "Jeff", "Carol", "Marcus", "Kelly", "Justine", "Bo", "Nico", "Adam"],
+    "thing": ["the report", "the schedule", "the new display", "the price tags", "the inventory list",
+              "the cake", "the car", "the photos", "the presentation", "the flyers", "the coupons",
+              "the cash register", "the delivery", "the spreadsheet", "the signs"],
+    "place": ["the break room", "the stockroom", "the parking lot", "aisle five", "the pharmacy",
+              "the garden center", "the front desk", "the cafe", "the office", "the loading dock",
+              "the electronics section", "the checkout"],
+    "time": ["tonight", "tomorrow morning", "this afternoon", "on Friday", "next week", "at noon",
+             "after lunch", "before closing", "on Monday", "in ten minutes"],
+    "task": ["restock the shelves", "clean the floor", "count the registers", "fold the towels",
+             "unload the truck", "fix the printer", "cover my shift", "call the supplier",
+             "finish the paperwork", "set up the display", "check the prices", "water the plants"],
+    "food": ["pizza", "tacos", "donuts", "sandwiches", "coffee", "pancakes", "sushi", "cookies"],
+}
+
+TEMPLATES = {
+    "Complain": [
+        "I can't believe I have to {task} again, this is so unfair.",
+        "Why am I always the one who gets stuck in {place}?",
+        "This is the third time {thing} broke this week, I'm sick of it.",
+        "Nobody ever listens to me around here.",
+        "Ugh, my feet are killing me and we still have to {task}.",
+        "It's freezing in {place} and nobody will fix the heater.",
+        "I've been waiting forever and {name} still hasn't shown up.",
+        "Seriously, who keeps leaving a mess in {place}?",
+        "I'm so tired of doing everyone else's work.",
+        "The {food} in the break room is always gone before I get any.",
+        "This job is exhausting and the pay is terrible.",
+    ],
+    "Praise": [
+        "{name}, you did an amazing job on {thing}.",
+        "Wow, this looks fantastic, great work!",
+        "You are honestly the best manager we've ever had.",
+        "That was brilliant, {name}, really well done.",
+        "I love what you did with {thing}, it's perfect.",
+        "You handled that customer so gracefully.",
+        "Your idea saved us a ton of time, thank goodness for you.",
+        "Nice job on {thing}, it looks really professional.",
+        "You're a natural at this, {name}.",
+        "That presentation was incredible, everyone loved it.",
+        "You always know exactly what to say.",
+    ],
+    "Apologise": [
+        "I'm so sorry, {name}, I didn't mean to do that.",
+        "Sorry I'm late, the bus broke down.",
+        "I apologize for messing up {thing}.",
+        "Sorry, that was completely my fault.",
+        "I'm really sorry about what I said earlier.",
+        "Forgive me, I forgot to {task}.",
+        "My bad, I thought you were someone else.",
+        "I owe you an apology for yesterday.",
+        "Sorry for yelling at you in {place}.",
+        "I'm sorry, I should have told you sooner.",
+    ],
+    "Thank": [
+        "Thank you so much for helping me {task}, {name}.",
+        "Thanks for covering for me {time}.",
+        "I really appreciate you bringing {food}.",
+        "Thank you, that means a lot to me.",
+        "Thanks a lot for fixing {thing}.",
+        "I can't thank you enough, {name}.",
+        "Thanks for the ride, I owe you one.",
+        "Thank you for listening to me.",
+        "Thanks for saving me a seat in {place}.",
+        "I'm so grateful you came, thank you.",
+    ],
+    "Criticize": [
+        "{name}, you did {thing} completely wrong.",
+        "That's a terrible idea and you know it.",
+        "You never finish anything you start.",
+        "This is sloppy work, you need to redo {thing}.",
+        "You were rude to that customer and it was unacceptable.",
+        "Honestly, your plan makes no sense at all.",
+        "You should have checked {thing} before sending it.",
+        "You left {place} a disaster again.",
+        "That was a really selfish thing to do, {name}.",
+        "Your attitude is dragging the whole team down.",
+    ],
+    "Care": [
+        "Are you feeling okay, {name}? You look pale.",
+        "Did you get any sleep last night?",
+        "Make sure you eat something before your shift.",
+        "How is your mom doing after the surgery?",
+        "Be careful, the floor in {place} is wet.",
+        "Do you need me to drive you home {time}?",
+        "You should sit down and rest for a minute.",
+        "Is everything alright at home, {name}?",
+        "Put on a jacket, it's cold outside.",
+        "Drink some water, you've been working all day.",
+    ],
+    "Agree": [
+        "Yes, I totally agree with you, {name}.",
+        "You're absolutely right about {thing}.",
+        "That's exactly what I was thinking.",
+        "Sure, let's do it your way.",
+        "I couldn't agree more.",
+        "Yeah, that makes a lot of sense.",
+        "Definitely, we should {task} first.",
+        "Good point, I'm with you on that.",
+        "Sounds good to me, count me in.",
+        "Yes, that's the right call.",
+    ],
+    "Taunt": [
+        "Oh, look who finally decided to show up.",
+        "Nice try, {name}, maybe next time.",
+        "Wow, you really outdid yourself breaking {thing}.",
+        "Did you get lost on the way to {place} again?",
+        "Bet you can't {task} without asking for help.",
+        "Cute outfit, did your grandma pick it out?",
+        "Congratulations on being the slowest cashier in the store.",
+        "Aw, is the big boss upset?",
+        "Go ahead, cry about it.",
+        "I guess some people just aren't cut out for this.",
+    ],
+    "Flaunt": [
+        "I sold more than anyone else this month, obviously.",
+        "Check out my new car, it cost a fortune.",
+        "I got employee of the month again, no big deal.",
+        "My boyfriend is taking me to Paris {time}.",
+        "I finished {thing} in ten minutes, beat that.",
+        "I'm basically the smartest person in this store.",
+        "Everyone says I have the best taste in {place}.",
+        "I just got promoted, so I'm kind of your boss now.",
+        "I can {task} with my eyes closed.",
+        "My new watch is real gold, by the way.",
+    ],
+    "Joke": [
+        "Why did the shopping cart go to therapy? It had too many issues.",
+        "I'd tell you a joke about {food}, but it's too cheesy.",
+        "If I had a dollar for every time {name} was late, I could retire.",
+        "My plan for {time} is to become a professional napper.",
+        "I'm not lazy, I'm in energy saving mode.",
+        "The printer and I have an understanding, we both hate Mondays.",
+        "I'm on a seafood diet, I see food and I eat it.",
+        "Maybe {thing} is just shy and doesn't want to work.",
+        "I told {name} a joke about the stockroom, it was a bit dusty.",
+        "Knock knock, it's the manager, nobody panic.",
+    ],
+    "Oppose": [
+        "No way, I'm not going to {task}.",
+        "I don't think that's a good idea, {name}.",
+        "Absolutely not, we can't change {thing} now.",
+        "I disagree, that won't work at all.",
+        "No, we should not move everything to {place}.",
+        "I'm against it, it's way too risky.",
+        "That's not fair and I won't accept it.",
+        "No, I refuse to work {time}.",
+        "I don't agree with your decision.",
+        "We are not doing it like that.",
+    ],
+    "Comfort": [
+        "Don't worry, {name}, everything will be fine.",
+        "It's not your fault, you did your best.",
+        "Hey, it's okay to cry, I'm here for you.",
+        "You'll get through this, I promise.",
+        "Don't be so hard on yourself.",
+        "It's going to be alright, take a deep breath.",
+        "Everyone makes mistakes, forget about {thing}.",
+        "I'm sure you'll find another job soon.",
+        "Cheer up, tomorrow will be better.",
+        "We're all on your side, {name}.",
+    ],
+    "Inform": [
+        "The meeting has been moved to {time}.",
+        "{name} called in sick today.",
+        "The delivery truck is waiting in {place}.",
+        "We're out of {food} in the break room.",
+        "The store closes early {time}.",
+        "Corporate is sending an inspector {time}.",
+        "{thing} is on the desk in {place}.",
+        "The registers were short twenty dollars last night.",
+        "There's a customer waiting at {place}.",
+        "I just heard that {name} is getting transferred.",
+        "The new uniforms arrived this morning.",
+    ],
+    "Advise": [
+        "You should talk to {name} before you decide.",
+        "If I were you, I'd {task} first.",
+        "Maybe try being nicer to the customers.",
+        "You'd better double check {thing}.",
+        "I think you should ask for a raise.",
+        "Take a break, you'll think more clearly.",
+        "My advice is to stay away from {place} today.",
+        "You should write everything down so you don't forget.",
+        "It might help to apologize to {name}.",
+        "Try turning {thing} off and on again.",
+    ],
+    "Arrange": [
+        "Let's meet in {place} {time}.",
+        "{name}, you take the register and I'll {task}.",
+        "I'll put you on the schedule for {time}.",
+        "Can we set up the meeting for {time}?",
+        "You two handle {place}, the rest of us will {task}.",
+        "Let's split the work, I'll do {thing} and you do the rest.",
+        "We'll have the party in {place} {time}.",
+        "Put the boxes in {place} and we'll sort them later.",
+        "I booked a table for six {time}.",
+        "Everybody meet at the front {time} for the briefing.",
+    ],
+    "Introduce": [
+        "Everyone, this is {name}, our new team member.",
+        "Hi, I'm {name}, I just started here.",
+        "Let me introduce you to my friend {name}.",
+        "This is my sister, she's visiting from Chicago.",
+        "Meet {name}, the new assistant manager.",
+        "I'd like you all to welcome {name} to the store.",
+        "{name}, this is the guy I told you about.",
+        "Hello, my name is {name} and I'll be your trainer.",
+        "Guys, meet my boyfriend.",
+        "This is {name}, he works in {place}.",
+    ],
+    "Leave": [
+        "I have to go now, see you {time}.",
+        "I'm heading out, bye everyone.",
+        "Okay, I'm leaving, don't wait for me.",
+        "I gotta run, {name}, talk later.",
+        "My shift is over, I'm out of here.",
+        "I'm going home, goodnight.",
+        "I'll be in {place} if anyone needs me, bye.",
+        "Time for me to go, see you around.",
+        "I'm off to lunch, back in an hour.",
+        "Well, I should get going.",
+    ],
+    "Prevent": [
+        "Stop, don't touch {thing}!",
+        "Wait, don't go into {place}.",
+        "No no no, put that down right now.",
+        "Don't tell {name} about this.",
+        "Hold on, don't open that door.",
+        "Don't even think about leaving early.",
+        "Stop right there, you can't {task} like that.",
+        "Don't eat the {food}, it's for the party.",
+        "Careful, don't drop {thing}!",
+        "Stop him before he talks to the manager.",
+    ],
+    "Greet": [
+        "Hi {name}, good morning!",
+        "Hey everyone, how's it going?",
+        "Hello, welcome to the store.",
+        "Good morning, {name}, nice to see you.",
+        "Hey, long time no see!",
+        "Hi there, how are you doing today?",
+        "Morning, everybody.",
+        "Hey {name}, what's up?",
+        "Good afternoon, how can I help you?",
+        "Hello again, {name}.",
+    ],
+    "Ask for help": [
+        "Can you help me {task}, {name}?",
+        "Could someone give me a hand with {thing}?",
+        "I need help carrying these boxes to {place}.",
+        "{name}, can you show me how {thing} works?",
+        "Please help me, I don't know what to do.",
+        "Would you mind covering my shift {time}?",
+        "Can anybody help me find {thing}?",
+        "I'm stuck, could you help me out?",
+        "Can you help me {task} before the manager comes?",
+        "Could you lend me a hand in {place}?",
+    ],
+}
+
+# Short replies whose intent lies in the voice and face, not the words. Each
+# intent uses a fixed subset, so every reply is shared by several intents.
+AMBIGUOUS = [
+    "Oh, really.", "Okay.", "Look at that.", "Fine.", "Well, well.", "Right.", "Yeah.",
+    "Hmm.", "Is that so?", "Wow.", "Sure.", "Oh.", "Alright then.", "Whatever you say.",
+    "Here we go.", "Uh-huh.", "No.", "Seriously?", "Come on.", "Huh.",
+]
+AMBIGUOUS_PER_INTENT = 6
+
+# MIntRec-like frequency order (head first) used for the long tail.
+FREQUENCY_ORDER = (
+    "Inform", "Complain", "Praise", "Agree", "Apologise", "Thank", "Advise", "Arrange",
+    "Criticize", "Care", "Oppose", "Taunt", "Comfort", "Joke", "Leave", "Ask for help",
+    "Greet", "Prevent", "Flaunt", "Introduce",
+)
+ZIPF_EXPONENT = 0.8
+
+
+def class_shares(long_tail: bool) -> np.ndarray:
+    """Share of each label (in LABELS order)."""
+    if not long_tail:
+        return np.full(len(LABELS), 1.0 / len(LABELS))
+    rank = np.array([FREQUENCY_ORDER.index(name) for name in LABELS])
+    w = (rank + 1.0) ** -ZIPF_EXPONENT
+    return w / w.sum()
+
+
+def _split_counts(n: int, shares: np.ndarray) -> np.ndarray:
+    """Exact per-class counts summing to n (largest remainder), every class >= 1 when n allows."""
+    raw = shares * n
+    counts = np.floor(raw).astype(int)
+    if n >= len(shares):
+        counts = np.maximum(counts, 1)
+    while counts.sum() > n:
+        counts[np.argmax(counts)] -= 1
+    order = np.argsort(-(raw - np.floor(raw)), kind="stable")
+    i = 0
+    while counts.sum() < n:
+        counts[order[i % len(order)]] += 1
+        i += 1
+    return counts
+
+
+def _fill(template: str, rng: np.random.Generator) -> str:
+    slots = {k: v[rng.integers(len(v))] for k, v in SLOTS.items() if "{" + k + "}" in template}
+    text = template.format(**slots)
+    return text[0].upper() + text[1:]
+
+
+def _frames(rng, n_frames: int, stored_len: int, direction: np.ndarray, amplitude: float,
+            nuisance: np.ndarray) -> np.ndarray:
+    dim = direction.shape[0]
+    x = rng.standard_normal((n_frames, dim), dtype=np.float32) * FRAME_NOISE
+    # Class signal rises and falls over the clip (as an expression or an intonation does).
+    envelope = 0.5 + np.sin(np.linspace(0.0, np.pi, n_frames, dtype=np.float32))
+    x += (amplitude * envelope)[:, None] * direction[None, :]
+    x += nuisance[None, :]
+    if stored_len > n_frames:  # stored already zero-padded, as some real pickles are
+        x = np.concatenate([x, np.zeros((stored_len - n_frames, dim), np.float32)])
+    return x.astype(np.float32)
+
+
+def _unit_directions(rng, n: int, dim: int) -> np.ndarray:
+    d = rng.standard_normal((n, dim))
+    return (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_synthetic_mintrec(out_dir: str | os.PathLike, *, seed: int = DEFAULTS["seed"],
+                            n_train: int = DEFAULTS["n_train"], n_dev: int = DEFAULTS["n_dev"],
+                            n_test: int = DEFAULTS["n_test"],
+                            video_len: int = DEFAULTS["video_len"],
+                            audio_len: int = DEFAULTS["audio_len"],
+                            ambiguous_fraction: float = DEFAULTS["ambiguous_fraction"],
+                            long_tail: bool = DEFAULTS["long_tail"]) -> Path:
+    """Write the synthetic set into ``out_dir`` (created if needed) and return it."""
+    for name, v in (("n_train", n_train), ("n_dev", n_dev), ("n_test", n_test),
+                    ("video_len", video_len), ("audio_len", audio_len)):
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not 0.0 <= ambiguous_fraction <= 1.0:
+        raise ValueError(f"ambiguous_fraction must be in [0, 1], got {ambiguous_fraction}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Fixed structure from the seed: feature directions and each intent's ambiguous replies.
+    structure = np.random.default_rng([seed, 0])
+    video_dirs = _unit_directions(structure, len(LABELS), VIDEO_DIM)
+    audio_dirs = _unit_directions(structure, len(LABELS), AUDIO_DIM)
+    replies = [structure.choice(len(AMBIGUOUS), AMBIGUOUS_PER_INTENT, replace=False)
+               for _ in LABELS]
+
+    shares = class_shares(long_tail)
+    video_feats: dict[str, np.ndarray] = {}
+    audio_feats: dict[str, np.ndarray] = {}
+    clip = 0
+    for split_id, (split, n) in enumerate((("train", n_train), ("dev", n_dev), ("test", n_test))):
+        rng = np.random.default_rng([seed, 1 + split_id])
+        labels = np.repeat(np.arange(len(LABELS)), _split_counts(n, shares))
+        rng.shuffle(labels)
+        ambiguous = np.zeros(n, dtype=bool)
+        ambiguous[rng.permutation(n)[:int(round(ambiguous_fraction * n))]] = True
+        rows = []
+        for i, label in enumerate(labels):
+            name = LABELS[label]
+            if ambiguous[i]:
+                text = AMBIGUOUS[replies[label][rng.integers(AMBIGUOUS_PER_INTENT)]]
+            else:
+                templates = TEMPLATES[name]
+                text = _fill(templates[rng.integers(len(templates))], rng)
+            clip += 1
+            season, episode = 1 + clip % 6, 1 + (clip // 6) % 22
+            key_parts = (f"S{season:02d}", f"E{episode:02d}", str(clip))
+            key = "_".join(key_parts)
+            rows.append((*key_parts, text, name))
+
+            for feats, dirs, max_len in ((video_feats, video_dirs, video_len),
+                                         (audio_feats, audio_dirs, audio_len)):
+                dim = dirs.shape[1]
+                # Mostly shorter than the padded length; 1 in 10 longer (truncated on load).
+                if rng.random() < 0.1:
+                    n_frames = int(rng.integers(max_len + 1, max_len + max(2, max_len // 4) + 1))
+                else:
+                    n_frames = int(rng.integers(max(1, max_len // 4), max_len + 1))
+                stored = n_frames
+                if n_frames < max_len and rng.random() < 0.2:
+                    stored = max_len
+                informative = rng.random() < INFORMATIVE
+                amplitude = float(rng.uniform(*AMPLITUDE)) if informative else 0.0
+                nuisance = (rng.standard_normal(dim, dtype=np.float32) * NUISANCE).astype(np.float32)
+                x = _frames(rng, n_frames, stored, dirs[label], amplitude, nuisance)
+                # Both real pickle layouts occur: (T, D) and (T, 1, D).
+                feats[key] = x[:, None, :] if clip % 3 == 0 else x
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+        writer.writerow(["season", "episode", "clip", "text", "label"])
+        writer.writerows(rows)
+        (out / f"{split}.tsv").write_text(buf.getvalue(), encoding="utf-8")
+
+    for name, feats in (("video_feats.pkl", video_feats), ("audio_feats.pkl", audio_feats)):
+        with open(out / name, "wb") as f:
+            pickle.dump(feats, f, protocol=4)
+    meta = dict(format_version=FORMAT_VERSION, seed=seed, n_train=n_train, n_dev=n_dev,
+                n_test=n_test, video_len=video_len, audio_len=audio_len,
+                ambiguous_fraction=ambiguous_fraction, long_tail=long_tail)
+    (out / SYNTHETIC_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def ensure_synthetic(cache_dir: str | os.PathLike, **kw) -> Path:
+    """The synthetic set for these arguments, written once into ``cache_dir``.
+
+    The folder name is a hash of the full argument set; it is written in a
+    temporary folder and renamed into place, so a crashed or concurrent write
+    never leaves a half-written set where a later run would use it.
+    """
+    unknown = set(kw) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown synthetic data argument(s) {sorted(unknown)}; "
+                        f"known: {sorted(DEFAULTS)}")
+    params = {**DEFAULTS, **kw, "format_version": FORMAT_VERSION}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(cache_dir)
+    target = cache / f"synthetic-mintrec-{digest}"
+    if (target / SYNTHETIC_META).is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-synthetic-", dir=cache))
+    try:
+        write_synthetic_mintrec(tmp, **kw)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / SYNTHETIC_META).is_file():  # not a concurrent writer's success
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

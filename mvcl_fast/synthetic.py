@@ -58,7 +58,7 @@ TINY = dict(n_train=60, n_dev=20, n_test=20, video_len=8, audio_len=12)
 # Feature signal (see the module docstring): the share of utterances in which a
 # modality carries the intent, the per-frame signal along the class direction
 # (in units of the per-dimension noise), and the per-utterance offset.
-INFORMATIVE = 0.6
+INFORMATIVE = 0.7
 AMPLITUDE = (2.0, 6.0)
 FRAME_NOISE = 1.0
 NUISANCE = 0.3
@@ -333,7 +333,7 @@ AMBIGUOUS = [
     "Hmm.", "Is that so?", "Wow.", "Sure.", "Oh.", "Alright then.", "Whatever you say.",
     "Here we go.", "Uh-huh.", "No.", "Seriously?", "Come on.", "Huh.",
 ]
-AMBIGUOUS_PER_INTENT = 6
+AMBIGUOUS_PER_INTENT = 10
 
 # MIntRec-like frequency order (head first) used for the long tail.
 FREQUENCY_ORDER = (

@@ -1,0 +1,349 @@
+"""The MIntRec / MIntRec2.0 loader on tiny data sets in the real layout, its
+errors, and the synthetic writer."""
+import csv
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import mvcl_fast.data as data
+import mvcl_fast.synthetic as synthetic
+from mvcl_fast.data import DATASETS, MultimodalDataset, collate, load_split
+
+V, A = DATASETS["mintrec"].video_dim, DATASETS["mintrec"].audio_dim
+TV, TA = 6, 5  # padded lengths used in most tests
+
+
+@pytest.fixture(autouse=True)
+def _fresh_feature_cache():
+    data.clear_feature_cache()
+    yield
+    data.clear_feature_cache()
+
+
+def frames(rng, n, dim, *, middle_axis=False, trailing_zeros=0):
+    x = rng.standard_normal((n, dim)).astype(np.float32) + 0.5
+    if trailing_zeros:
+        x = np.concatenate([x, np.zeros((trailing_zeros, dim), np.float32)])
+    return x[:, None, :] if middle_axis else x
+
+
+def write_folder(folder, header, rows_by_split, video, audio, *, video_name="video_feats.pkl",
+                 audio_name="audio_feats.pkl"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        with open(folder / f"{split}.tsv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f, delimiter="\t", lineterminator="\n")
+            w.writerow(header)
+            w.writerows(rows)
+    for name, feats in ((video_name, video), (audio_name, audio)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(folder / name, "wb") as f:
+            pickle.dump(feats, f)
+    return folder
+
+
+@pytest.fixture
+def mintrec_dir(tmp_path):
+    """Train: four clips covering (T, D) / (T, 1, D), shorter / longer than the padded
+    lengths, and stored zero padding; dev: one clip."""
+    rng = np.random.default_rng(0)
+    rows = {
+        "train": [
+            ["S04", "E01", "10", "Thank you so much.", "Thank"],
+            ["S04", "E01", "11", 'He said "no", really.', "Ask for help"],
+            ["S05", "E12", "3", "Stop!\tNow.", "prevent"],       # tab inside a quoted field; label case
+            ["S06", "E02", "7", "Okay.", "Complain"],
+        ],
+        "dev": [["S01", "E01", "1", "Hi there.", "Greet"]],
+    }
+    video = {
+        "S04_E01_10": frames(rng, 3, V),                                    # shorter
+        "S04_E01_11": frames(rng, 9, V, middle_axis=True),                  # longer, (T, 1, D)
+        "S05_E12_3": frames(rng, 2, V, trailing_zeros=2),                   # stored padding
+        "S06_E02_7": frames(rng, TV, V, middle_axis=True),                  # exactly TV
+        "S01_E01_1": frames(rng, 1, V),
+        "S09_E09_9": frames(rng, 4, V),                                     # key not in any split
+    }
+    audio = {
+        "S04_E01_10": frames(rng, 8, A, middle_axis=True),
+        "S04_E01_11": frames(rng, 1, A),
+        "S05_E12_3": np.zeros((4, A), np.float32),                          # all zero: length 1
+        "S06_E02_7": frames(rng, 3, A, trailing_zeros=9),                   # zeros past TA
+        "S01_E01_1": frames(rng, 2, A, middle_axis=True),
+    }
+    folder = write_folder(tmp_path / "MIntRec", ["season", "episode", "clip", "text", "label"],
+                          rows, video, audio)
+    return folder, video, audio
+
+
+def test_loads_mintrec_layout(mintrec_dir):
+    folder, video, audio = mintrec_dir
+    s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    assert len(s) == 4
+    assert s.keys == ["S04_E01_10", "S04_E01_11", "S05_E12_3", "S06_E02_7"]
+    assert s.texts == ["Thank you so much.", 'He said "no", really.', "Stop!\tNow.", "Okay."]
+    names = DATASETS["mintrec"].labels
+    assert [names[i] for i in s.labels] == ["Thank", "Ask for help", "Prevent", "Complain"]
+    assert s.label_names == names
+    assert s.video.shape == (4, TV, V) and s.video.dtype == torch.float32
+    assert s.audio.shape == (4, TA, A) and s.audio.dtype == torch.float32
+    assert s.labels.dtype == torch.int64
+    assert s.video_lengths.tolist() == [3, TV, 2, TV]
+    assert s.audio_lengths.tolist() == [TA, 1, 1, 3]
+    for i, key in enumerate(s.keys):
+        for got, L, stored, T in ((s.video[i], s.video_lengths[i], video[key], TV),
+                                  (s.audio[i], s.audio_lengths[i], audio[key], TA)):
+            stored = stored.reshape(stored.shape[0], -1)[:T]
+            torch.testing.assert_close(got[:len(stored)], torch.from_numpy(stored))
+            assert not got[len(stored):].any()   # zero padding
+            assert not got[L:].any()             # nothing real past the length
+
+
+def test_default_lengths_are_the_benchmarks(mintrec_dir):
+    folder, _, _ = mintrec_dir
+    s = load_split(folder, "mintrec", "dev")
+    assert s.video.shape == (1, 230, V) and s.audio.shape == (1, 480, A)
+    assert s.video_lengths.tolist() == [1] and s.audio_lengths.tolist() == [2]
+
+
+def test_loads_mintrec2_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    header = ["Dialogue_id", "Utterance_id", "Text", "Label", "Start_timestamp", "End_timestamp",
+              "Source", "speaker_name"]
+    rows = {"test": [
+        ["12", "0", "What do you think about it?", "Asking for opinions", "0:00:01", "0:00:03", "Friends", "Ross"],
+        ["12", "1", "No idea.", "UNK", "0:00:03", "0:00:04", "Friends", "Rachel"],
+        ["7", "3", "Watch out!", "Warn", "0:01:00", "0:01:02", "Superstore", "Amy"],
+    ]}
+    keys = ["dia12_utt0", "dia12_utt1", "dia7_utt3"]
+    video = {k: frames(rng, n, V, middle_axis=n % 2 == 0) for k, n in zip(keys, (4, 200, 1))}
+    audio = {k: frames(rng, n, A, middle_axis=n % 2 == 1) for k, n in zip(keys, (401, 3, 2))}
+    # The MIntRec2.0 release names its pickles after the extractors, under video_data/ audio_data/.
+    folder = write_folder(tmp_path / "MIntRec2.0", header, rows, video, audio,
+                          video_name="video_data/swin_feats.pkl", audio_name="audio_data/wavlm_feats.pkl")
+    s = load_split(folder, "MIntRec2.0", "test")
+    info = DATASETS["mintrec2"]
+    assert len(info.labels) == 31 and info.labels[-1] == "UNK"
+    assert s.keys == keys
+    assert [info.labels[i] for i in s.labels] == ["Asking for opinions", "UNK", "Warn"]
+    assert s.video.shape == (3, 180, V) and s.audio.shape == (3, 400, A)
+    assert s.video_lengths.tolist() == [4, 180, 1]
+    assert s.audio_lengths.tolist() == [400, 3, 2]
+    # Header spellings are matched case-insensitively, spaces or underscores.
+    header2 = ["dialogue id", "UTTERANCE ID", "text", "label"]
+    write_folder(tmp_path / "lower", header2, {"dev": [r[:4] for r in rows["test"]]}, video, audio)
+    assert load_split(tmp_path / "lower", "mintrec2", "dev", video_len=3, audio_len=3).keys == keys
+
+
+def test_dataset_and_collate(mintrec_dir):
+    folder, _, _ = mintrec_dir
+    s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    ds = MultimodalDataset(s)
+    assert len(ds) == 4
+    item = ds[2]
+    assert set(item) == {"index", "text", "label", "video", "audio", "video_length", "audio_length"}
+    assert item["index"] == 2 and item["text"] == "Stop!\tNow."
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate)
+    batches = list(loader)
+    b = batches[0]
+    assert b["text"] == s.texts[:3]
+    assert b["index"].tolist() == [0, 1, 2]
+    torch.testing.assert_close(b["video"], s.video[:3])
+    torch.testing.assert_close(b["audio"], s.audio[:3])
+    assert b["label"].dtype == torch.int64 and b["label"].tolist() == s.labels[:3].tolist()
+    assert b["video_length"].tolist() == s.video_lengths[:3].tolist()
+    assert b["audio_length"].tolist() == s.audio_lengths[:3].tolist()
+    assert batches[1]["video"].shape == (1, TV, V)
+
+
+def test_each_pickle_is_loaded_once(mintrec_dir, monkeypatch):
+    folder, video, audio = mintrec_dir
+    calls = []
+    real_load = pickle.load
+    monkeypatch.setattr(data.pickle, "load", lambda f: calls.append(f.name) or real_load(f))
+    load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
+    assert len(calls) == 2
+    # A rewritten file is read again.
+    video["S01_E01_1"] = frames(np.random.default_rng(5), 2, V)
+    with open(folder / "video_feats.pkl", "wb") as f:
+        pickle.dump(video, f)
+    st = os.stat(folder / "video_feats.pkl")
+    os.utime(folder / "video_feats.pkl", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA).video_lengths.tolist() == [2]
+    assert len(calls) == 3
+
+
+# ------------------------------------------------------------------ clear errors
+
+def rewrite_tsv(folder, split, lines):
+    (folder / f"{split}.tsv").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def repickle(folder, name, feats):
+    with open(folder / name, "wb") as f:
+        pickle.dump(feats, f)
+
+
+HEADER = "season\tepisode\tclip\ttext\tlabel"
+
+
+@pytest.mark.parametrize("case,exc,fragments", [
+    ("no_folder", FileNotFoundError, ["nowhere", "does not exist"]),
+    ("no_split", FileNotFoundError, ["test.tsv"]),
+    ("no_video", FileNotFoundError, ["video features", "video_feats.pkl"]),
+    ("no_audio", FileNotFoundError, ["audio features", "audio_feats.pkl"]),
+    ("empty_tsv", ValueError, ["dev.tsv", "empty"]),
+    ("header_only", ValueError, ["dev.tsv", "no data rows"]),
+    ("missing_column", ValueError, ["dev.tsv", "clip"]),
+    ("short_row", ValueError, ["dev.tsv", "line 3", "4 tab-separated fields", "header has 5"]),
+    ("long_row", ValueError, ["dev.tsv", "line 2", "6 tab-separated fields"]),
+    ("unknown_label", ValueError, ["dev.tsv", "line 3", "'Gossip'", "Complain", "Ask for help"]),
+    ("missing_key", ValueError, ["video_feats.pkl", "'S01_E01_2'"]),
+    ("wrong_width", ValueError, ["audio_feats.pkl", "'S01_E01_1'", "width 700", "768"]),
+    ("wrong_rank", ValueError, ["video_feats.pkl", "'S01_E01_1'", "(4, 2, 256)"]),
+    ("rank_one", ValueError, ["video_feats.pkl", "'S01_E01_1'", "(256,)"]),
+    ("not_a_dict", ValueError, ["audio_feats.pkl", "dict"]),
+    ("unknown_dataset", ValueError, ["'mintrec3'", "mintrec2"]),
+])
+def test_clear_errors(mintrec_dir, tmp_path, case, exc, fragments):
+    folder, video, audio = mintrec_dir
+    target, dataset, split = folder, "mintrec", "dev"
+    ok_row = "S01\tE01\t1\tHi there.\tGreet"
+    if case == "no_folder":
+        target = tmp_path / "nowhere"
+    elif case == "no_split":
+        split = "test"
+    elif case == "no_video":
+        (folder / "video_feats.pkl").unlink()
+    elif case == "no_audio":
+        (folder / "audio_feats.pkl").unlink()
+    elif case == "empty_tsv":
+        rewrite_tsv(folder, "dev", [])
+    elif case == "header_only":
+        rewrite_tsv(folder, "dev", [HEADER])
+    elif case == "missing_column":
+        rewrite_tsv(folder, "dev", ["season\tepisode\ttext\tlabel", "S01\tE01\tHi.\tGreet"])
+    elif case == "short_row":
+        rewrite_tsv(folder, "dev", [HEADER, ok_row, "S01\tE01\tHi.\tGreet"])
+    elif case == "long_row":
+        rewrite_tsv(folder, "dev", [HEADER, ok_row + "\textra"])
+    elif case == "unknown_label":
+        rewrite_tsv(folder, "dev", [HEADER, ok_row, "S01\tE01\t1\tDid you hear?\tGossip"])
+    elif case == "missing_key":
+        rewrite_tsv(folder, "dev", [HEADER, ok_row, "S01\tE01\t2\tHi.\tGreet"])
+    elif case == "wrong_width":
+        repickle(folder, "audio_feats.pkl", {**audio, "S01_E01_1": np.ones((3, 700), np.float32)})
+    elif case == "wrong_rank":
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": np.ones((4, 2, V), np.float32)})
+    elif case == "rank_one":
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": np.ones(V, np.float32)})
+    elif case == "not_a_dict":
+        repickle(folder, "audio_feats.pkl", [np.ones((3, A))])
+    elif case == "unknown_dataset":
+        dataset = "mintrec3"
+    with pytest.raises(exc) as info:
+        load_split(target, dataset, split, video_len=TV, audio_len=TA)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+# ------------------------------------------------------------------- synthetic
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    a = synthetic.write_synthetic_mintrec(tmp_path / "a", seed=3, **synthetic.TINY)
+    b = synthetic.write_synthetic_mintrec(tmp_path / "b", seed=3, **synthetic.TINY)
+    c = synthetic.write_synthetic_mintrec(tmp_path / "c", seed=4, **synthetic.TINY)
+    assert set(folder_bytes(a)) == {"train.tsv", "dev.tsv", "test.tsv", "video_feats.pkl",
+                                    "audio_feats.pkl", "synthetic.json"}
+    assert folder_bytes(a) == folder_bytes(b)
+    differ = {k for k, v in folder_bytes(c).items() if folder_bytes(a)[k] != v}
+    assert {"train.tsv", "video_feats.pkl", "audio_feats.pkl"} <= differ
+
+
+def test_synthetic_loads_in_the_mintrec_layout(tmp_path):
+    tiny = dict(synthetic.TINY, n_train=200)
+    folder = synthetic.write_synthetic_mintrec(tmp_path / "syn", seed=0, **tiny)
+    header = (folder / "train.tsv").read_text().splitlines()[0]
+    assert header == "season\tepisode\tclip\ttext\tlabel"
+    splits = {s: load_split(folder, "mintrec", s) for s in ("train", "dev", "test")}
+    keys = [k for s in splits.values() for k in s.keys]
+    assert len(set(keys)) == len(keys) == tiny["n_train"] + tiny["n_dev"] + tiny["n_test"]
+    tv, ta = tiny["video_len"], tiny["audio_len"]
+    video = data.load_feature_pickle(folder / "video_feats.pkl")
+    audio = data.load_feature_pickle(folder / "audio_feats.pkl")
+    assert {a.ndim for a in video.values()} == {2, 3} and {a.ndim for a in audio.values()} == {2, 3}
+    assert all(a.dtype == np.float32 for a in [*video.values(), *audio.values()])
+    assert any(len(a) > tv for a in video.values()) and any(len(a) > ta for a in audio.values())
+    for name, n in (("train", tiny["n_train"]), ("dev", tiny["n_dev"]), ("test", tiny["n_test"])):
+        s = splits[name]
+        assert len(s) == n
+        # synthetic.json makes the short lengths the default
+        assert s.video.shape == (n, tv, V) and s.audio.shape == (n, ta, A)
+        assert s.video_lengths.min() >= 1 and s.video_lengths.max() <= tv
+        assert s.audio_lengths.min() >= 1 and s.audio_lengths.max() <= ta
+        assert (s.video_lengths < tv).any() and (s.audio_lengths < ta).any()
+        assert s.label_names == DATASETS["mintrec"].labels
+    train = splits["train"]
+    # The ambiguous share: short replies that several intents use.
+    ambiguous = [t in synthetic.AMBIGUOUS for t in train.texts]
+    assert sum(ambiguous) == round(synthetic.DEFAULTS["ambiguous_fraction"] * len(train))
+    by_reply = {}
+    for t, y, amb in zip(train.texts, train.labels.tolist(), ambiguous):
+        if amb:
+            by_reply.setdefault(t, set()).add(y)
+    assert max(len(v) for v in by_reply.values()) >= 3
+    # Long tail: the head intent is several times as frequent as the tail one.
+    counts = torch.bincount(train.labels, minlength=20)
+    head = DATASETS["mintrec"].labels.index(synthetic.FREQUENCY_ORDER[0])
+    tail = DATASETS["mintrec"].labels.index(synthetic.FREQUENCY_ORDER[-1])
+    assert counts.min() >= 1 and counts[head] >= 5 * counts[tail]
+    # Explicit lengths still win over synthetic.json.
+    assert load_split(folder, "mintrec", "dev", video_len=3, audio_len=4).audio.shape[1:] == (4, A)
+
+
+def test_synthetic_features_carry_the_class(tmp_path):
+    """Class means of pooled video features separate the intents far better than chance."""
+    folder = synthetic.write_synthetic_mintrec(tmp_path / "syn", seed=1, n_train=400, n_dev=1,
+                                               n_test=200, video_len=8, audio_len=8, long_tail=False)
+    tr, te = load_split(folder, split="train"), load_split(folder, split="test")
+
+    def pooled(s):
+        mask = torch.arange(s.video.shape[1])[None, :] < s.video_lengths[:, None]
+        return (s.video * mask[..., None]).sum(1) / s.video_lengths[:, None]
+
+    ztr, zte = pooled(tr), pooled(te)
+    means = torch.stack([ztr[tr.labels == c].mean(0) for c in range(20)])
+    acc = (torch.cdist(zte, means).argmin(1) == te.labels).float().mean().item()
+    assert 0.4 < acc < 0.95, acc
+
+
+def test_ensure_synthetic_reuses_the_cache(tmp_path, monkeypatch):
+    first = synthetic.ensure_synthetic(tmp_path / "cache", seed=2, **synthetic.TINY)
+    assert (first / "synthetic.json").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]  # no temp folder left
+
+    def must_not_write(*args, **kwargs):
+        raise AssertionError("ensure_synthetic rewrote a cached set")
+
+    monkeypatch.setattr(synthetic, "write_synthetic_mintrec", must_not_write)
+    assert synthetic.ensure_synthetic(tmp_path / "cache", seed=2, **synthetic.TINY) == first
+    monkeypatch.undo()
+    other = synthetic.ensure_synthetic(tmp_path / "cache", seed=3, **synthetic.TINY)
+    assert other != first and folder_bytes(other)["train.tsv"] != folder_bytes(first)["train.tsv"]
+    with pytest.raises(TypeError, match="n_trian"):
+        synthetic.ensure_synthetic(tmp_path / "cache", n_trian=5)
+
+
+def test_synthetic_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="ambiguous_fraction"):
+        synthetic.write_synthetic_mintrec(tmp_path, ambiguous_fraction=1.5, **synthetic.TINY)
+    with pytest.raises(ValueError, match="n_dev"):
+        synthetic.write_synthetic_mintrec(tmp_path, **dict(synthetic.TINY, n_dev=0))

@@ -1,0 +1,333 @@
+"""Shared benchmark harness: one timed forward+backward per (op, shape, provider).
+
+How a case is measured (``run_case``):
+
+- The step is the forward and the backward of the op (``loss.backward()``,
+  or ``out.backward(grad_out)`` with a fixed random grad_out); input
+  gradients are cleared in pytest-benchmark's setup, outside the timed region.
+- On CUDA the timed region ends with ``torch.cuda.synchronize()`` and the setup
+  synchronises before it, so each round is the step's wall time, launches and
+  GPU work included; the median of the rounds is reported.
+- Warm-up calls run first, outside timing (torch.compile compiles and Triton
+  autotunes there); the number of rounds is then sized to ~MVCL_BENCH_SECONDS
+  of timing (default 0.4 s on CUDA, 0.25 s on CPU), at least 5 (3 on CPU).
+- Peak memory: one untimed step after ``reset_peak_memory_stats``;
+  ``max_memory_allocated`` minus what was allocated before it (the inputs and
+  grad_out), so it counts the op's intermediates and the input gradients.
+- Floors on the card (H100 / H200 detected from the device name): the fewest
+  bytes a forward + backward pair must move (the forward reads its inputs once
+  and writes its outputs and the O(N) statistics it keeps; the backward reads
+  those and the incoming gradient once and writes the input gradients) over
+  the HBM bandwidth, and the matrix FLOPs (forward and backward, without
+  recomputation) over the dense bf16 tensor-core rate. The larger is the floor;
+  ``floor_fraction`` = floor / median.
+- Ratios ("x vs eager", "x vs compile", "x vs peer") and the issues' targets
+  are computed at session end (``finalize``) from the medians collected in the
+  same run, and written into each case's extra_info in the JSON.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# On CPU, one thread by default: on a 2-core machine shared with other work, OpenMP threads
+# that wait on each other turn a 3 ms step into 300 ms. MVCL_BENCH_THREADS overrides.
+THREADS = int(os.environ.get("MVCL_BENCH_THREADS", "0" if CUDA else "1"))
+if THREADS > 0:
+    torch.set_num_threads(THREADS)
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+FUSED, EAGER, COMPILE = "fused", "eager", "compile"
+
+CUDA_ONLY_FUSED = ("CUDA only: the fused Triton kernels run on a GPU (on CPU only through Triton's "
+                   "interpreter, which is a correctness tool, not a speed path)")
+CUDA_ONLY_SHAPE = "CUDA only: this shape takes too long on CPU (the CPU run times small shapes)"
+
+
+# ------------------------------------------------------------------ the card
+@dataclass(frozen=True)
+class Card:
+    name: str
+    bandwidth: float    # bytes/s, HBM datasheet
+    bf16_flops: float   # FLOP/s, dense bf16 tensor cores, datasheet
+
+
+# Datasheet figures (leads, not measurements): matched against torch.cuda.get_device_name().
+CARDS = (
+    ("H200", Card("H200", 4.8e12, 989e12)),
+    ("H100 PCIe", Card("H100 PCIe", 2.0e12, 756e12)),
+    ("H100 NVL", Card("H100 NVL", 3.9e12, 835e12)),
+    ("H100", Card("H100 SXM", 3.35e12, 989e12)),
+    ("A100", Card("A100", 2.0e12, 312e12)),
+)
+
+
+def card() -> Optional[Card]:
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    for key, known in CARDS:
+        if key in name:
+            return known
+    return None
+
+
+def device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def memory_limit_bytes() -> float:
+    """Largest estimated footprint a baseline may have before it is skipped."""
+    env = os.environ.get("MVCL_BENCH_MEM_LIMIT_GIB")
+    if env:
+        return float(env) * GIB
+    if CUDA:
+        return 0.5 * torch.cuda.get_device_properties(0).total_memory
+    return 4 * GIB
+
+
+def element_size(dtype=DTYPE) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ------------------------------------------------------------------ a case
+@dataclass
+class Case:
+    """One (op, shape, provider) measurement.
+
+    step_inputs: tensors whose .grad is cleared before each round.
+    forward: () -> loss scalar or output tensor; grad_out is used for the latter.
+    x / x_label / series: where the case sits on the render plot (e.g. N, "N", "C=20").
+    """
+    op: str
+    shape: str
+    provider: str
+    forward: Callable[[], torch.Tensor]
+    step_inputs: list
+    params: dict
+    bytes_floor: float
+    flops_floor: float
+    x: float
+    x_label: str
+    series: str = ""
+    grad_out: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _clear_grads(tensors):
+    for t in tensors:
+        t.grad = None
+
+
+def _step(case: Case):
+    out = case.forward()
+    if case.grad_out is None:
+        out.backward()
+    else:
+        out.backward(case.grad_out)
+    sync()
+
+
+def floors(bytes_floor: float, flops_floor: float) -> dict:
+    info = {"bytes_floor": int(bytes_floor), "flops_floor": int(flops_floor)}
+    target = card()
+    if target is None:
+        return info
+    bytes_ms = bytes_floor / target.bandwidth * 1e3
+    flops_ms = flops_floor / target.bf16_flops * 1e3
+    info.update(card=target.name, bandwidth_floor_ms=bytes_ms, flops_floor_ms=flops_ms,
+                floor_ms=max(bytes_ms, flops_ms),
+                floor_kind="bandwidth" if bytes_ms >= flops_ms else "compute")
+    return info
+
+
+# Every measured case, for the session-end ratios: (op, shape) -> provider -> extra_info.
+RESULTS: dict[tuple[str, str], dict[str, dict]] = {}
+# Cases skipped with a reason worth keeping in the results (memory limits, missing peers).
+SKIPPED: list[dict] = []
+
+
+def skip_case(op: str, shape: str, provider: str, reason: str):
+    SKIPPED.append({"op": op, "shape": shape, "provider": provider, "reason": reason})
+    pytest.skip(reason)
+
+
+def run_case(benchmark, case: Case, warmup: int = 3 if CUDA else 2):
+    """Warm up, measure peak memory, time the step; fill benchmark.extra_info."""
+    benchmark.group = f"{case.op} {case.shape}"
+    for _ in range(warmup):
+        _clear_grads(case.step_inputs)
+        _step(case)
+
+    _clear_grads(case.step_inputs)
+    sync()
+    start = time.perf_counter()
+    _step(case)
+    once = time.perf_counter() - start
+
+    peak_mib = None
+    _clear_grads(case.step_inputs)
+    if CUDA:
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _step(case)
+        peak_mib = (torch.cuda.max_memory_allocated() - before) / MIB
+
+    seconds = float(os.environ.get("MVCL_BENCH_SECONDS", "0.4" if CUDA else "0.25"))
+    min_rounds = 5 if CUDA else 3
+    rounds = int(min(200, max(min_rounds, math.ceil(seconds / max(once, 1e-6)))))
+
+    def setup():
+        _clear_grads(case.step_inputs)
+        sync()
+
+    info = benchmark.extra_info
+    info.update(op=case.op, shape=case.shape, provider=case.provider, device=device_name(),
+                cpu_threads=torch.get_num_threads(),
+                dtype=str(case.step_inputs[0].dtype).replace("torch.", ""), params=case.params,
+                x=case.x, x_label=case.x_label, series=case.series, rounds=rounds,
+                peak_mib=peak_mib, **floors(case.bytes_floor, case.flops_floor), **case.extra)
+    benchmark.pedantic(lambda: _step(case), setup=setup, rounds=rounds, iterations=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        median = stats.stats.median
+        info["median_ms"] = median * 1e3
+        if "floor_ms" in info:
+            info["floor_fraction"] = info["floor_ms"] / info["median_ms"]
+    RESULTS.setdefault((case.op, case.shape), {})[case.provider] = info
+
+
+# ------------------------------------------------------------------ baselines
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """torch.compile(fn), one per function, so shapes share its cache (automatic dynamic shapes)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+def randn(*shape, requires_grad=True, dtype=None, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(*shape, generator=g, device=DEVICE, dtype=dtype or DTYPE)
+    return x.requires_grad_(requires_grad)
+
+
+def labels(n: int, num_classes: int, seed=1):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randint(0, num_classes, (n,), generator=g, device=DEVICE)
+
+
+# ------------------------------------------------------------------ session end
+def _ratio(baseline: Optional[dict], fused: Optional[dict]):
+    if not baseline or not fused or "median_ms" not in baseline or "median_ms" not in fused:
+        return None
+    return baseline["median_ms"] / fused["median_ms"]
+
+
+def _target(name: str, passed, detail: str) -> dict:
+    return {"target": name, "pass": passed, "detail": detail}
+
+
+def _targets(op: str, providers: dict) -> list[dict]:
+    """The issues' targets for one (op, shape), judged on the fused provider."""
+    fused = providers.get(FUSED)
+    if not fused or "median_ms" not in fused:
+        return []
+    params = fused.get("params", {})
+    out = []
+    if op == "prototype_infonce":
+        n = params.get("N", 0)
+        if n <= 1024:
+            for base, want in ((EAGER, 5.0), (COMPILE, 1.5)):
+                r = _ratio(providers.get(base), fused)
+                out.append(_target(f">= {want}x {base}", None if r is None else r >= want,
+                                   "baseline not measured" if r is None else f"{r:.2f}x"))
+        if n >= 65536:
+            floor = fused.get("floor_ms")
+            frac = None if floor is None else fused["median_ms"] / floor
+            out.append(_target("within 2x of the floor", None if frac is None else frac <= 2.0,
+                               "no floor for this card" if frac is None else f"{frac:.2f}x the floor"))
+    elif op == "multiview_infonce":
+        r = _ratio(providers.get("inf-cl"), fused)
+        out.append(_target("faster than inf-cl", None if r is None else r > 1.0,
+                           "inf-cl not measured" if r is None else f"{r:.2f}x"))
+        if params.get("N", 0) >= 65536:
+            peak = fused.get("peak_mib")
+            out.append(_target("< 1 GiB extra peak", None if peak is None else peak < 1024,
+                               "no CUDA memory stats" if peak is None else f"{peak:.0f} MiB"))
+    elif op == "daf_attention":
+        r = _ratio(providers.get("sdpa+epilogue"), fused)
+        out.append(_target("faster than SDPA + epilogue", None if r is None else r > 1.0,
+                           "SDPA not measured" if r is None else f"{r:.2f}x"))
+    return out
+
+
+PEERS = ("inf-cl", "sdpa+epilogue", "torch.index_add_", "torch.scatter_reduce")
+
+
+def finalize() -> list[dict]:
+    """Fill ratios and targets into every collected extra_info; return the target rows."""
+    rows = []
+    for (op, shape), providers in RESULTS.items():
+        fused = providers.get(FUSED)
+        for provider, info in providers.items():
+            info["x_vs_eager"] = _ratio(providers.get(EAGER), info)
+            info["x_vs_compile"] = _ratio(providers.get(COMPILE), info)
+            if provider == FUSED:
+                peers = {p: _ratio(providers.get(p), info) for p in PEERS if p in providers}
+                if peers:
+                    info["x_vs_peer"] = peers
+        if fused is not None:
+            fused["targets"] = _targets(op, providers)
+            rows += [dict(op=op, shape=shape, **t) for t in fused["targets"]]
+    return rows
+
+
+def summary_lines() -> list[str]:
+    rows = finalize()
+    lines = []
+    for (op, shape), providers in RESULTS.items():
+        for provider, info in providers.items():
+            if "median_ms" not in info:
+                continue
+            ve, vc = info.get("x_vs_eager"), info.get("x_vs_compile")
+            frac = info.get("floor_fraction")
+            peak = info.get("peak_mib")
+            lines.append(f"{op:18s} {shape:28s} {provider:20s} {info['median_ms']:10.3f} ms"
+                         f"  x eager {'-' if ve is None else f'{ve:6.2f}':>6s}"
+                         f"  x compile {'-' if vc is None else f'{vc:6.2f}':>6s}"
+                         f"  peak {'-' if peak is None else f'{peak:8.1f}':>8s} MiB"
+                         f"  floor {'-' if frac is None else f'{100 * frac:5.1f}%':>6s}")
+    for row in rows:
+        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row["pass"]]
+        lines.append(f"target {verdict:4s} {row['op']} {row['shape']}: {row['target']} ({row['detail']})")
+    for row in SKIPPED:
+        lines.append(f"skipped {row['op']} {row['shape']} {row['provider']}: {row['reason']}")
+    return lines

@@ -1,0 +1,170 @@
+"""Render pytest-benchmark JSON (from `pytest benchmarks/ --benchmark-json PATH`) as results.
+
+    python benchmarks/render.py bench.json [--md results.md] [--png speedup.png]
+                                           [--readme README.md]
+
+--md writes a markdown table (op, shape, provider, median ms, peak MiB, x vs
+eager, x vs compile, % of floor) followed by the targets and the skipped
+baselines; --png plots, per op, the speed-up of each provider over eager and
+over torch.compile against the batch size (or key length); --readme replaces
+the text between the `<!-- bench:start -->` and `<!-- bench:end -->` markers of
+that file with the table. Ratios are recomputed here from the medians of the
+same JSON, so any pytest-benchmark output of these suites renders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+OP_ORDER = ("prototype_infonce", "batch_prototypes", "multiview_infonce", "daf_attention", "train_step")
+PROVIDER_ORDER = ("fused", "eager", "compile")
+
+
+def load(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def rows_of(data: dict) -> list[dict]:
+    """One row per measured case, with ratios against eager/compile of the same (op, shape)."""
+    rows = []
+    for bench in data.get("benchmarks", []):
+        extra = bench.get("extra_info", {})
+        if "op" not in extra or not bench.get("stats"):
+            continue
+        rows.append({**extra, "median_ms": bench["stats"]["median"] * 1e3})
+    by_case = defaultdict(dict)
+    for row in rows:
+        by_case[row["op"], row["shape"]][row["provider"]] = row
+    for row in rows:
+        providers = by_case[row["op"], row["shape"]]
+        for base in ("eager", "compile"):
+            other = providers.get(base)
+            row[f"x_vs_{base}"] = other["median_ms"] / row["median_ms"] if other else None
+        floor = row.get("floor_ms")
+        row["floor_fraction"] = floor / row["median_ms"] if floor else None
+
+    def order(row):
+        op = OP_ORDER.index(row["op"]) if row["op"] in OP_ORDER else len(OP_ORDER)
+        provider = (PROVIDER_ORDER.index(row["provider"]) if row["provider"] in PROVIDER_ORDER
+                    else len(PROVIDER_ORDER))
+        series = [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", row.get("series", ""))]
+        return op, row["op"], row.get("x", 0), series, row["shape"], provider, row["provider"]
+
+    return sorted(rows, key=order)
+
+
+def _num(value, fmt):
+    return "-" if value is None else format(value, fmt)
+
+
+def markdown(data: dict) -> str:
+    rows = rows_of(data)
+    meta = data.get("mvcl_fast", {})
+    card = meta.get("card") or {}
+    lines = [f"Device: {meta.get('device', '?')}, dtype {meta.get('dtype', '?')}, "
+             f"{data.get('datetime', '')[:19]}; forward + backward, median of the rounds."]
+    if card:
+        lines.append(f"Floor: max(bytes / {card['bandwidth'] / 1e12:.2f} TB/s, "
+                     f"FLOPs / {card['bf16_flops'] / 1e12:.0f} TFLOP/s) ({card['name']} datasheet).")
+    lines += ["", "| op | shape | provider | median ms | peak MiB | x vs eager | x vs compile | % of floor |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        frac = r.get("floor_fraction")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['provider']} | {r['median_ms']:.3f} | "
+                     f"{_num(r.get('peak_mib'), '.1f')} | {_num(r['x_vs_eager'], '.2f')} | "
+                     f"{_num(r['x_vs_compile'], '.2f')} | {_num(None if frac is None else 100 * frac, '.1f')} |")
+    targets = meta.get("targets") or []
+    if targets:
+        lines += ["", "Targets (fused provider):", ""]
+        for t in targets:
+            verdict = {True: "pass", False: "FAIL", None: "not measured"}[t["pass"]]
+            lines.append(f"- {verdict}: {t['op']} {t['shape']}: {t['target']} ({t['detail']})")
+    skipped = meta.get("skipped") or []
+    if skipped:
+        lines += ["", "Not measured:", ""]
+        lines += [f"- {s['op']} {s['shape']} {s['provider']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
+
+    rows = rows_of(data)
+    ops = [op for op in OP_ORDER if any(r["op"] == op for r in rows)]
+    ops += sorted({r["op"] for r in rows} - set(ops))
+    if not ops:
+        raise SystemExit("no benchmark rows to plot")
+    fig, axes = plt.subplots(len(ops), 2, figsize=(11, 3.2 * len(ops)), squeeze=False)
+    for axes_row, op in zip(axes, ops):
+        op_rows = [r for r in rows if r["op"] == op]
+        for ax, base in zip(axes_row, ("eager", "compile")):
+            lines = defaultdict(list)
+            for r in op_rows:
+                if r["provider"] != base and r[f"x_vs_{base}"] is not None:
+                    lines[r["provider"], r.get("series", "")].append((r.get("x", 0), r[f"x_vs_{base}"]))
+            for (provider, series), points in sorted(lines.items()):
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                        linewidth=2.5 if provider == "fused" else 1.2,
+                        label=f"{provider} {series}".strip())
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+            ax.set_xscale("log")
+            if lines and min(v for pts in lines.values() for _, v in pts) > 0:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+            x_label = op_rows[0].get("x_label", "N")
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(f"speed-up over {'torch.compile' if base == 'compile' else 'eager'}")
+            ax.set_title(f"{op}: x vs {base}")
+            if lines:
+                ax.legend(fontsize=7)
+    meta = data.get("mvcl_fast", {})
+    fig.suptitle(f"mvcl_fast fwd+bwd on {meta.get('device', '?')} ({meta.get('dtype', '?')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replace_between_markers(text: str, table: str) -> str:
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"markers {START} ... {END} not found")
+    return pattern.sub(lambda _: f"{START}\n{table}{END}", text, count=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--md", help="write the markdown table here (default: print it)")
+    parser.add_argument("--png", help="write the speed-up plot here")
+    parser.add_argument("--readme", help="replace the table between the bench markers of this file")
+    args = parser.parse_args(argv)
+    data = load(args.json)
+    table = markdown(data)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table)
+    else:
+        sys.stdout.write(table)
+    if args.png:
+        plot(data, args.png)
+    if args.readme:
+        with open(args.readme) as f:
+            text = f.read()
+        with open(args.readme, "w") as f:
+            f.write(replace_between_markers(text, table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

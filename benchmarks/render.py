@@ -1,14 +1,15 @@
 """Render pytest-benchmark JSON (from `pytest benchmarks/ --benchmark-json PATH`) as results.
 
-    python benchmarks/render.py bench.json [--md results.md] [--png speedup.png]
-                                           [--readme README.md]
+    python benchmarks/render.py bench.json [more.json ...] [--md results.md]
+                                [--png speedup.png] [--readme README.md] [--merged all.json]
 
 --md writes a markdown table (op, shape, provider, median ms, peak MiB, x vs
 eager, x vs compile, % of floor) followed by the targets and the skipped
 baselines; --png plots, per op, the speed-up of each provider over eager and
 over torch.compile against the batch size (or key length); --readme replaces
 the text between the `<!-- bench:start -->` and `<!-- bench:end -->` markers of
-that file with the table. Ratios are recomputed here from the medians of the
+that file with the table; several JSON files (one per suite) are merged, and
+--merged writes the merge. Ratios are recomputed here from the medians of the
 same JSON, so any pytest-benchmark output of these suites renders.
 """
 from __future__ import annotations
@@ -24,9 +25,27 @@ OP_ORDER = ("prototype_infonce", "batch_prototypes", "multiview_infonce", "daf_a
 PROVIDER_ORDER = ("fused", "eager", "compile")
 
 
-def load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def load(paths) -> dict:
+    """One JSON, or several (one per suite) merged: benchmarks, targets and skips concatenated."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        if not merged:
+            merged = data
+            merged.setdefault("benchmarks", [])
+            merged.setdefault("mvcl_fast", {}).setdefault("targets", [])
+            merged["mvcl_fast"].setdefault("skipped", [])
+            continue
+        merged["benchmarks"] += data.get("benchmarks", [])
+        meta = data.get("mvcl_fast", {})
+        for key in ("targets", "skipped"):
+            merged["mvcl_fast"][key] += meta.get(key) or []
+        for key in ("device", "card", "dtype"):
+            if merged["mvcl_fast"].get(key) is None and meta.get(key) is not None:
+                merged["mvcl_fast"][key] = meta[key]
+    return merged
 
 
 def rows_of(data: dict) -> list[dict]:
@@ -144,12 +163,16 @@ def replace_between_markers(text: str, table: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json), one or more")
+    parser.add_argument("--merged", help="write the inputs merged into one JSON here")
     parser.add_argument("--md", help="write the markdown table here (default: print it)")
     parser.add_argument("--png", help="write the speed-up plot here")
     parser.add_argument("--readme", help="replace the table between the bench markers of this file")
     args = parser.parse_args(argv)
     data = load(args.json)
+    if args.merged:
+        with open(args.merged, "w") as f:
+            json.dump(data, f)
     table = markdown(data)
     if args.md:
         with open(args.md, "w") as f:

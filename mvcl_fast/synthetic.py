@@ -18,11 +18,16 @@ What makes it a test of multimodal fusion:
   random per utterance, the envelope rising and falling over the clip), plus a
   per-utterance nuisance offset. A modality carries the signal only in a share
   of utterances (``INFORMATIVE``: the face is off screen, the voice flat); in
-  those it identifies the intent reliably. So each modality alone is right on
-  about 60-65% of utterances, both together on about 85%, and together with
-  the text's hint (which few intents use that reply) on about 95%.
+  those it identifies the intent reliably.
 - Class mix: long-tailed (Zipf-like, head/tail ratio about 11 for 20 classes)
   when ``long_tail=True``, the same mix in every split.
+
+Linear probes on the default set (seeds 0-2, 400 test utterances; logistic
+regression on frame-mean-pooled features and on frozen all-MiniLM-L6-v2
+sentence embeddings) are right on: text alone 70-74% (the ambiguous replies
+cap it), video alone 69-74%, audio alone 71-74%, video+audio 87-89%,
+text+video+audio 91-93%. (How MVCL-DAF++ itself, with a fine-tuned text
+encoder, scores on it is measured by the trainer, not here.)
 
 Same seed and arguments -> the same bytes (numpy's PCG64 streams, pickle
 protocol 4, fixed key order).
@@ -505,3 +510,23 @@ def ensure_synthetic(cache_dir: str | os.PathLike, **kw) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the synthetic MIntRec-layout data set.")
+    parser.add_argument("out_dir")
+    for name, value in DEFAULTS.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    out = write_synthetic_mintrec(args.pop("out_dir"), **args)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

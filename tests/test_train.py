@@ -1,0 +1,138 @@
+"""The trainer end to end on a tiny synthetic set and a tiny random BERT (CPU, seconds)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mvcl_fast import train as train_lib
+from mvcl_fast.model import MVCLLoss
+from mvcl_fast.synthetic import TINY, ensure_synthetic
+from test_model import make_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    data_dir = ensure_synthetic(tmp_path_factory.mktemp("data"), **TINY)
+    bert = make_tiny_bert(tmp_path_factory.mktemp("bert"))
+    return str(data_dir), bert
+
+
+def argv(tiny_setup, out_dir, *extra):
+    data_dir, bert = tiny_setup
+    return ["--data-dir", data_dir, "--text-model", bert, "--output-dir", str(out_dir),
+            "--batch-size", "16", "--epochs", "2", "--video-width", "16", "--video-layers", "1",
+            "--audio-width", "16", "--fusion-heads", "4", "--compile", "off", *extra]
+
+
+def last_state(out_dir):
+    return torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_lib.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for expected in ("usage: python -m mvcl_fast.train", "examples:", "--lambda-proto",
+                     "(default: 2e-05)", "--resume", "metrics.json", "--modalities text"):
+        assert expected in text, expected
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "mvcl_fast.train", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--fusion-lr" in out.stdout, out.stderr
+
+
+def test_training_writes_metrics_checkpoint_and_confusion_matrix(tiny_setup, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    assert train_lib.main(argv(tiny_setup, out_dir)) == 0
+    printed = capsys.readouterr().out
+    assert "ACC" in printed and "weighted P" in printed and "epoch 2:" in printed
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) >= {"acc", "f1", "precision", "recall", "weighted_f1", "weighted_precision"}
+    assert all(0.0 <= v <= 100.0 for v in metrics["test"].values())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["steps"] == 2 * 4          # 60 training utterances, batches of 16
+    assert (out_dir / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=False)
+    assert best["epoch"] in (1, 2) and not any(k.startswith("anchor_encoder.") for k in best["model"])
+    state = last_state(out_dir)
+    assert state["finished"] and state["epoch"] == 2 and state["step_in_epoch"] == 0
+    assert not list(out_dir.glob(".*tmp*")), "a temporary checkpoint file was left behind"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_setup, tmp_path_factory):
+    full_dir = tmp_path_factory.mktemp("full")
+    assert train_lib.main(argv(tiny_setup, full_dir, "--max-steps", "6")) == 0
+    return full_dir
+
+
+@pytest.mark.parametrize("stop_at_step", [2, 4], ids=["mid-epoch", "epoch-boundary"])
+def test_resume_after_interrupt_equals_uninterrupted(tiny_setup, uninterrupted, tmp_path, monkeypatch,
+                                                     stop_at_step):
+    full_dir, cut_dir = uninterrupted, tmp_path / "cut"
+
+    real_step = train_lib.Trainer.train_step
+    calls = {"n": 0}
+
+    def step_then_ctrl_c(self, batch):
+        stats = real_step(self, batch)
+        calls["n"] += 1
+        if calls["n"] == stop_at_step:
+            signal.raise_signal(signal.SIGINT)    # what Ctrl-C sends; the trainer's handler catches it
+        return stats
+
+    monkeypatch.setattr(train_lib.Trainer, "train_step", step_then_ctrl_c)
+    assert train_lib.main(argv(tiny_setup, cut_dir, "--max-steps", "6")) == 130
+    cut = last_state(cut_dir)
+    assert cut["global_step"] == stop_at_step and not cut["finished"]
+    assert (cut["epoch"], cut["step_in_epoch"]) == divmod(stop_at_step, 4)
+
+    monkeypatch.setattr(train_lib.Trainer, "train_step", real_step)
+    assert train_lib.main(["--resume", str(cut_dir)]) == 0
+    full, resumed = last_state(full_dir), last_state(cut_dir)
+    assert resumed["global_step"] == full["global_step"] == 6
+    for name, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][name]), f"{name} differs after resume"
+    full_metrics = json.loads((full_dir / "metrics.json").read_text())
+    resumed_metrics = json.loads((cut_dir / "metrics.json").read_text())
+    assert resumed_metrics["test"] == full_metrics["test"]
+    assert [h["dev_f1"] for h in resumed_metrics["history"]] == [h["dev_f1"] for h in full_metrics["history"]]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
+    out_dir = tmp_path / "nan"
+    real_loss = MVCLLoss.forward
+    calls = {"n": 0}
+
+    def loss_turning_nan(self, out, labels):
+        calls["n"] += 1
+        total, parts = real_loss(self, out, labels)
+        return (total * float("nan") if calls["n"] == 6 else total), parts   # epoch 2, step 2
+
+    monkeypatch.setattr(MVCLLoss, "forward", loss_turning_nan)
+    assert train_lib.main(argv(tiny_setup, out_dir)) == 1
+    printed = capsys.readouterr().out
+    assert "stopping at epoch 2, step 2 (global step 6): the training loss is nan" in printed
+    assert f"the last good checkpoint is {out_dir / 'last.pt'} (epoch 1)" in printed
+    state = last_state(out_dir)
+    assert state["epoch"] == 1 and state["global_step"] == 4 and not state["finished"]
+    assert not (out_dir / "metrics.json").exists()
+
+
+def test_text_only_ablation_runs_without_audio_video_layers(tiny_setup, tmp_path):
+    out_dir = tmp_path / "text"
+    assert train_lib.main(argv(tiny_setup, out_dir, "--modalities", "text", "--lambda-mv", "0",
+                               "--max-steps", "2")) == 0
+    state = last_state(out_dir)
+    assert not any(k.startswith("streams.") for k in state["model"])
+    assert tuple(state["model_config"]["modalities"]) == ("text",)
+    assert os.path.exists(out_dir / "metrics.json")

@@ -24,6 +24,7 @@ def pytest_collect_file(file_path, parent):
 
 
 def pytest_configure(config):
+    harness.set_cpu_threads()
     # "fused" means the public op with its default dispatch (auto: Triton on CUDA).
     backend = os.environ.get("MVCL_FAST_BACKEND", "auto").strip().lower()
     if backend not in ("", "auto", "triton"):

@@ -8,9 +8,12 @@ How a case is measured (``run_case``):
 - On CUDA the timed region ends with ``torch.cuda.synchronize()`` and the setup
   synchronises before it, so each round is the step's wall time, launches and
   GPU work included; the median of the rounds is reported.
-- Warm-up calls run first, outside timing (torch.compile compiles and Triton
-  autotunes there); the number of rounds is then sized to ~MVCL_BENCH_SECONDS
-  of timing (default 0.4 s on CUDA, 0.25 s on CPU), at least 5 (3 on CPU).
+- Two warm-up calls run first, outside timing (torch.compile compiles and
+  Triton autotunes there); the number of rounds is then sized to
+  ~MVCL_BENCH_SECONDS of timing (default 0.4 s on CUDA, 0.25 s on CPU), at
+  least 5 (3 on CPU), at most 200.
+- torch.compile baselines: ``torch.compile(reference_fn, dynamic=True)``, one
+  per function (see COMPILE_DYNAMIC).
 - Peak memory: one untimed step after ``reset_peak_memory_stats``;
   ``max_memory_allocated`` minus what was allocated before it (the inputs and
   grad_out), so it counts the op's intermediates and the input gradients.
@@ -38,11 +41,14 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# On CPU, one thread by default: on a 2-core machine shared with other work, OpenMP threads
-# that wait on each other turn a 3 ms step into 300 ms. MVCL_BENCH_THREADS overrides.
-THREADS = int(os.environ.get("MVCL_BENCH_THREADS", "0" if CUDA else "1"))
-if THREADS > 0:
-    torch.set_num_threads(THREADS)
+
+
+def set_cpu_threads():
+    """On CPU, one thread unless MVCL_BENCH_THREADS says otherwise: on a 2-core machine shared
+    with other work, OpenMP threads waiting on each other turned a 3 ms step into 300 ms."""
+    threads = int(os.environ.get("MVCL_BENCH_THREADS", "0" if CUDA else "1"))
+    if threads > 0:
+        torch.set_num_threads(threads)
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -116,6 +122,7 @@ class Case:
 
     step_inputs: tensors whose .grad is cleared before each round.
     forward: () -> loss scalar or output tensor; grad_out is used for the latter.
+    bytes_floor / flops_floor: both 0 where no floor is computed (the training step).
     x / x_label / series: where the case sits on the render plot (e.g. N, "N", "C=20").
     """
     op: str
@@ -130,6 +137,7 @@ class Case:
     x_label: str
     series: str = ""
     grad_out: Optional[torch.Tensor] = None
+    update: Optional[Callable[[], None]] = None   # after the backward, e.g. optimizer.step
     extra: dict = field(default_factory=dict)
 
 
@@ -149,10 +157,14 @@ def _step(case: Case):
         out.backward()
     else:
         out.backward(case.grad_out)
+    if case.update is not None:
+        case.update()
     sync()
 
 
 def floors(bytes_floor: float, flops_floor: float) -> dict:
+    if not bytes_floor and not flops_floor:
+        return {}
     info = {"bytes_floor": int(bytes_floor), "flops_floor": int(flops_floor)}
     target = card()
     if target is None:
@@ -176,7 +188,7 @@ def skip_case(op: str, shape: str, provider: str, reason: str):
     pytest.skip(reason)
 
 
-def run_case(benchmark, case: Case, warmup: int = 3 if CUDA else 2):
+def run_case(benchmark, case: Case, warmup: int = 2):
     """Warm up, measure peak memory, time the step; fill benchmark.extra_info."""
     benchmark.group = f"{case.op} {case.shape}"
     for _ in range(warmup):
@@ -208,7 +220,7 @@ def run_case(benchmark, case: Case, warmup: int = 3 if CUDA else 2):
 
     info = benchmark.extra_info
     info.update(op=case.op, shape=case.shape, provider=case.provider, device=device_name(),
-                cpu_threads=torch.get_num_threads(),
+                cpu_threads=torch.get_num_threads(), compile_dynamic=COMPILE_DYNAMIC,
                 dtype=str(case.step_inputs[0].dtype).replace("torch.", ""), params=case.params,
                 x=case.x, x_label=case.x_label, series=case.series, rounds=rounds,
                 peak_mib=peak_mib, **floors(case.bytes_floor, case.flops_floor), **case.extra)
@@ -224,12 +236,17 @@ def run_case(benchmark, case: Case, warmup: int = 3 if CUDA else 2):
 
 # ------------------------------------------------------------------ baselines
 _COMPILED: dict = {}
+# dynamic=True: one compile per function serves every shape, and every shape runs the same kind
+# of kernels (by default the first shape would get static kernels, the rest dynamic ones after a
+# recompile). MVCL_BENCH_COMPILE_DYNAMIC=0 compiles each shape statically: fairer to the
+# baseline, several times the compile time.
+COMPILE_DYNAMIC = os.environ.get("MVCL_BENCH_COMPILE_DYNAMIC", "1") != "0"
 
 
 def compiled(fn):
-    """torch.compile(fn), one per function, so shapes share its cache (automatic dynamic shapes)."""
+    """torch.compile(fn), one wrapper per function (its cache is shared by the shapes)."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn)
+        _COMPILED[fn] = torch.compile(fn, dynamic=COMPILE_DYNAMIC)
     return _COMPILED[fn]
 
 

@@ -183,9 +183,9 @@ def main(argv=None) -> int:
         plot(data, args.png)
     if args.readme:
         with open(args.readme) as f:
-            text = f.read()
+            text = replace_between_markers(f.read(), table)   # raises before the file is touched
         with open(args.readme, "w") as f:
-            f.write(replace_between_markers(text, table))
+            f.write(text)
     return 0
 
 

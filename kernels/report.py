@@ -4,9 +4,10 @@
 
 Every module of mvcl_fast.kernels that has ``aot_specs()`` is imported and each
 KernelSpec is compiled with ``triton.compile`` for a ``GPUTarget`` of the given
-architecture: no GPU is needed. Registers and spills come from running the
-ptxas that ships with Triton with ``-v`` on the PTX Triton produced (with the
-flags Triton itself uses); shared memory is Triton's own figure (the dynamic
+architecture: no GPU is needed. Registers and the stack frame are read off the
+cubin (with the cuobjdump that ships with Triton); where the stack frame is not
+empty, the bundled ptxas is run with ``-v`` on Triton's PTX (with Triton's own
+flags) for the exact spill bytes. Shared memory is Triton's own figure (the dynamic
 shared memory the launch asks for). Exit status 1 when a spec fails to
 compile, spills, or asks for more shared memory than one block may use.
 
@@ -23,12 +24,12 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse  # noqa: E402
-import concurrent.futures  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import pkgutil  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -100,7 +101,9 @@ def full_signature(spec) -> tuple[dict, dict]:
 
     Constexpr arguments are typed "constexpr"; pointer arguments get the
     16-byte divisibility hint Triton's launcher gives aligned tensors (every
-    fresh torch allocation), so the code compiled here is the code a launch gets.
+    fresh torch allocation). Integer arguments get no hint: this is the
+    specialization a launch gets for sizes and strides that are not multiples
+    of 16 (multiples of 16 compile another one, with wider loads).
     """
     fn = spec.fn
     arg_names = list(fn.arg_names)
@@ -116,12 +119,34 @@ def full_signature(spec) -> tuple[dict, dict]:
     return signature, attrs
 
 
+RESOURCE_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def cubin_resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, stack frame bytes) of the kernel in a cubin, by the bundled cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", path],
+                             capture_output=True, text=True, check=True).stdout
+    match = RESOURCE_USAGE.search(out)
+    if match is None:
+        raise RuntimeError(f"could not read cuobjdump --dump-resource-usage output:\n{out}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def ptxas_resources(ptx: str, cap: int, fp_fusion: bool) -> tuple[int, int, int, int]:
-    """(registers, stack frame, spill stores, spill loads) from `ptxas -v` on the PTX."""
+    """(registers, stack frame, spill stores, spill loads) from `ptxas -v` on the PTX,
+    with the flags Triton itself passes."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,9 +188,13 @@ def compile_spec(spec, module_name: str, arch: str) -> CompileResult:
                                   options={"num_warps": spec.num_warps,
                                            "num_stages": spec.num_stages})
         result.shared = int(compiled.metadata.shared)
-        fp_fusion = bool(getattr(compiled.metadata, "enable_fp_fusion", True))
-        (result.registers, result.stack_frame, result.spill_stores,
-         result.spill_loads) = ptxas_resources(compiled.asm["ptx"], cap, fp_fusion)
+        result.registers, result.stack_frame = cubin_resources(compiled.asm["cubin"])
+        result.spill_stores = result.spill_loads = 0
+        if result.stack_frame:
+            # Spills live in the stack frame: only then is ptxas run again, for the exact bytes.
+            fp_fusion = bool(getattr(compiled.metadata, "enable_fp_fusion", True))
+            (result.registers, result.stack_frame, result.spill_stores,
+             result.spill_loads) = ptxas_resources(compiled.asm["ptx"], cap, fp_fusion)
     except Exception as exc:  # reported per spec; the exit status says it failed
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     result.seconds = round(time.perf_counter() - start, 2)
@@ -206,13 +235,23 @@ def collect(archs=DEFAULT_ARCHS, modules=None, jobs: int = 1, progress=None) -> 
                 progress(results[-1])
     else:
         # spawn: fresh interpreters, so no worker inherits a Triton imported in interpreter mode.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            for result in pool.map(_compile_task, tasks):
+        # Workers ignore SIGINT and are terminated if the parent stops early, so an interrupted
+        # report leaves no compiler processes behind.
+        pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_sigint)
+        try:
+            for result in pool.imap(_compile_task, tasks):
                 results.append(result)
                 if progress:
                     progress(result)
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
     return results
+
+
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def problems(r: CompileResult) -> list[str]:

@@ -1,0 +1,121 @@
+"""Smoke tests of the benchmark tooling that need no GPU: render.py, the targets, gpu_check.sh."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import harness  # noqa: E402
+import render  # noqa: E402
+
+
+def bench(op, shape, provider, median_s, **extra):
+    return {"name": f"test_{op}[{provider}]", "stats": {"median": median_s},
+            "extra_info": {"op": op, "shape": shape, "provider": provider, **extra}}
+
+
+def fake_results(device="NVIDIA H100 80GB HBM3"):
+    return {
+        "datetime": "2026-01-01T00:00:00",
+        "benchmarks": [
+            bench("prototype_infonce", "N=1024 C=20 D=768", "eager", 0.010, x=1024, x_label="N",
+                  series="C=20", peak_mib=300.0),
+            bench("prototype_infonce", "N=1024 C=20 D=768", "compile", 0.004, x=1024, x_label="N",
+                  series="C=20", peak_mib=200.0),
+            bench("prototype_infonce", "N=1024 C=20 D=768", "fused", 0.001, x=1024, x_label="N",
+                  series="C=20", peak_mib=20.0, floor_ms=0.25),
+            bench("prototype_infonce", "N=32 C=20 D=768", "eager", 0.002, x=32, x_label="N", series="C=20"),
+            bench("prototype_infonce", "N=32 C=20 D=768", "fused", 0.0005, x=32, x_label="N", series="C=20"),
+        ],
+        "mvcl_fast": {"device": device, "dtype": "bfloat16",
+                      "card": {"name": "H100 SXM", "bandwidth": 3.35e12, "bf16_flops": 989e12},
+                      "targets": [{"op": "prototype_infonce", "shape": "N=1024 C=20 D=768",
+                                   "target": ">= 5.0x eager", "pass": True, "detail": "10.00x"}],
+                      "skipped": [{"op": "multiview_infonce", "shape": "N=65536 V=4 D=768",
+                                   "provider": "eager", "reason": "~192 GiB > the 40 GiB limit"}]},
+    }
+
+
+def test_render_table_ratios_floor_and_readme(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(fake_results()))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
+    md, png = tmp_path / "results.md", tmp_path / "speedup.png"
+    assert render.main([str(path), "--md", str(md), "--png", str(png), "--readme", str(readme)]) == 0
+    table = md.read_text()
+    assert "| prototype_infonce | N=1024 C=20 D=768 | fused | 1.000 | 20.0 | 10.00 | 4.00 | 25.0 |" in table
+    assert "| prototype_infonce | N=1024 C=20 D=768 | compile | 4.000 | 200.0 | 2.50 | 1.00 | - |" in table
+    lines = table.splitlines()
+    # rows ordered by batch size, fused first within a shape
+    assert lines.index(next(l for l in lines if "N=32 C=20 D=768 | fused" in l)) < \
+        lines.index(next(l for l in lines if "N=1024 C=20 D=768 | fused" in l))
+    assert "pass: prototype_infonce N=1024 C=20 D=768: >= 5.0x eager (10.00x)" in table
+    assert "~192 GiB > the 40 GiB limit" in table
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- bench:start -->\nDevice: ") and text.endswith("<!-- bench:end -->\noutro\n")
+    assert "old table" not in text
+    assert png.stat().st_size > 10_000
+
+
+def test_render_merges_suites(tmp_path):
+    first, second = fake_results(), fake_results()
+    second["benchmarks"] = [bench("daf_attention", "Lk=80", "fused", 0.001, x=80, x_label="Lk")]
+    second["mvcl_fast"]["targets"] = []
+    paths = []
+    for i, data in enumerate((first, second)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(data))
+    merged = tmp_path / "bench.json"
+    render.main([str(p) for p in paths] + ["--merged", str(merged), "--md", str(tmp_path / "r.md")])
+    data = json.loads(merged.read_text())
+    assert len(data["benchmarks"]) == 6
+    assert len(data["mvcl_fast"]["targets"]) == 1 and len(data["mvcl_fast"]["skipped"]) == 2
+
+
+def test_render_refuses_a_readme_without_markers(tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(fake_results()))
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        render.main([str(path), "--readme", str(readme)])
+    assert readme.read_text() == "no markers\n"
+
+
+def test_targets_from_one_run(monkeypatch):
+    info = lambda ms, **kw: {"median_ms": ms, **kw}  # noqa: E731
+    monkeypatch.setattr(harness, "RESULTS", {
+        ("prototype_infonce", "small"): {"fused": info(1.0, params={"N": 1024}),
+                                         "eager": info(6.0), "compile": info(1.2)},
+        ("prototype_infonce", "large"): {"fused": info(3.0, params={"N": 65536}, floor_ms=1.0)},
+        ("multiview_infonce", "large"): {"fused": info(2.0, params={"N": 65536}, peak_mib=900.0),
+                                         "inf-cl": info(3.0)},
+        ("daf_attention", "x"): {"fused": info(2.0, params={}), "sdpa+epilogue": info(1.0)},
+    })
+    rows = {(r["op"], r["shape"], r["target"]): r["pass"] for r in harness.finalize()}
+    assert rows == {
+        ("prototype_infonce", "small", ">= 5.0x eager"): True,
+        ("prototype_infonce", "small", ">= 1.5x compile"): False,
+        ("prototype_infonce", "large", "within 2x of the floor"): False,
+        ("multiview_infonce", "large", "faster than inf-cl"): True,
+        ("multiview_infonce", "large", "< 1 GiB extra peak"): True,
+        ("daf_attention", "x", "faster than SDPA + epilogue"): False,
+    }
+    assert harness.RESULTS["prototype_infonce", "small"]["eager"]["x_vs_compile"] == pytest.approx(0.2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_to_run_without_cuda(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env.pop("GPU_CHECK_ALLOW_CPU", None)
+    proc = subprocess.run(["bash", str(BENCH_DIR / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stdout

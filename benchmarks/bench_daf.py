@@ -89,6 +89,6 @@ def test_daf_attention(benchmark, len_k, provider):
     run_case(benchmark, Case(
         op="daf_attention", shape=shape, provider=provider,
         forward=lambda: fn(q, k, v, gate, residual, HEADS, mask),
-        step_inputs=[q, k, v, gate, residual], grad_out=grad_out,
+        step_inputs=[q, k, v, gate, residual], grad_out=grad_out, peer=provider == SDPA,
         params={"B": B, "Lq": LQ, "Lk": len_k, "D": D, "H": HEADS},
         bytes_floor=bytes_floor, flops_floor=flops_floor, x=len_k, x_label="Lk", series=f"B={B}"))

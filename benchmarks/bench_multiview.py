@@ -69,6 +69,6 @@ def test_multiview_infonce(benchmark, n, provider):
     bytes_floor = (rows + 4 * V * n + 4) + (rows + 4 * V * n + rows)
     run_case(benchmark, Case(
         op="multiview_infonce", shape=shape, provider=provider,
-        forward=lambda: fn(anchor, views), step_inputs=[anchor, views],
+        forward=lambda: fn(anchor, views), step_inputs=[anchor, views], peer=provider == INF_CL,
         params={"N": n, "V": V, "D": D}, bytes_floor=bytes_floor, flops_floor=6 * V * n * n * D,
         x=n, x_label="N", series=f"V={V}"))

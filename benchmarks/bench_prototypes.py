@@ -89,5 +89,6 @@ def test_batch_prototypes(benchmark, n, c, provider):
     run_case(benchmark, Case(
         op="batch_prototypes", shape=f"N={n} C={c} D={D}", provider=provider,
         forward=lambda: fn(z, y, c), step_inputs=[z], grad_out=grad_prototypes,
-        params={"N": n, "C": c, "D": D}, bytes_floor=bytes_floor, flops_floor=0,
+        peer=provider.startswith("torch."), params={"N": n, "C": c, "D": D},
+        bytes_floor=bytes_floor, flops_floor=0,
         x=n, x_label="N", series=f"C={c}"))

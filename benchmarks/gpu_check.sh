@@ -72,7 +72,9 @@ export PYTHON
 export -f install_package
 phase install "$INSTALL_S" bash -c install_package
 
-phase tests "$TESTS_S" "$PYTHON" -m pytest tests/ -x -q -p no:cacheprovider --junitxml="$OUT/junit.xml"
+# The compile report's test needs no GPU (it runs in CI): left out to keep the phase short.
+phase tests "$TESTS_S" "$PYTHON" -m pytest tests/ -x -q -p no:cacheprovider \
+    --ignore=tests/test_compile_report.py --junitxml="$OUT/junit.xml"
 
 PARTS=$(mktemp -d)
 for suite in prototypes multiview daf train_step; do

@@ -138,6 +138,7 @@ class Case:
     series: str = ""
     grad_out: Optional[torch.Tensor] = None
     update: Optional[Callable[[], None]] = None   # after the backward, e.g. optimizer.step
+    peer: bool = False   # a public peer: if it cannot run here, the case is skipped with the reason
     extra: dict = field(default_factory=dict)
 
 
@@ -191,9 +192,16 @@ def skip_case(op: str, shape: str, provider: str, reason: str):
 def run_case(benchmark, case: Case, warmup: int = 2):
     """Warm up, measure peak memory, time the step; fill benchmark.extra_info."""
     benchmark.group = f"{case.op} {case.shape}"
-    for _ in range(warmup):
+    for i in range(warmup):
         _clear_grads(case.step_inputs)
-        _step(case)
+        try:
+            _step(case)
+        except Exception as exc:
+            if not case.peer or i:
+                raise
+            message = " ".join(str(exc).split())[:300]
+            skip_case(case.op, case.shape, case.provider,
+                      f"{case.provider} cannot run here: {type(exc).__name__}: {message}")
 
     _clear_grads(case.step_inputs)
     sync()

@@ -285,8 +285,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS),
                         help="targets to compile for (default: sm_90a sm_80)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="compile in this many processes (default: min(2, CPUs))")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: one per CPU)")
     parser.add_argument("--module", nargs="+", metavar="NAME",
                         help="import these modules instead of discovering mvcl_fast.kernels.*")
     args = parser.parse_args(argv)

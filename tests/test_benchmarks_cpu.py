@@ -119,3 +119,46 @@ def test_gpu_check_refuses_to_run_without_cuda(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "no CUDA device" in proc.stdout
+
+
+class FakeBenchmark:
+    """Stands in for pytest-benchmark's fixture: runs the target once per round, keeps no stats."""
+
+    def __init__(self):
+        self.extra_info, self.group, self.stats, self.calls = {}, None, None, 0
+
+    def pedantic(self, target, setup=None, rounds=1, iterations=1):
+        for _ in range(rounds):
+            if setup:
+                setup()
+            target()
+            self.calls += 1
+
+
+def small_case(forward, provider="eager", peer=False):
+    z = torch.randn(8, 4, requires_grad=True)
+    return harness.Case(op="toy", shape="N=8", provider=provider, forward=lambda: forward(z),
+                        step_inputs=[z], params={"N": 8}, bytes_floor=256, flops_floor=0, x=8,
+                        x_label="N", peer=peer)
+
+
+def test_run_case_fills_extra_info(monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", {})
+    fake = FakeBenchmark()
+    harness.run_case(fake, small_case(lambda z: (z * z).sum()))
+    assert fake.calls >= 3 and fake.group == "toy N=8"
+    assert fake.extra_info["provider"] == "eager" and fake.extra_info["bytes_floor"] == 256
+    assert harness.RESULTS["toy", "N=8"]["eager"] is fake.extra_info
+
+
+def test_a_peer_that_cannot_run_is_skipped_with_its_reason(monkeypatch):
+    monkeypatch.setattr(harness, "SKIPPED", [])
+
+    def broken(z):
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    with pytest.raises(pytest.skip.Exception, match="No available kernel"):
+        harness.run_case(FakeBenchmark(), small_case(broken, provider="sdpa+epilogue", peer=True))
+    assert harness.SKIPPED[0]["provider"] == "sdpa+epilogue"
+    with pytest.raises(RuntimeError, match="No available kernel"):   # our own providers must not fail
+        harness.run_case(FakeBenchmark(), small_case(broken, provider="fused"))

@@ -30,7 +30,8 @@ def run_report(tmp_path, *args, pythonpath=None):
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "mvcl_fast.kernels.report", "--jobs", "2", "--json", str(out), *args],
+        [sys.executable, "-m", "mvcl_fast.kernels.report", "--jobs", str(os.cpu_count() or 1),
+         "--json", str(out), *args],
         env=env, capture_output=True, text=True, timeout=900)
     assert out.exists(), f"the report wrote no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc, json.loads(out.read_text())

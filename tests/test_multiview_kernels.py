@@ -1,0 +1,253 @@
+"""The fused multi-view InfoNCE kernels (kernels/multiview_infonce.py) vs the reference.
+
+Every case runs the public ``mvcl_fast.multiview_infonce`` with the Triton
+backend forced (Triton's interpreter on CPU, the GPU when there is one) and
+compares the loss and both gradients with the reference in float64 (the
+truth) and in the same dtype: the kernels must be no worse than the
+reference's own error plus a small tolerance. Outputs are poisoned (NaN) as
+they are allocated, so an element a kernel forgets to write fails.
+
+The interpreter is slow, so on CPU a subset of the shape grid runs (chosen to
+cover every N, D, V, symmetric and dtype value); the whole grid and the big
+shapes run on CUDA.
+"""
+import inspect
+import itertools
+
+import pytest
+import torch
+import triton
+
+import mvcl_fast
+from helpers import assert_no_worse_than_reference, poisoned_allocations, rel_err
+from mvcl_fast import reference
+from mvcl_fast.kernels import multiview_infonce as kernels
+from mvcl_fast.ops import multiview
+
+CUDA = torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="large shape: too slow for Triton's interpreter")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GRID = list(itertools.product((1, 2, 63, 257), (16, 384, 1000), (1, 4), (False, True), DTYPES))
+# (N, D, V, symmetric, dtype) run by the interpreter: every value of every axis at least once,
+# N=257 with small D, D=1000 (padded rows, chunked D) with small N.
+INTERPRETER_GRID = {
+    (1, 16, 1, False, "fp32"), (1, 384, 4, True, "fp16"),
+    (2, 16, 4, True, "fp16"), (2, 1000, 1, True, "fp32"), (2, 384, 1, False, "bf16"),
+    (63, 384, 4, True, "fp32"), (63, 384, 1, False, "fp16"), (63, 16, 4, True, "bf16"),
+    (63, 1000, 1, False, "fp16"),
+    (257, 16, 4, False, "fp32"), (257, 16, 1, True, "fp16"),
+}
+
+
+def _inputs(n, dim, num_views, dtype, device, seed=0, view_noise=None):
+    """Fresh Gaussian rows; view_noise=s makes views = anchor + s * noise (aligned pairs)."""
+    gen = torch.Generator().manual_seed(seed)
+    anchor = torch.randn(n, dim, generator=gen)
+    views = torch.randn(num_views, n, dim, generator=gen)
+    if view_noise is not None:
+        views = anchor + view_noise * views
+    return anchor.to(device=device, dtype=dtype), views.to(device=device, dtype=dtype)
+
+
+def _loss_and_grads(fn, anchor, views, grad_out):
+    anchor = anchor.detach().clone().requires_grad_()
+    views = views.detach().clone().requires_grad_()
+    loss = fn(anchor, views)
+    grad_anchor, grad_views = torch.autograd.grad(loss, (anchor, views), grad_out.to(loss.dtype))
+    return loss.detach(), grad_anchor, grad_views
+
+
+def _check_against_reference(anchor, views, tau, symmetric, views_arg=None):
+    """Kernel (poisoned outputs) vs reference in the same dtype and in float64."""
+    dtype = anchor.dtype
+    grad_out = torch.tensor(1.7, dtype=dtype, device=anchor.device)  # a non-unit upstream grad
+
+    def kernel_fn(a, k):
+        return mvcl_fast.multiview_infonce(a, k if views_arg is None else views_arg(k), tau,
+                                           symmetric)
+
+    with poisoned_allocations():
+        got = _loss_and_grads(kernel_fn, anchor, views, grad_out)
+    ref = _loss_and_grads(lambda a, k: reference.multiview_infonce(a, k, tau, symmetric),
+                          anchor, views, grad_out)
+    truth = _loss_and_grads(lambda a, k: reference.multiview_infonce(a, k, tau, symmetric),
+                            anchor.double(), views.double(), grad_out.double())
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
+    assert got[1].shape == anchor.shape and got[2].shape == views.shape
+    for name, g, r, t in zip(("loss", "d_anchor", "d_views"), got, ref, truth):
+        assert_no_worse_than_reference(name, g, r, t, dtype)
+
+
+@pytest.mark.parametrize("n,dim,num_views,symmetric,dtype", GRID,
+                         ids=[f"N{n}-D{d}-V{v}-{'sym' if s else 'rows'}-{t}"
+                              for n, d, v, s, t in GRID])
+def test_matches_reference(kernel_device, n, dim, num_views, symmetric, dtype):
+    if not CUDA and (n, dim, num_views, symmetric, dtype) not in INTERPRETER_GRID:
+        pytest.skip("interpreter subset: this combination runs on CUDA")
+    tau = 0.1 if symmetric else 0.3
+    anchor, views = _inputs(n, dim, num_views, DTYPES[dtype], kernel_device)
+    _check_against_reference(anchor, views, tau, symmetric)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,dim,num_views", [(4097, 768, 4), (1000, 4096, 2), (3000, 100, 8)])
+def test_matches_reference_large(kernel_device, n, dim, num_views, dtype):
+    anchor, views = _inputs(n, dim, num_views, DTYPES[dtype], kernel_device)
+    _check_against_reference(anchor, views, 0.1, symmetric=True)
+
+
+def test_row_and_column_statistics_match_reference(kernel_device):
+    """The op's O(N) outputs (what backward reuses) are the row / column log-sum-exps."""
+    anchor, views = _inputs(37, 48, 3, torch.float32, kernel_device)
+    for symmetric in (False, True):
+        with poisoned_allocations():
+            loss, lse_rows, lse_cols = multiview._multiview_infonce(anchor, views, 0.1, symmetric)
+        terms, rows_truth, cols_truth = reference.multiview_infonce_terms(
+            anchor.double(), views.double(), 0.1, symmetric)
+        assert loss.dtype == lse_rows.dtype == lse_cols.dtype == torch.float32
+        assert lse_rows.shape == (3, 37) and lse_cols.shape == ((3, 37) if symmetric else (3, 0))
+        assert rel_err(loss, terms.mean()) < 1e-5
+        assert rel_err(lse_rows, rows_truth) < 1e-5
+        if symmetric:
+            assert rel_err(lse_cols, cols_truth) < 1e-5
+
+
+def test_backward_keeps_only_o_n_statistics(kernel_device):
+    """Autograd saves the inputs and [V, N] log-sum-exps: nothing of size N x N."""
+    n, dim, num_views = 65, 16, 2  # N * N > every input's size
+    anchor, views = _inputs(n, dim, num_views, torch.float32, kernel_device)
+    anchor.requires_grad_()
+    views.requires_grad_()
+    for symmetric in (False, True):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = mvcl_fast.multiview_infonce(anchor, views, 0.1, symmetric)
+        # Saved inputs are aliases of anchor / views (no copy); the rest must be O(N).
+        statistics = [t for t in saved if t.data_ptr() not in (anchor.data_ptr(), views.data_ptr())]
+        assert sorted(tuple(t.shape) for t in statistics) == sorted(
+            [(num_views, n), (num_views, n if symmetric else 0)])
+        assert all(t.numel() < n * n for t in saved)
+        loss.backward()  # the saved statistics are enough to differentiate
+
+
+def test_views_as_list_and_strided_inputs(kernel_device):
+    """A list of views, views stacked on dim 1 (strided, no copy), and misaligned rows (copied)."""
+    n, dim, num_views = 33, 64, 3
+    anchor, views = _inputs(n, dim, num_views, torch.float32, kernel_device)
+    _check_against_reference(anchor, views, 0.1, True, views_arg=lambda k: list(k.unbind(0)))
+    # [N, V, D] transposed to [V, N, D]: row stride V * D, view stride D.
+    _check_against_reference(anchor, views, 0.1, False,
+                             views_arg=lambda k: k.transpose(0, 1).contiguous().transpose(0, 1))
+    # Rows that do not start 16-byte aligned and a non-unit stride along D.
+    wide = torch.randn(n, 2 * dim + 1, device=kernel_device)
+    anchor_odd = wide[:, 1:dim + 1]
+    views_odd = torch.randn(num_views, n, 2 * dim, device=kernel_device)[..., ::2]
+    assert not anchor_odd.is_contiguous() and views_odd.stride(-1) == 2
+    _check_against_reference(anchor_odd, views_odd, 0.3, True)
+
+
+def test_zero_row_and_extreme_tau(kernel_device):
+    """A zero anchor row (its norm clamped at 1e-12) and a small tau (|S| up to 100)."""
+    anchor, views = _inputs(20, 40, 2, torch.float32, kernel_device)
+    anchor[3] = 0.0
+    _check_against_reference(anchor, views, 0.2, True)
+    anchor, views = _inputs(20, 40, 2, torch.float32, kernel_device, seed=1)
+    _check_against_reference(anchor, views, 0.01, True)
+
+
+def test_small_loss_stays_accurate(kernel_device):
+    """Positives far above the negatives: loss ~ 1e-5, where lse - positive cancels in fp32.
+
+    The kernels form each row's term from the off-diagonal mass (log1p), so the
+    loss keeps full relative precision (the reference's own fp32 error is
+    ~1e-2 here). The gradients' diagonal P_ii - 1 cancels against the fp32
+    rounding of the stored lse for the kernels as for the reference; their
+    error stays within a few times the reference's (more in the interpreter,
+    whose backward tiles re-add the dot products in another order).
+    """
+    anchor, views = _inputs(2, 384, 4, torch.float32, kernel_device, view_noise=0.8)
+    grad_out = torch.tensor(1.0, device=kernel_device)
+    got = _loss_and_grads(lambda a, k: mvcl_fast.multiview_infonce(a, k, 0.07, True),
+                          anchor, views, grad_out)
+    ref = _loss_and_grads(lambda a, k: reference.multiview_infonce(a, k, 0.07, True),
+                          anchor, views, grad_out)
+    truth = _loss_and_grads(lambda a, k: reference.multiview_infonce(a, k, 0.07, True),
+                            anchor.double(), views.double(), grad_out.double())
+    assert truth[0] < 1e-4
+    assert rel_err(got[0], truth[0]) < 1e-5 < rel_err(ref[0], truth[0])
+    for g, r, t in zip(got[1:], ref[1:], truth[1:]):
+        assert rel_err(g, t) < 8 * rel_err(r, t) + 1e-5
+
+
+@cuda_only
+def test_tf32_follows_torch_flag(kernel_device):
+    """fp32 dots are exact by default and use TF32 only where torch allows it."""
+    anchor, views = _inputs(1024, 256, 2, torch.float32, kernel_device)
+    truth = reference.multiview_infonce(anchor.double(), views.double(), 0.1, True)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = mvcl_fast.multiview_infonce(anchor, views, 0.1, True)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = mvcl_fast.multiview_infonce(anchor, views, 0.1, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert rel_err(exact, truth) < 1e-5
+    assert rel_err(tf32, truth) < 1e-2
+
+
+@cuda_only
+def test_memory_stays_linear_in_n(kernel_device):
+    """N = 65536: the logits would take 16 GiB in fp32; fwd + bwd stay within O(N D)."""
+    n, dim, num_views = 65536, 64, 1
+    anchor, views = _inputs(n, dim, num_views, torch.float16, kernel_device)
+    anchor.requires_grad_()
+    views.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = mvcl_fast.multiview_infonce(anchor, views, 0.1, symmetric=True)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    assert torch.isfinite(loss) and torch.isfinite(anchor.grad).all()
+    assert peak < 64 * n * dim, f"peak {peak} bytes"
+
+
+def test_aot_specs_cover_every_kernel_and_config():
+    """Every @triton.jit kernel is declared (helpers are inlined into one that is), with
+    exactly its arguments, and every config a launcher can pick is in the list."""
+    specs = kernels.aot_specs()
+    assert len({s.name for s in specs}) == len(specs)
+    jitted = {name: obj for name, obj in vars(kernels).items()
+              if isinstance(obj, triton.runtime.KernelInterface)}
+    declared = {s.fn for s in specs}
+    sources = "\n".join(inspect.getsource(fn.fn) for fn in declared)
+    for name, fn in jitted.items():
+        assert fn in declared or f"{name}(" in sources, f"{name} is neither declared nor inlined"
+    for spec in specs:
+        assert set(spec.signature) | set(spec.constexprs) == set(spec.fn.arg_names), spec.name
+        assert not set(spec.signature) & set(spec.constexprs), spec.name
+
+    declared_configs = {(s.fn, tuple(sorted((k, str(v)) for k, v in s.constexprs.items())),
+                         s.num_warps, s.num_stages) for s in specs}
+
+    def launchable(fn, constexprs, cfg):
+        key = tuple(sorted((k, str(v)) for k, v in constexprs.items()))
+        return (fn, key, cfg.num_warps, cfg.num_stages) in declared_configs
+
+    for (dtype, precision), dim in itertools.product(kernels._dtype_modes(), range(1, 4097)):
+        operand = kernels._TL_DTYPE[dtype]
+        cfg = kernels._lse_config(dtype, dim)
+        assert launchable(kernels._lse_kernel, dict(
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand, PRECISION=precision), cfg), (dtype, dim)
+        cfg = kernels._grad_config(dtype, dim)
+        for own_lse, other_lse in ((True, False), (False, True), (True, True)):
+            assert launchable(kernels._grad_kernel, dict(
+                OWN_LSE=own_lse, OTHER_LSE=other_lse, EPS=kernels.NORM_EPS,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                BLOCK_DO=cfg.block_do, D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand,
+                PRECISION=precision), cfg), (dtype, dim)

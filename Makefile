@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 INSTALLED := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train test bench report clean
+.PHONY: install train test bench report wheels clean
 
 install: $(INSTALLED)
 
@@ -30,6 +30,10 @@ bench: $(INSTALLED)
 
 report: $(INSTALLED)
 	env -u TRITON_INTERPRET $(PY) -m mvcl_fast.kernels.report
+
+# Extra wheels for the offline GPU machine (benchmarks/gpu_check.sh installs them from .wheels/).
+wheels:
+	$(PYTHON) -m pip download inf-cl==1.2.1 --no-deps --only-binary=:all: -d .wheels
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

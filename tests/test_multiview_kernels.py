@@ -30,13 +30,13 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="large shape: too slow for Trito
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRID = list(itertools.product((1, 2, 63, 257), (16, 384, 1000), (1, 4), (False, True), DTYPES))
 # (N, D, V, symmetric, dtype) run by the interpreter: every value of every axis at least once,
-# N=257 with small D, D=1000 (padded rows, chunked D) with small N.
+# N=257 with D <= 384, D=1000 (padded rows, chunked D) with N <= 63.
 INTERPRETER_GRID = {
     (1, 16, 1, False, "fp32"), (1, 384, 4, True, "fp16"),
     (2, 16, 4, True, "fp16"), (2, 1000, 1, True, "fp32"), (2, 384, 1, False, "bf16"),
     (63, 384, 4, True, "fp32"), (63, 384, 1, False, "fp16"), (63, 16, 4, True, "bf16"),
-    (63, 1000, 1, False, "fp16"),
-    (257, 16, 4, False, "fp32"), (257, 16, 1, True, "fp16"),
+    (63, 1000, 1, False, "fp16"), (63, 1000, 4, True, "fp32"), (63, 1000, 4, False, "bf16"),
+    (257, 16, 4, False, "fp32"), (257, 16, 1, True, "fp16"), (257, 384, 1, True, "fp16"),
 }
 
 
@@ -58,14 +58,17 @@ def _loss_and_grads(fn, anchor, views, grad_out):
     return loss.detach(), grad_anchor, grad_views
 
 
-def _check_against_reference(anchor, views, tau, symmetric, views_arg=None):
-    """Kernel (poisoned outputs) vs reference in the same dtype and in float64."""
+def _check_against_reference(anchor, views, tau, symmetric, layout=None):
+    """Kernel (poisoned outputs) vs reference in the same dtype and in float64.
+
+    layout(anchor, views) -> (anchor, views) hands the kernels the same values
+    in another form (a list, strided, misaligned), inside autograd.
+    """
     dtype = anchor.dtype
     grad_out = torch.tensor(1.7, dtype=dtype, device=anchor.device)  # a non-unit upstream grad
 
     def kernel_fn(a, k):
-        return mvcl_fast.multiview_infonce(a, k if views_arg is None else views_arg(k), tau,
-                                           symmetric)
+        return mvcl_fast.multiview_infonce(*(layout(a, k) if layout else (a, k)), tau, symmetric)
 
     with poisoned_allocations():
         got = _loss_and_grads(kernel_fn, anchor, views, grad_out)
@@ -136,16 +139,20 @@ def test_views_as_list_and_strided_inputs(kernel_device):
     """A list of views, views stacked on dim 1 (strided, no copy), and misaligned rows (copied)."""
     n, dim, num_views = 33, 64, 3
     anchor, views = _inputs(n, dim, num_views, torch.float32, kernel_device)
-    _check_against_reference(anchor, views, 0.1, True, views_arg=lambda k: list(k.unbind(0)))
-    # [N, V, D] transposed to [V, N, D]: row stride V * D, view stride D.
-    _check_against_reference(anchor, views, 0.1, False,
-                             views_arg=lambda k: k.transpose(0, 1).contiguous().transpose(0, 1))
-    # Rows that do not start 16-byte aligned and a non-unit stride along D.
-    wide = torch.randn(n, 2 * dim + 1, device=kernel_device)
-    anchor_odd = wide[:, 1:dim + 1]
-    views_odd = torch.randn(num_views, n, 2 * dim, device=kernel_device)[..., ::2]
-    assert not anchor_odd.is_contiguous() and views_odd.stride(-1) == 2
-    _check_against_reference(anchor_odd, views_odd, 0.3, True)
+    _check_against_reference(anchor, views, 0.1, True, layout=lambda a, k: (a, list(k.unbind(0))))
+
+    def stacked_on_dim1(a, k):  # [N, V, D] seen as [V, N, D]: row stride V * D, view stride D
+        k = k.transpose(0, 1).contiguous().transpose(0, 1)
+        assert k.stride() == (dim, num_views * dim, 1)
+        return a, k
+    _check_against_reference(anchor, views, 0.1, False, layout=stacked_on_dim1)
+
+    def misaligned(a, k):  # rows 4 bytes past 16-byte alignment; views with stride 2 along D
+        a = torch.nn.functional.pad(a, (1, 0))[:, 1:]
+        k = torch.repeat_interleave(k, 2, dim=-1)[..., ::2]
+        assert a.data_ptr() % 16 != 0 and k.stride(-1) == 2
+        return a, k
+    _check_against_reference(anchor, views, 0.3, True, layout=misaligned)
 
 
 def test_zero_row_and_extreme_tau(kernel_device):
@@ -181,7 +188,7 @@ def test_small_loss_stays_accurate(kernel_device):
         assert rel_err(g, t) < 8 * rel_err(r, t) + 1e-5
 
 
-@cuda_only
+@pytest.mark.skipif(not CUDA, reason="TF32 exists on the GPU only (the interpreter computes fp32)")
 def test_tf32_follows_torch_flag(kernel_device):
     """fp32 dots are exact by default and use TF32 only where torch allows it."""
     anchor, views = _inputs(1024, 256, 2, torch.float32, kernel_device)

@@ -81,21 +81,17 @@ def prototype_infonce(z, y, num_classes: int, tau: float = 0.1, prototypes=None,
     return loss.to(z.dtype)
 
 
-def multiview_infonce_terms(anchor, views, tau: float, symmetric: bool, positive_offset: int = 0):
-    """Per-view InfoNCE terms [V] plus the row and column log-sum-exps.
+def multiview_infonce_terms(anchor, views, tau: float, symmetric: bool):
+    """Per-view InfoNCE terms [V] plus the row and column log-sum-exps [V, N].
 
-    S_v = norm(anchor) norm(views_v)^T / tau with anchor [N, D] and views
-    [V, M, D]; the positive of row i is column positive_offset + i (M > N and
-    an offset arise under DDP, where the keys are gathered from every rank).
-    lse_rows is [V, N]; lse_cols is [V, M] when symmetric (which needs M == N),
-    else [V, 0].
+    S_v = norm(anchor) norm(views_v)^T / tau; the positive of row i is column i.
+    lse_cols is [V, 0] unless symmetric.
     """
     acc = compute_dtype(anchor.dtype)
     a = l2_normalize(anchor.to(acc))
     k = l2_normalize(views.to(acc))
     logits = torch.einsum("nd,vmd->vnm", a, k) / tau
-    n = anchor.shape[0]
-    positive = torch.diagonal(logits[:, :, positive_offset:positive_offset + n], dim1=1, dim2=2)
+    positive = torch.diagonal(logits, dim1=1, dim2=2)
     lse_rows = torch.logsumexp(logits, dim=2)
     terms = (lse_rows - positive).mean(dim=1)
     if symmetric:

@@ -33,15 +33,19 @@ class PrototypeInfoNCELoss(nn.Module):
 
 
 class MultiViewInfoNCELoss(nn.Module):
-    """Multi-view InfoNCE: anchor [N, D] against views [V, N, D] (or a list), in-batch negatives."""
+    """Multi-view InfoNCE: anchor [N, D] against views [V, N, D] (or a list), in-batch negatives.
 
-    def __init__(self, tau: float = 0.1, symmetric: bool = False):
+    Under DDP pass ``group`` to draw the negatives from every rank's batch.
+    """
+
+    def __init__(self, tau: float = 0.1, symmetric: bool = False, group=None):
         super().__init__()
         self.tau = tau
         self.symmetric = symmetric
+        self.group = group
 
     def forward(self, anchor: Tensor, views) -> Tensor:
-        return multiview_infonce(anchor, views, self.tau, self.symmetric)
+        return multiview_infonce(anchor, views, self.tau, self.symmetric, group=self.group)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, symmetric={self.symmetric}"

@@ -56,3 +56,30 @@ def test_prototype_infonce_over_two_ranks_equals_whole_batch(tmp_path, detach):
     for r in results:
         torch.testing.assert_close(r["protos"], protos)
         assert r["counts"].tolist() == counts.tolist()
+
+
+def _multiview_rank(rank, anchor, views, symmetric):
+    rows = slice(rank * anchor.shape[0] // WORLD, (rank + 1) * anchor.shape[0] // WORLD)
+    anchor_local = anchor[rows].clone().requires_grad_()
+    views_local = [v[rows].clone().requires_grad_() for v in views]
+    loss = mvcl_fast.multiview_infonce(anchor_local, views_local, 0.3, symmetric,
+                                       group=dist.group.WORLD)
+    loss.backward()
+    return {"loss": loss.detach(), "anchor_grad": anchor_local.grad,
+            "views_grad": torch.stack([v.grad for v in views_local])}
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_multiview_infonce_over_two_ranks_equals_whole_batch(tmp_path, symmetric):
+    anchor = torch.randn(10, 6, dtype=torch.float64)
+    views = torch.randn(3, 10, 6, dtype=torch.float64)
+    results = _run_ranks(_multiview_rank, tmp_path, anchor, views, symmetric)
+    anchor_full, views_full = anchor.clone().requires_grad_(), views.clone().requires_grad_()
+    loss = mvcl_fast.multiview_infonce(anchor_full, views_full, 0.3, symmetric)
+    loss.backward()
+    for r in results:  # negatives from both ranks: every rank sees the global loss
+        torch.testing.assert_close(r["loss"], loss.detach())
+    torch.testing.assert_close(torch.cat([r["anchor_grad"] for r in results]) / WORLD,
+                               anchor_full.grad)
+    torch.testing.assert_close(torch.cat([r["views_grad"] for r in results], dim=1) / WORLD,
+                               views_full.grad)

@@ -30,14 +30,14 @@ def _daf_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, residual: Tens
     acc = reference.compute_dtype(q.dtype)
     attn, lse = reference.daf_attention_parts(q, k, v, key_padding_mask, num_heads)
     out = residual.to(acc) + torch.sigmoid(gate.to(acc)) * attn
-    return out.to(q.dtype), attn.to(q.dtype), lse
+    return out.to(q.dtype).contiguous(), attn.to(q.dtype).contiguous(), lse
 
 
 @_daf_attention.register_fake
 def _(q, k, v, gate, residual, key_padding_mask, num_heads):
     acc = reference.compute_dtype(q.dtype)
     batch, len_q, _ = q.shape
-    return (torch.empty_like(q), torch.empty_like(q),
+    return (q.new_empty(q.shape), q.new_empty(q.shape),
             q.new_empty(batch, num_heads, len_q, dtype=acc))
 
 
@@ -55,12 +55,13 @@ def _daf_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, g
         return torch.sigmoid(gate_.to(acc)) * attn_
 
     grads = reference_vjp(gated_attention, (q, k, v, gate), grad_out.to(acc))
-    return tuple(g.to(q.dtype) for g in grads)
+    return tuple(g.to(q.dtype).contiguous() for g in grads)
 
 
 @_daf_attention_backward.register_fake
 def _(grad_out, q, k, v, gate, key_padding_mask, attn, lse, num_heads):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gate)
+    # Gradients come back contiguous whatever the inputs' strides.
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, gate))
 
 
 def _setup(ctx, inputs, output):

@@ -49,12 +49,13 @@ def _multiview_infonce_backward(grad_loss: Tensor, anchor: Tensor, views: Tensor
         return reference.multiview_infonce_terms(a, k, tau, symmetric)[0].mean()
 
     grad_anchor, grad_views = reference_vjp(loss_of, (anchor, views), grad_loss)
-    return grad_anchor, grad_views
+    return grad_anchor.contiguous(), grad_views.contiguous()
 
 
 @_multiview_infonce_backward.register_fake
 def _(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols):
-    return torch.empty_like(anchor), torch.empty_like(views)
+    # Gradients come back contiguous whatever the inputs' strides.
+    return anchor.new_empty(anchor.shape), views.new_empty(views.shape)
 
 
 def _setup(ctx, inputs, output):
@@ -74,8 +75,16 @@ def _grad(ctx, grad_loss, grad_lse_rows, grad_lse_cols):
 _multiview_infonce.register_autograd(_grad, setup_context=_setup)
 
 
+def _gather_rows(x: Tensor, group, dim: int) -> Tensor:
+    """All-gather x along dim from every rank of group; gradients flow back to the owner."""
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x.contiguous(), group=group), dim=dim)
+
+
 def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], tau: float = 0.1,
-                      symmetric: bool = False, *, check_finite: Optional[bool] = None) -> Tensor:
+                      symmetric: bool = False, *, check_finite: Optional[bool] = None,
+                      group=None) -> Tensor:
     """Multi-view InfoNCE with in-batch negatives.
 
     anchor [N, D]; views [V, N, D] or a list of V tensors [N, D]. For each view
@@ -83,6 +92,14 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
     is the mean over views. symmetric=True averages each view's term with the
     view-to-anchor direction. On the kernel path the N x N logits are never
     materialised (memory O(N D)). Returns a scalar in anchor's dtype.
+
+    With ``group`` (a torch.distributed process group; every rank must hold
+    the same N, e.g. a sampler with drop_last) the negatives come from every
+    rank: anchor and views are all-gathered (differentiably: each rank's
+    gradient flows back to the rank that owns the rows) and the fused loss
+    runs over the global batch of R*N rows, so every rank returns the loss of
+    the global batch. As with DDP's averaging, each rank's gradient divided by
+    the world size is the global-batch gradient.
     """
     checks.check_tensor("anchor", anchor, 2)
     checks.check_nonempty("anchor", anchor)
@@ -101,5 +118,7 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
     tau = checks.check_tau(tau)
     if checks.wants_finite_check(check_finite, anchor, views):
         checks.check_finite_values(["anchor", "views"], [anchor, views])
+    if group is not None:
+        anchor, views = _gather_rows(anchor, group, 0), _gather_rows(views, group, 1)
     loss, _, _ = _multiview_infonce(anchor, views, tau, bool(symmetric))
     return loss.to(anchor.dtype)

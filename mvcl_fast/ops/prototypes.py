@@ -98,12 +98,13 @@ def _prototype_infonce_loss_backward(grad_loss: Tensor, z: Tensor, y: Tensor, pr
         return reference.prototype_logits_loss(z_, y, p_, class_mask, tau)[0]
 
     grad_z, grad_p = reference_vjp(loss_of, (z, prototypes), grad_loss)
-    return grad_z, grad_p
+    return grad_z.contiguous(), grad_p.contiguous()
 
 
 @_prototype_infonce_loss_backward.register_fake
 def _(grad_loss, z, y, prototypes, class_mask, tau, lse):
-    return torch.empty_like(z), torch.empty_like(prototypes)
+    # Gradients come back contiguous whatever the inputs' strides.
+    return z.new_empty(z.shape), prototypes.new_empty(prototypes.shape)
 
 
 def _prototype_infonce_setup(ctx, inputs, output):

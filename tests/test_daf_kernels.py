@@ -1,0 +1,259 @@
+"""The fused DAF attention kernels (kernels/daf_attention.py) against the reference.
+
+Through the public mvcl_fast.daf_attention with the Triton backend forced: on
+CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+conftest.py), on CUDA natively. Forward output and the gradients of q, k, v,
+gate and residual are compared with the float64 reference by relative error:
+the kernel must be no worse than the reference in the same dtype (plus the
+helpers' tolerance). Kernel outputs are allocated NaN-poisoned, so an element a
+kernel forgets to write fails.
+"""
+import inspect
+
+import pytest
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+import mvcl_fast
+from helpers import assert_no_worse_than_reference, poisoned_allocations
+from mvcl_fast import reference
+
+CUDA = torch.cuda.is_available()
+JIT_TYPES = (JITFunction, InterpretedFunction)  # what @triton.jit returns, natively or interpreted
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+# (batch, len_q, len_k, heads, head_dim, mask): a covering subset of len_q in
+# {1, 37, 80} x len_k in {1, 50, 231}, heads in {1, 8}, power-of-two and padded
+# head dims. mask "random" pads ~30% of the keys and every key of batch row 1.
+CASES = {
+    "q1-k1-h1-d32": (2, 1, 1, 1, 32, None),
+    "q1-k231-h8-d16-masked": (2, 1, 231, 8, 16, "random"),
+    "q1-k50-h8-d64-masked": (2, 1, 50, 8, 64, "random"),
+    "q37-k1-h1-d16": (2, 37, 1, 1, 16, None),
+    "q37-k50-h1-d64-masked": (2, 37, 50, 1, 64, "random"),
+    "q80-k1-h8-d16-masked": (2, 80, 1, 8, 16, "random"),
+    "q37-k231-h1-d48": (2, 37, 231, 1, 48, None),
+    "q37-k50-h2-d96-masked": (2, 37, 50, 2, 96, "random"),
+    "q80-k50-h8-d32": (2, 80, 50, 8, 32, None),
+    "q80-k231-h8-d16-masked": (2, 80, 231, 8, 16, "random"),
+}
+
+
+def _key_padding(batch, len_k, device):
+    mask = torch.rand(batch, len_k, device=device) < 0.3
+    mask[1] = True  # a batch row whose keys are all padded: attention 0, never NaN
+    return mask
+
+
+def _inputs(batch, len_q, len_k, dim, dtype, device):
+    """q, gate, residual [B, Lq, D]; k, v [B, Lk, D], requiring grad."""
+    shapes = [(batch, len_q, dim), (batch, len_k, dim), (batch, len_k, dim), (batch, len_q, dim),
+              (batch, len_q, dim)]
+    return [torch.randn(shape, device=device).to(dtype).requires_grad_() for shape in shapes]
+
+
+def _check_against_reference(inputs, heads, mask, dtype):
+    """Kernel forward and gradients vs reference in float64 (truth) and in dtype."""
+    grad = torch.randn(inputs[0].shape, device=inputs[0].device).to(dtype)
+    with poisoned_allocations():
+        out = mvcl_fast.daf_attention(*inputs, heads, mask)
+        grads = torch.autograd.grad(out, inputs, grad)
+    assert out.dtype == dtype
+
+    def reference_run(cast):
+        leaves = [cast(x.detach()).requires_grad_() for x in inputs]
+        ref = reference.daf_attention(*leaves, heads, mask)
+        return ref, torch.autograd.grad(ref, leaves, cast(grad))
+
+    truth, truth_grads = reference_run(torch.Tensor.double)
+    same, same_grads = reference_run(lambda x: x.clone())
+    assert_no_worse_than_reference("out", out, same, truth, dtype)
+    for name, got, ref, true in zip(["dq", "dk", "dv", "dgate", "dresidual"], grads, same_grads, truth_grads):
+        assert got.dtype == dtype and got.shape == true.shape, name
+        assert_no_worse_than_reference(name, got, ref, true, dtype)
+    return grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype, kernel_device):
+    batch, len_q, len_k, heads, head_dim, mask_kind = CASES[case]
+    inputs = _inputs(batch, len_q, len_k, heads * head_dim, dtype, kernel_device)
+    mask = _key_padding(batch, len_k, kernel_device) if mask_kind else None
+    grads = _check_against_reference(inputs, heads, mask, dtype)
+    if mask_kind:
+        # Nothing flows into or out of the fully padded batch row.
+        for name, grad in zip(["dq", "dk", "dv", "dgate"], grads[:4]):
+            assert not grad[1].any(), name
+
+
+@pytest.mark.skipif(CUDA, reason="bfloat16 runs in test_matches_reference on CUDA")
+@pytest.mark.parametrize("case", ["q37-k50-h1-d64-masked", "q80-k231-h8-d16-masked"])
+def test_bfloat16_in_interpreter(case, kernel_device):
+    """bf16 on CPU: the interpreter has no bf16 tl.dot, so the kernels upcast the operands
+    (already rounded to bf16 as the GPU's would be) to fp32 for their dots. The interpreter
+    also truncates fp32 -> bf16 casts where the GPU rounds to nearest, so its error here is
+    larger than on the GPU; it must still stay within the bf16 tolerance."""
+    batch, len_q, len_k, heads, head_dim, _ = CASES[case]
+    inputs = _inputs(batch, len_q, len_k, heads * head_dim, torch.bfloat16, kernel_device)
+    _check_against_reference(inputs, heads, _key_padding(batch, len_k, kernel_device), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_smallest_tiles_many_blocks(dtype, kernel_device, monkeypatch):
+    """The smallest GPU tiles (16 queries x 32 keys) forced on every kernel: rows span 8 key
+    blocks (the online softmax rescales across them), columns 3 query blocks, all ragged."""
+    from mvcl_fast.kernels import daf_attention as kernels
+
+    smallest = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
+    for kernel in (kernels._daf_fwd_kernel, kernels._daf_bwd_dkdv_kernel, kernels._daf_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "configs", smallest)
+    batch, len_q, len_k, heads, head_dim = 2, 37, 231, 2, 32
+    inputs = _inputs(batch, len_q, len_k, heads * head_dim, dtype, kernel_device)
+    mask = _key_padding(batch, len_k, kernel_device)
+    mask[0, :100] = True  # whole padded key blocks ahead of the first real key
+    _check_against_reference(inputs, heads, mask, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype, kernel_device):
+    """Strided views are read in place: a strided head dim, batch-inner and offset layouts."""
+    batch, len_q, len_k, heads, head_dim = 2, 37, 50, 2, 32
+    dim = heads * head_dim
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=kernel_device).to(dtype).requires_grad_()
+
+    inputs = [
+        leaf(batch, len_q, 2 * dim)[..., ::2],                   # head-dim stride 2
+        leaf(len_k, batch, dim).transpose(0, 1),                 # batch-inner layout
+        leaf(batch, len_k, dim + 8)[..., 5:5 + dim],             # padded rows, offset start
+        leaf(dim, len_q, batch).permute(2, 1, 0),                # every stride permuted
+        leaf(batch, 2 * len_q, dim)[:, ::2],                     # every other row
+    ]
+    mask = (torch.rand(len_k, batch, device=kernel_device) < 0.3).T
+    mask[1] = True
+    assert not any(x.is_contiguous() for x in inputs) and not mask.is_contiguous()
+    _check_against_reference(inputs, heads, mask, dtype)
+
+
+def test_kernel_outputs_attention_lse_and_zero_for_fully_padded_rows(kernel_device):
+    """daf_attention_forward/backward directly: attn and lse as the reference's parts;
+    a query with no unpadded key gets attn 0, lse -inf, out = residual, zero gradients;
+    whole key tiles padded ahead of the first real key change nothing."""
+    from mvcl_fast.kernels import daf_attention as kernels
+
+    batch, len_q, len_k, heads, head_dim = 3, 20, 231, 2, 32
+    q, k, v, gate, residual = [x.detach() for x in
+                               _inputs(batch, len_q, len_k, heads * head_dim, torch.float32, kernel_device)]
+    mask = _key_padding(batch, len_k, kernel_device)
+    mask[0, :200] = True  # the first real key comes after whole padded tiles
+    mask[2, :-1], mask[2, -1] = True, False  # one key left: a softmax over a single key
+    with poisoned_allocations():
+        out, attn, lse = kernels.daf_attention_forward(q, k, v, gate, residual, mask, heads)
+        dq, dk, dv, dgate = kernels.daf_attention_backward(
+            torch.randn_like(q), q, k, v, gate, mask, attn, lse, heads)
+    ref_attn, ref_lse = reference.daf_attention_parts(q.double(), k.double(), v.double(), mask, heads)
+    assert lse.dtype == torch.float32 and lse.shape == (batch, heads, len_q)
+    torch.testing.assert_close(attn.double(), ref_attn, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-6)
+    assert torch.equal(lse[1], torch.full_like(lse[1], float("-inf")))
+    assert torch.isfinite(lse[[0, 2]]).all()
+    assert not attn[1].any() and torch.equal(out[1], residual[1])
+    torch.testing.assert_close(attn[2], v[2, -1].expand(len_q, -1))
+    for grad in (dq, dk, dv, dgate):
+        assert torch.isfinite(grad).all() and not grad[1].any()
+    assert not dk[mask].any() and not dv[mask].any()  # padded keys get no gradient
+    assert dk[0, 200:].any() and dv[0, 200:].any()
+
+
+@pytest.mark.skipif(not CUDA, reason="MIntRec-sized shapes: CUDA only (the interpreter is too slow)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_model_sized_shapes(dtype, kernel_device):
+    """The DAF blocks' shape: batch 32, 80 text tokens over 710 context tokens, D=768, 12 heads."""
+    batch, len_q, len_k, heads, dim = 32, 80, 710, 12, 768
+    inputs = _inputs(batch, len_q, len_k, dim, dtype, kernel_device)
+    # Zero-padded features: each row keeps a random prefix of its keys (row 1: none).
+    lengths = torch.randint(1, len_k + 1, (batch,), device=kernel_device)
+    lengths[1] = 0
+    mask = torch.arange(len_k, device=kernel_device)[None, :] >= lengths[:, None]
+    _check_against_reference(inputs, heads, mask, dtype)
+
+
+def _jitted(obj):
+    """The @triton.jit function under obj (an autotuner wraps it), or None."""
+    while not isinstance(obj, JIT_TYPES) and hasattr(obj, "fn"):
+        obj = obj.fn
+    return obj if isinstance(obj, JIT_TYPES) else None
+
+
+def test_aot_specs_cover_every_kernel_config_and_dtype():
+    """aot_specs() declares every @triton.jit kernel of the file with every GPU autotune
+    config and dtype it can launch with; helpers are compiled inside the kernels calling them."""
+    from mvcl_fast.kernels import daf_attention as kernels
+
+    specs = kernels.aot_specs()
+    declared = {spec.fn.fn.__name__: spec.fn.fn for spec in specs}
+    declared_source = "\n".join(inspect.getsource(fn) for fn in declared.values())
+    jitted = [_jitted(obj).fn.__name__ for obj in vars(kernels).values() if _jitted(obj) is not None]
+    assert set(declared) <= set(jitted) and len(jitted) > len(declared)
+    for name in jitted:
+        assert name in declared or f"{name}(" in declared_source, \
+            f"@triton.jit {name} is neither declared in aot_specs() nor called by a declared kernel"
+
+    kinds = {"_daf_fwd_kernel": "fwd", "_daf_bwd_dkdv_kernel": "dkdv", "_daf_bwd_dq_kernel": "dq"}
+    variants = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
+                (torch.bfloat16, "ieee")]
+    for kernel_name, kind in kinds.items():
+        for head_dim in kernels.AOT_HEAD_DIMS:
+            block_hd = kernels._tile(head_dim)["BLOCK_HD"]
+            for dtype, precision in variants:
+                element = "*" + kernels._TRITON_DTYPE[dtype]
+                got = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages)
+                       for s in specs if s.fn.fn.__name__ == kernel_name
+                       and s.constexprs["HEAD_DIM"] == head_dim
+                       and s.constexprs["PRECISION"] == precision and s.signature["Q"] == element}
+                want = set(kernels._configs_for(dtype, precision, block_hd, kind))
+                assert want and got == want, (kernel_name, head_dim, dtype, precision)
+    for dtype in ("fp32", "fp16", "bf16"):
+        assert any(s.fn.fn.__name__ == "_daf_bwd_preprocess_kernel" and s.signature["GATE"] == "*" + dtype
+                   for s in specs)
+    for spec in specs:  # complete and compilable: every argument typed or constant, once
+        params = inspect.signature(spec.fn.fn).parameters
+        assert set(spec.signature) | set(spec.constexprs) == set(params), spec.name
+        assert not set(spec.signature) & set(spec.constexprs), spec.name
+        assert {p for p in params if "constexpr" in str(params[p].annotation)} <= set(spec.constexprs)
+
+
+def test_autotune_pruning_fits_tiles_to_dtype_head_dim_and_lengths(monkeypatch):
+    """On CUDA, autotuning tries only the tiles declared for the dtype, dot precision and head
+    dim, and none longer than the bucketed sequences, keeping at least the shortest."""
+    from mvcl_fast.kernels import daf_attention as kernels
+
+    monkeypatch.setitem(kernels.TENSOR_CORE_CONFIGS, "fwd", [
+        (16, 32, 4, 3, 512), (32, 64, 8, 3, 256), (64, 64, 4, 3, 128), (128, 128, 8, 3, 128)])
+    monkeypatch.setitem(kernels.FMA_CONFIGS, "fwd", [(16, 32, 8, 2, 512), (32, 32, 8, 2, 256)])
+    prune = kernels._prune("fwd")
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for table in (kernels.TENSOR_CORE_CONFIGS, kernels.FMA_CONFIGS)
+               for m, n, w, s, _ in table["fwd"]]
+
+    def tiles(dtype, precision, head_dim, len_q, len_k):
+        kept = prune(configs, {"Q": torch.empty(0, dtype=dtype)}, PRECISION=precision,
+                     BLOCK_HD=kernels._tile(head_dim)["BLOCK_HD"],
+                     len_q_bucket=kernels._length_bucket(len_q), len_k_bucket=kernels._length_bucket(len_k))
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+
+    assert tiles(torch.float16, "ieee", 64, 80, 710) == {(16, 32), (32, 64), (64, 64), (128, 128)}
+    assert tiles(torch.bfloat16, "ieee", 64, 1, 710) == {(16, 32)}
+    assert tiles(torch.float16, "ieee", 48, 50, 30) == {(16, 32)}
+    assert tiles(torch.float16, "ieee", 64, 50, 64) == {(16, 32), (32, 64), (64, 64)}
+    assert tiles(torch.float16, "ieee", 128, 4096, 4096) == {(16, 32), (32, 64)}
+    assert tiles(torch.float32, "tf32", 64, 4096, 4096) == {(16, 32), (32, 64)}
+    assert tiles(torch.float32, "tf32", 128, 4096, 4096) == {(16, 32)}
+    assert tiles(torch.float32, "ieee", 64, 80, 710) == {(16, 32), (32, 32)}
+    assert tiles(torch.float32, "ieee", 96, 80, 710) == {(16, 32)}
+    assert kernels._length_bucket(1) == 16 and kernels._length_bucket(710) == 1024
+    assert kernels._length_bucket(10 ** 6) == 4096

@@ -14,17 +14,26 @@ import torch
 from torch import Tensor
 
 from mvcl_fast import checks, reference
-from mvcl_fast.backend import kernel_module, use_triton
+from mvcl_fast.backend import kernel_module, requested_backend, use_triton
 from mvcl_fast.ops.common import reference_vjp
 
 KERNELS = "daf_attention"
+
+
+def _use_kernels(q: Tensor, num_heads: int) -> bool:
+    """The kernels take head dims up to their MAX_HEAD_DIM; auto mode sends wider heads
+    to the reference, a forced triton backend lets the kernel raise its clear error."""
+    if not use_triton("daf_attention", q):
+        return False
+    return (requested_backend() == "triton"
+            or q.shape[-1] // num_heads <= kernel_module(KERNELS).MAX_HEAD_DIM)
 
 
 @torch.library.custom_op("mvcl_fast::daf_attention", mutates_args=())
 def _daf_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, residual: Tensor,
                    key_padding_mask: Optional[Tensor],
                    num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
-    if use_triton("daf_attention", q):
+    if _use_kernels(q, num_heads):
         return kernel_module(KERNELS).daf_attention_forward(
             q, k, v, gate, residual, key_padding_mask, num_heads)
     acc = reference.compute_dtype(q.dtype)
@@ -45,7 +54,7 @@ def _(q, k, v, gate, residual, key_padding_mask, num_heads):
 def _daf_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gate: Tensor,
                             key_padding_mask: Optional[Tensor], attn: Tensor, lse: Tensor,
                             num_heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if use_triton("daf_attention", q):
+    if _use_kernels(q, num_heads):
         return kernel_module(KERNELS).daf_attention_backward(
             grad_out, q, k, v, gate, key_padding_mask, attn, lse, num_heads)
     acc = reference.compute_dtype(q.dtype)

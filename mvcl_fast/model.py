@@ -308,7 +308,7 @@ class DynamicAttentionFusion(nn.Module):
             raise ValueError(f"fusion_heads={heads} must divide the text width {width}")
         self.heads = heads
         self.weight_mlps = nn.ModuleList(
-            nn.Sequential(nn.Linear(2 * width, width), nn.GELU(), nn.Linear(width, width))
+            nn.Sequential(nn.Linear(2 * width, width // 2), nn.GELU(), nn.Linear(width // 2, width))
             for _ in range(num_modalities))
         self.weight_acts = nn.ModuleList(nn.PReLU(init=0.25) for _ in range(num_modalities))
         self.values = nn.ModuleList(nn.Linear(width, width) for _ in range(num_modalities))

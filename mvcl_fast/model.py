@@ -240,7 +240,7 @@ class VideoStream(nn.Module):
         self.align = CTCAlignment(width, cfg.seq_len, cfg.align_hidden)
 
     def forward(self, frames: Tensor, lengths: Tensor) -> ModalityTokens:
-        lengths = lengths.clamp(1, frames.shape[1])
+        lengths = lengths.to(frames.device).clamp(1, frames.shape[1])
         padding = lengths_to_padding(lengths, frames.shape[1])
         x = self.input(frames)
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
@@ -263,7 +263,7 @@ class AudioStream(nn.Module):
         self.align = CTCAlignment(width, cfg.seq_len, cfg.align_hidden)
 
     def forward(self, frames: Tensor, lengths: Tensor) -> ModalityTokens:
-        lengths = lengths.clamp(1, frames.shape[1])
+        lengths = lengths.to(frames.device).clamp(1, frames.shape[1])
         padding = lengths_to_padding(lengths, frames.shape[1])
         x = self.norm(self.dropout(run_lstm(self.lstm, self.input(frames), lengths)))
         tokens = self.project(x)

@@ -240,3 +240,12 @@ def test_pooler_starts_from_the_checkpoint(tiny_bert, prompter):
     _, encoder = load_text_encoder(tiny_bert)
     assert torch.equal(model.pooler[0].weight, encoder.pooler.dense.weight)
     assert model.text_encoder.pooler is None and model.anchor_encoder.pooler is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: lengths on the CPU, model on the GPU")
+def test_cpu_lengths_with_a_cuda_model(tiny_bert, prompter):
+    model = build(tiny_bert, prompter).cuda()
+    inputs, anchor_ids, _ = batch(prompter)
+    inputs = {k: v if k.endswith("_lengths") else v.cuda() for k, v in inputs.items()}
+    out = model(**inputs, anchor_ids=anchor_ids.cuda())
+    assert out.logits.is_cuda and torch.isfinite(out.logits).all()

@@ -432,28 +432,34 @@ class MVCLLoss(nn.Module):
     prototypes (one set shared by both views). Multi-view InfoNCE: the
     label anchor against the text, video, audio and fused views (those the
     model has), in-batch negatives. A lambda of 0 skips its term.
+
+    Under DDP pass ``group`` (a process group): the prototypes are those of
+    the global batch and the negatives come from every rank; the CE term
+    stays local (DDP's gradient averaging makes it the global mean).
     """
 
     def __init__(self, num_classes: int, lambda_proto: float = 1.0, lambda_mv: float = 1.0,
-                 tau: float = 0.1):
+                 tau: float = 0.1, group=None):
         super().__init__()
         self.num_classes = num_classes
         self.lambda_proto = float(lambda_proto)
         self.lambda_mv = float(lambda_mv)
         self.tau = float(tau)
+        self.group = group
 
     def forward(self, out: ModelOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         parts = {"ce": F.cross_entropy(out.logits, labels)}
         total = parts["ce"]
         if self.lambda_proto:
             views = torch.stack([out.views["fused"], out.views["text"]])
-            parts["proto"] = prototype_infonce(views, labels, self.num_classes, self.tau)
+            parts["proto"] = prototype_infonce(views, labels, self.num_classes, self.tau,
+                                               group=self.group)
             total = total + self.lambda_proto * parts["proto"]
         if self.lambda_mv:
             if out.anchor is None:
                 raise ValueError("lambda_mv > 0 needs the anchor view: pass anchor_ids to the model")
             views = torch.stack([out.views[name] for name in ("text", "video", "audio", "fused")
                                  if name in out.views])
-            parts["mv"] = multiview_infonce(out.anchor, views, self.tau)
+            parts["mv"] = multiview_infonce(out.anchor, views, self.tau, group=self.group)
             total = total + self.lambda_mv * parts["mv"]
         return total, parts

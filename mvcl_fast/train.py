@@ -12,6 +12,12 @@ every epoch and on Ctrl-C (the first Ctrl-C finishes the current step, then
 saves; a second one aborts), and ``--resume`` continues from it with the same
 result as an uninterrupted run of the same seed. A NaN/Inf loss stops the run
 with a message naming the epoch and step; the last good ``last.pt`` stays.
+
+Several processes: ``torchrun --nproc_per_node=N -m mvcl_fast.train`` runs
+DDP (nccl on CUDA, gloo on the CPU) with a distributed sampler; --batch-size
+is per process, the prototypes and the multi-view negatives come from the
+global batch, dev/test predictions are gathered from every rank, and rank 0
+alone writes checkpoints, logs and metrics.
 """
 from __future__ import annotations
 
@@ -34,12 +40,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from mvcl_fast import distributed
+from mvcl_fast.distributed import Distributed
+
 DEFAULT_SYNTHETIC_CACHE = Path(".cache") / "synthetic-mintrec"
 CHECKPOINT_FORMAT = 1
 # Options that only change how a run executes, not what it computes: a
 # resumed run takes these from the command line, everything else from the
 # checkpoint (so a resume cannot silently change the experiment).
 RUNTIME_OPTIONS = ("resume", "num_workers", "compile", "backend", "device", "output_dir", "name")
+# Under torchrun Ctrl-C reaches the workers as SIGINT, but the launcher stops them with SIGTERM
+# (as do schedulers preempting a job): both finish the step, save last.pt and exit.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 METRIC_COLUMNS = (("acc", "ACC"), ("f1", "macro F1"), ("precision", "macro P"),
                   ("recall", "macro R"), ("weighted_f1", "weighted F1"),
                   ("weighted_precision", "weighted P"))
@@ -60,6 +72,9 @@ examples:
 
   # continue an interrupted run (Ctrl-C saves before exiting)
   python -m mvcl_fast.train --resume runs/my-run
+
+  # DDP on the 8 GPUs of one node (--batch-size is per process)
+  torchrun --nproc_per_node=8 -m mvcl_fast.train --data-dir data/MIntRec
 
 outputs (in --output-dir): metrics.json (test and dev metrics, per-epoch
 history, timings, configuration), best.pt (best dev macro-F1 weights),
@@ -118,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=8, help="maximum number of epochs")
-    opt.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    opt.add_argument("--batch-size", type=int, default=32,
+                     help="training batch size (per process under torchrun)")
     opt.add_argument("--eval-batch-size", type=int, default=64, help="dev/test batch size")
     opt.add_argument("--lr", type=float, default=2e-5,
                      help="AdamW learning rate of the pretrained text and anchor encoders")
@@ -144,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                      help="continue from last.pt: of PATH (a run folder or a checkpoint file), or "
                           "of --output-dir, or of the newest run under runs/")
-    run.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    run.add_argument("--device", default="auto",
+                     help="auto (cuda if available), cpu, cuda, cuda:1, ... (under torchrun: auto, "
+                          "cpu or cuda; each process takes cuda:LOCAL_RANK)")
     run.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
                      help="torch.compile the fusion layers (the text encoders stay eager); auto: on "
                           "for CUDA, off on CPU, where compiling did not pay for itself")
@@ -197,15 +215,6 @@ def format_table(metrics: dict) -> str:
     return "\n".join([line(heads), rule, line(cells)])
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def find_resume_checkpoint(args) -> Path:
     if args.resume:
         path = Path(args.resume)
@@ -235,24 +244,31 @@ class EncodedSplit:
 
 # --------------------------------------------------------------------- trainer
 class Trainer:
-    def __init__(self, args: argparse.Namespace, resume_state: Optional[dict] = None):
+    def __init__(self, args: argparse.Namespace, resume_state: Optional[dict] = None,
+                 dist_ctx: Optional[Distributed] = None):
         from mvcl_fast import data as data_lib
         from mvcl_fast.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss,
                                      default_text_model, load_text_encoder)
 
         self.args = args
-        self.device = resolve_device(args.device)
+        self.dist = dist_ctx or distributed.from_env(args.device)
+        self.device = self.dist.device
         self.output_dir = Path(args.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = self.output_dir / "last.pt"
         self.best_path = self.output_dir / "best.pt"
-        self.log_file = open(self.output_dir / "train.log", "a", encoding="utf-8")
+        self.log_file = (open(self.output_dir / "train.log", "a", encoding="utf-8")
+                         if self.dist.is_main else None)
         self.stop_requested = False
 
-        seed_everything(args.seed)
+        seed_everything(args.seed)   # the same on every rank: identical initial weights
         if args.data_dir is None:
             from mvcl_fast.synthetic import ensure_synthetic
+            if not self.dist.is_main:
+                self.dist.barrier()      # rank 0 writes the set once, the others then read it
             args.data_dir = str(ensure_synthetic(DEFAULT_SYNTHETIC_CACHE))
+            if self.dist.is_main:
+                self.dist.barrier()
             self.log(f"data: synthetic MIntRec-format set in {args.data_dir}")
         self.info = data_lib.DATASETS[args.dataset]
         t0 = time.perf_counter()
@@ -280,11 +296,22 @@ class Trainer:
             video_width=args.video_width, video_layers=args.video_layers,
             audio_width=args.audio_width, fusion_heads=args.fusion_heads, dropout=args.dropout)
         self.model = MVCLDAFPlusPlus(self.cfg, text_encoder).to(self.device)
-        self.criterion = MVCLLoss(self.cfg.num_labels, args.lambda_proto, args.lambda_mv, args.tau)
+        # Under DDP the prototypes and the multi-view negatives come from the global batch.
+        self.criterion = MVCLLoss(self.cfg.num_labels, args.lambda_proto, args.lambda_mv, args.tau,
+                                  group=self.dist.group)
         self.with_anchor = args.lambda_mv != 0
         if not self.with_anchor:   # nothing reads the anchor encoder then: do not train or store it
             self.model.anchor_encoder.requires_grad_(False)
         self.compiled = self._maybe_compile(args.compile)
+        # Training runs through the DDP wrapper (gradients averaged across ranks); evaluation and
+        # checkpoints use the bare model.
+        self.train_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            torch.manual_seed(args.seed + self.dist.rank)   # independent dropout masks per rank
 
         self.train_loader = self._loader("train", args.batch_size, shuffle=True)
         self.steps_per_epoch = len(self.train_loader)
@@ -310,8 +337,11 @@ class Trainer:
 
     # ------------------------------------------------------------- setup
     def log(self, message: str) -> None:
+        """Print and append to train.log (rank 0 only: the ranks agree on everything logged)."""
         from tqdm import tqdm
 
+        if not self.dist.is_main:
+            return
         tqdm.write(message)
         self.log_file.write(message + "\n")
         self.log_file.flush()
@@ -329,14 +359,29 @@ class Trainer:
     def _loader(self, split: str, batch_size: int, shuffle: bool):
         from mvcl_fast.data import MultimodalDataset, collate
 
-        # An explicit generator, reseeded each epoch, fixes the batch order and keeps the
-        # DataLoader from drawing on the global RNG (so --resume reproduces the run exactly).
+        dataset = MultimodalDataset(self.splits[split].split)
+        # An explicit generator (or the sampler's seed), reset each epoch, fixes the batch order
+        # and keeps the DataLoader off the global RNG (so --resume reproduces the run exactly).
         generator = torch.Generator()
         generator.manual_seed(self.args.seed)
+        sampler = None
+        if self.dist.enabled:
+            # Each rank reads its own 1/R of the split; the sampler pads the split by repeating a
+            # few items so every rank has as many batches of the same sizes (the all-gathered
+            # negatives need equal batches). predict() drops the repeats again.
+            sampler = torch.utils.data.DistributedSampler(
+                dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=shuffle,
+                seed=self.args.seed)
         return torch.utils.data.DataLoader(
-            MultimodalDataset(self.splits[split].split), batch_size=batch_size, shuffle=shuffle,
+            dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
             collate_fn=collate, num_workers=self.args.num_workers, generator=generator,
             pin_memory=self.device.type == "cuda")
+
+    def _start_epoch_order(self, epoch: int) -> None:
+        if self.dist.enabled:
+            self.train_loader.sampler.set_epoch(epoch)
+        else:
+            self.train_loader.generator.manual_seed(self.args.seed * 1000 + epoch)
 
     def _optimizer(self):
         encoder_ids = {id(p) for p in self.model.encoder_parameters()}
@@ -374,7 +419,7 @@ class Trainer:
             "history": self.history,
             "elapsed": self.elapsed,
             "finished": self.finished,
-            "rng": rng_state(),
+            "rng": self.dist.gather(rng_state()),   # one state per rank
         }
 
     def _restore(self, state: dict) -> None:
@@ -384,17 +429,28 @@ class Trainer:
         for key in ("epoch", "step_in_epoch", "global_step", "best_score", "best_epoch",
                     "bad_epochs", "history", "elapsed", "finished"):
             setattr(self, key, state[key])
-        set_rng_state(state["rng"])
+        states = state["rng"]
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank])
+        else:   # written by another number of processes: the data order still follows the epoch
+            self.log(f"note: the checkpoint was written by {len(states)} process(es), this run has "
+                     f"{self.dist.world_size}; dropout draws will differ from an uninterrupted run")
 
     def save_last(self) -> None:
-        atomic_save(self._state(), self.last_path)
+        """Collective under DDP: every rank calls it, rank 0 writes."""
+        state = self._state()
+        if self.dist.is_main:
+            atomic_save(state, self.last_path)
+        self.dist.barrier()
 
     def save_best(self, dev: dict) -> None:
-        weights = {k: v for k, v in self.model.state_dict().items()
-                   if not k.startswith("anchor_encoder.")}   # inference never runs the anchor
-        atomic_save({"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
-                     "label_names": self.label_names, "epoch": self.epoch, "dev": dev,
-                     "model": weights}, self.best_path)
+        if self.dist.is_main:
+            weights = {k: v for k, v in self.model.state_dict().items()
+                       if not k.startswith("anchor_encoder.")}   # inference never runs the anchor
+            atomic_save({"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
+                         "label_names": self.label_names, "epoch": self.epoch, "dev": dev,
+                         "model": weights}, self.best_path)
+        self.dist.barrier()   # the other ranks may load it next
 
     def load_best(self) -> None:
         state = torch.load(self.best_path, map_location=self.device, weights_only=False)
@@ -425,10 +481,17 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         self.model.train()
         labels = batch["label"].to(self.device)
-        out = self.model(**self._inputs(batch, "train", self.with_anchor))
+        out = self.train_model(**self._inputs(batch, "train", self.with_anchor))
         loss, parts = self.criterion(out, labels)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the training loss is {loss.item()} ("
+        # The ranks agree before backward (whose all-reduces they must all join) on whether any
+        # loss diverged and whether any rank was asked to stop: one all-reduce of two flags.
+        diverged, self.stop_requested = self.dist.any(not torch.isfinite(loss).item(),
+                                                      self.stop_requested)
+        if diverged:
+            if torch.isfinite(loss):
+                raise TrainingDiverged("the training loss on another rank is NaN/Inf")
+            where = f" on rank {self.dist.rank}" if self.dist.enabled else ""
+            raise TrainingDiverged(f"the training loss{where} is {loss.item()} ("
                                    + ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()) + ")")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -440,14 +503,19 @@ class Trainer:
 
     @torch.no_grad()
     def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and predictions of the whole split in file order (gathered from every rank)."""
         self.model.eval()
         loader = self._loader(split, self.args.eval_batch_size, shuffle=False)
-        preds, labels = [], []
+        index, preds = [], []
         for batch in loader:
             out = self.model(**self._inputs(batch, split, with_anchor=False))
             preds.append(out.logits.argmax(dim=-1).cpu())
-            labels.append(batch["label"])
-        return torch.cat(labels).numpy(), torch.cat(preds).numpy()
+            index.append(batch["index"])
+        shards = self.dist.gather((torch.cat(index), torch.cat(preds)))
+        index = torch.cat([i for i, _ in shards])
+        pred = torch.empty(len(self.splits[split]), dtype=torch.int64)
+        pred[index] = torch.cat([p for _, p in shards])   # the sampler's repeats write equal values
+        return self.splits[split].split.labels.numpy(), pred.numpy()
 
     def evaluate(self, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
         from mvcl_fast.metrics import classification_metrics
@@ -459,26 +527,29 @@ class Trainer:
         if self.stop_requested:
             raise KeyboardInterrupt
         self.stop_requested = True
-        self.log("Ctrl-C: finishing the current step, then saving last.pt (Ctrl-C again aborts "
-                 "without saving)")
+        self.log(f"{signal.Signals(signum).name}: finishing the current step, then saving last.pt "
+                 "(a second one aborts without saving)")
 
     def fit(self) -> str:
         """Train until done, early-stopped, interrupted or diverged: 'done' | 'interrupted'."""
         from tqdm import tqdm
 
         handler_installed = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._request_stop) if handler_installed else None
+        previous = ({sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
+                    if handler_installed else {})
         try:
             while not self.finished:
+                # A signal that came during the evaluation: every rank must see it here.
+                self.stop_requested, = self.dist.any(self.stop_requested)
                 if self.stop_requested:
                     return "interrupted"
                 epoch = self.epoch
                 start = time.perf_counter()
-                self.train_loader.generator.manual_seed(self.args.seed * 1000 + epoch)
+                self._start_epoch_order(epoch)
                 batches = itertools.islice(self.train_loader, self.step_in_epoch, None)
                 bar = tqdm(batches, total=self.steps_per_epoch, initial=self.step_in_epoch,
                            desc=f"epoch {epoch + 1}/{self.args.epochs}", unit="step",
-                           dynamic_ncols=True, leave=False)
+                           dynamic_ncols=True, leave=False, disable=not self.dist.is_main)
                 sums: dict[str, float] = {}
                 for batch in bar:
                     try:
@@ -508,11 +579,12 @@ class Trainer:
                 self._end_epoch(epoch, sums, time.perf_counter() - start)
             return "done"
         finally:
-            if handler_installed:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _end_epoch(self, epoch: int, sums: dict, train_seconds: float) -> None:
-        steps = max(1, self.step_in_epoch)
+        steps = max(1, self.step_in_epoch) * self.dist.world_size
+        sums = dict(zip(sums, self.dist.sum(list(sums.values()))))   # mean over every rank's steps
         start = time.perf_counter()
         dev, _, _ = self.evaluate("dev")
         self.epoch = epoch + 1
@@ -541,7 +613,9 @@ class Trainer:
         self.save_last()
 
     def close(self) -> None:
-        self.log_file.close()
+        if self.log_file is not None:
+            self.log_file.close()
+        self.dist.close()
 
     def report(self, started: float) -> dict:
         from mvcl_fast.metrics import confusion_matrix, save_confusion_png
@@ -550,7 +624,6 @@ class Trainer:
         dev, _, _ = self.evaluate("dev")
         test, y_true, y_pred = self.evaluate("test")
         cm = confusion_matrix(y_true, y_pred, self.cfg.num_labels)
-        save_confusion_png(cm, self.label_names, self.output_dir / "confusion_matrix.png")
         results = {
             "test": test, "dev": dev, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
             "steps": self.global_step, "train_seconds": round(self.elapsed, 1),
@@ -560,8 +633,12 @@ class Trainer:
             "environment": {"device": str(self.device), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                             "platform": platform.platform(), "compiled": self.compiled,
-                            "backend": os.environ.get("MVCL_FAST_BACKEND", "auto")},
+                            "backend": os.environ.get("MVCL_FAST_BACKEND", "auto"),
+                            "world_size": self.dist.world_size},
         }
+        if not self.dist.is_main:
+            return results
+        save_confusion_png(cm, self.label_names, self.output_dir / "confusion_matrix.png")
         tmp = self.output_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         os.replace(tmp, self.output_dir / "metrics.json")
@@ -609,7 +686,14 @@ def main(argv=None) -> int:
     except ImportError:
         raise SystemExit("mvcl_fast.train needs transformers: pip install 'mvcl_fast[train]'")
 
-    trainer = Trainer(args, resume_state=state)
+    dist_ctx = distributed.from_env(args.device)
+    if dist_ctx.enabled:   # rank 0's folder (a timestamped default differs between processes)
+        args.output_dir = dist_ctx.gather(args.output_dir)[0]
+    try:
+        trainer = Trainer(args, resume_state=state, dist_ctx=dist_ctx)
+    except BaseException:
+        dist_ctx.close()
+        raise
     try:
         return run(trainer, state is not None, started)
     finally:
@@ -621,7 +705,8 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
     if resumed:
         trainer.log(f"resumed from {trainer.last_path}: epoch {trainer.epoch}, step "
                     f"{trainer.step_in_epoch} of the next, best dev macro-F1 {trainer.best_score:.2f}")
-    trainer.log(f"run: {args.output_dir} | device {trainer.device} | modalities {args.modalities} | "
+    processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+    trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "
                 f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} | "
                 f"compile {'on' if trainer.compiled else 'off'} | backend {args.backend}")
     try:

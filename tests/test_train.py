@@ -136,3 +136,69 @@ def test_text_only_ablation_runs_without_audio_video_layers(tiny_setup, tmp_path
     assert not any(k.startswith("streams.") for k in state["model"])
     assert tuple(state["model_config"]["modalities"]) == ("text",)
     assert os.path.exists(out_dir / "metrics.json")
+
+
+# ------------------------------------------------------------- DDP (2 gloo ranks)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank, world, port, args_list, out_dir):
+    """One torchrun-like worker: the environment torchrun sets, then the trainer."""
+    import time
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    args, state = train_lib.prepare_args(args_list)
+    dist_ctx = train_lib.distributed.from_env(args.device)
+    trainer = train_lib.Trainer(args, resume_state=state, dist_ctx=dist_ctx)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    try:
+        code = train_lib.run(trainer, False, time.perf_counter())
+        torch.save({"code": code, "initial": initial, "final": trainer.model.state_dict(),
+                    "steps": trainer.global_step}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        trainer.close()
+
+
+def test_two_process_ddp_training_keeps_the_ranks_equal(tiny_setup, tmp_path):
+    import torch.multiprocessing as mp
+
+    out_dir = tmp_path / "ddp"
+    # 21 test items: the sampler repeats one so both ranks have 11, the metrics must not count it
+    odd_data = ensure_synthetic(tmp_path / "data", **{**TINY, "n_test": 21})
+    args_list = argv(tiny_setup, out_dir, "--device", "cpu", "--max-steps", "3",
+                     "--data-dir", str(odd_data))
+    mp.spawn(_ddp_rank, args=(2, _free_port(), args_list, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["code"] for r in ranks] == [0, 0]
+    assert [r["steps"] for r in ranks] == [3, 3]   # 60 items / 2 ranks / 16 per batch: 2 per epoch
+    for name, value in ranks[0]["final"].items():
+        assert torch.equal(value, ranks[1]["final"][name]), f"{name} differs between the ranks"
+    changed = [k for k, v in ranks[0]["final"].items()
+               if v.is_floating_point() and not torch.equal(v, ranks[0]["initial"][k])]
+    assert any(k.startswith("daf.") for k in changed) and any(k.startswith("text_encoder.") for k in changed)
+    # rank 0 alone writes: one log line per epoch, the metrics of the whole test split
+    log = (out_dir / "train.log").read_text()
+    assert log.count("epoch 1:") == 1 and "x 2 processes" in log
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["environment"]["world_size"] == 2 and metrics["steps"] == 3
+    assert sum(map(sum, metrics["confusion_matrix"])) == 21   # every test item once, no repeats
+    state = last_state(out_dir)
+    assert len(state["rng"]) == 2 and state["global_step"] == 3
+
+
+def test_torchrun_entry_point(tiny_setup, tmp_path):
+    out_dir = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "-m", "mvcl_fast.train", *argv(tiny_setup, out_dir, "--max-steps", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["environment"]["world_size"] == 2 and metrics["steps"] == 2

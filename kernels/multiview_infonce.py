@@ -46,6 +46,17 @@ there is one D-chunk; above that each chunk recomputes the logits, trading
 flops for registers rather than read-modify-writes of an fp32 scratch (the
 Inf-CL way).
 
+A DDP rank's share. Under ``multiview_infonce(..., group=)`` the inputs are
+the gathered global batch and the loss is the mean of the terms of the rank's
+own rows R = [row_start, row_start + M) only. The lse kernel then runs over
+the M query rows (the keys are visited from row_start on, wrapping around, so
+the positive is still the tile diagonal); the gradient kernel runs once for
+the own rows in R (against all N other rows when they own a softmax, else
+only against R) and once for the N - M own rows outside R (against the
+other rows in R only: their gradient comes through the softmaxes of R). Work
+is O(M N) per rank rather than the O(N^2) of the whole global loss; M = N
+is the single-process case and launches exactly the kernels above.
+
 Precision. Every tl.dot accumulates in fp32; fp16/bf16 operands run on the
 tensor cores. For fp32 inputs the dot precision is explicit:
 input_precision="ieee" (exact fp32 products, CUDA-core FMAs) unless
@@ -155,22 +166,24 @@ def _row_dots(q_first, k_first, q_rows, k_rows, D, BLOCK_D: tl.constexpr, D_CHUN
 
 @triton.jit
 def _lse_kernel(q_ptr, k_ptr, q_rnorm_ptr, k_rnorm_ptr, lse_ptr, term_ptr,
-                N, D, q_stride_view, q_stride_row, k_stride_view, k_stride_row,
+                N, row_start, num_rows, D, q_stride_view, q_stride_row, k_stride_view, k_stride_row,
                 q_rnorm_stride_view, k_rnorm_stride_view, inv_tau,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 D_CHUNKED: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr):
     """For BLOCK_M query rows i of view v: lse[v, i] = logsumexp_j S_ij and term[v, i] = lse - S_ii.
 
-    S_ij = q_hat_i . k_hat_j / tau. Row pass: q = anchor (view stride 0), k =
-    views; column pass: the reverse. The positive S_ii is taken from the same
+    S_ij = q_hat_i . k_hat_j / tau over all N keys j, for the query rows i in
+    [row_start, row_start + num_rows) (all N but for a DDP rank's own rows);
+    lse and term are indexed by i - row_start. Row pass: q = anchor (view
+    stride 0), k = views; column pass: the reverse. The positive S_ii is taken from the same
     tile values as the log-sum-exp and the sum leaves it out, so that
     term = (m - S_ii) + log1p(exp(S_ii - m) - 1 + sum_{j != i} exp(S_ij - m))
     keeps full relative precision when the loss is small (lse ~ S_ii).
     """
     pid_m = tl.program_id(0)
     v = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_rows_idx = tl.minimum(rows, N - 1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)        # local: i - row_start
+    q_rows_idx = row_start + tl.minimum(rows, num_rows - 1)
     q_rows = _row_starts(q_ptr + v.to(tl.int64) * q_stride_view, q_rows_idx, q_stride_row)
     k_base = k_ptr + v.to(tl.int64) * k_stride_view
     offs_d = tl.arange(0, BLOCK_D)
@@ -180,9 +193,13 @@ def _lse_kernel(q_ptr, k_ptr, q_rnorm_ptr, k_rnorm_ptr, lse_ptr, term_ptr,
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     off_diagonal = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_{j != i} exp(S_ij - running_max)
     positive = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Keys are visited from row_start on, wrapping around: in these rotated
+    # coordinates the positive of local row i is column i, a diagonal the
+    # compiler sees as structured (an offset compare costs twice the registers).
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        k_rows_idx = tl.minimum(cols, N - 1)
+        k_rows_idx = cols + row_start
+        k_rows_idx = tl.minimum(tl.where(k_rows_idx >= N, k_rows_idx - N, k_rows_idx), N - 1)
         k_rows = _row_starts(k_base, k_rows_idx, k_stride_row)
         k_first = tl.load(k_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
         dots = _row_dots(q_first, k_first, q_rows, k_rows, D, BLOCK_D, D_CHUNKED, OPERAND, PRECISION)
@@ -199,32 +216,56 @@ def _lse_kernel(q_ptr, k_ptr, q_rnorm_ptr, k_rnorm_ptr, lse_ptr, term_ptr,
         running_max = new_max
     term = (running_max - positive) + _log1p(
         tl.exp2((positive - running_max) * LOG2E) - 1.0 + off_diagonal)
-    tl.store(lse_ptr + v * N + rows, positive + term, mask=rows < N)
-    tl.store(term_ptr + v * N + rows, term, mask=rows < N)
+    tl.store(lse_ptr + v * num_rows + rows, positive + term, mask=rows < num_rows)
+    tl.store(term_ptr + v * num_rows + rows, term, mask=rows < num_rows)
 
 
 @triton.jit
 def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr, other_lse_ptr,
                  grad_loss_ptr, out_ptr,
-                 N, D, loop_views, own_stride_view, own_stride_row, other_stride_view,
-                 other_stride_row, own_rnorm_stride_view, other_rnorm_stride_view, out_stride_view,
-                 inv_tau, grad_scale,
-                 OWN_LSE: tl.constexpr, OTHER_LSE: tl.constexpr, EPS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DO: tl.constexpr, D_CHUNKED: tl.constexpr, OPERAND: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 N, row_start, num_rows, D, loop_views, own_stride_view, own_stride_row,
+                 other_stride_view, other_stride_row, own_rnorm_stride_view,
+                 other_rnorm_stride_view, out_stride_view, inv_tau, grad_scale,
+                 OWN_LSE: tl.constexpr, OTHER_LSE: tl.constexpr, OWN_IN_R: tl.constexpr,
+                 EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, D_CHUNKED: tl.constexpr,
+                 OPERAND: tl.constexpr, PRECISION: tl.constexpr):
     """Gradient of the loss w.r.t. BLOCK_M "own" rows, D-chunk pid_do, in the own rows' dtype.
 
     Anchor launch: own = anchor, other = every view (loop_views = V, grid
     axis 2 = 1). Views launch: own = view pid_v, other = anchor (loop_views = 1,
     grid axis 2 = V). OWN_LSE / OTHER_LSE say which softmax directions exist:
     the row lse belongs to anchor rows, the column lse (symmetric) to view rows.
+
+    Only the rows R = [row_start, row_start + M) have a softmax in the loss
+    (all N, or a DDP rank's own rows), so dS_ij = [i in R](P_own_ij - I_ij)
+    + [j in R](P_other_ij - I_ij), and each launch covers one kind of own row:
+    OWN_IN_R: own rows in R, visiting the other rows from row_start on with
+    wrap-around (all N with OWN_LSE, else only R); in these rotated
+    coordinates the identity is the tile diagonal, which the compiler keeps
+    cheap. Not OWN_IN_R (only with OTHER_LSE): the N - M own rows outside R,
+    against the other rows in R only, where the identity is never hit.
+    A rank's share thus costs O(M N), not O(N^2).
     """
     pid_m = tl.program_id(0)
     pid_do = tl.program_id(1)
     pid_v = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    own_rows_idx = tl.minimum(rows, N - 1)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows past the end repeat the last one (loads stay in bounds; the store is masked).
+    if OWN_IN_R:
+        valid = local < num_rows
+        local = tl.minimum(local, num_rows - 1)
+        rows = row_start + local
+        if OWN_LSE:
+            loop_len = N
+        else:
+            loop_len = num_rows
+    else:
+        valid = local < N - num_rows
+        local = tl.minimum(local, N - num_rows - 1)
+        rows = tl.where(local < row_start, local, local + num_rows)
+        loop_len = num_rows
+    own_rows_idx = rows
     own_rows = _row_starts(own_ptr + pid_v.to(tl.int64) * own_stride_view, own_rows_idx,
                            own_stride_row)
     own_rnorm = tl.load(own_rnorm_ptr + pid_v * own_rnorm_stride_view + own_rows_idx)
@@ -234,22 +275,23 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
     q_first = tl.load(own_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_d = _within(offs_do, D)
-    # Both accumulators are in units of g / (V N) (applied in the epilogue):
-    # acc = sum_j dS_ij k_hat_j, proj = sum_j dS_ij S_ij.
-    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
-    proj = tl.zeros([BLOCK_M], dtype=tl.float32)
     if OWN_LSE and OTHER_LSE:
         diagonal = 2.0
     else:
         diagonal = 1.0
+    # Both accumulators are in units of g / (V M) (applied in the epilogue):
+    # acc = sum_j dS_ij k_hat_j, proj = sum_j dS_ij S_ij.
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    proj = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i in range(loop_views):
         v = pid_v + i
         other_base = other_ptr + v.to(tl.int64) * other_stride_view
         if OWN_LSE:
-            own_lse = tl.load(own_lse_ptr + v * N + own_rows_idx)
-        for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            other_rows_idx = tl.minimum(cols, N - 1)
+            own_lse = tl.load(own_lse_ptr + v * num_rows + local)
+        for start in range(0, loop_len, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)            # rotated: other row row_start + cols
+            other_rows_idx = tl.minimum(cols + row_start - tl.where(cols >= N - row_start, N, 0),
+                                        N - 1)
             other_rows = _row_starts(other_base, other_rows_idx, other_stride_row)
             k_first = tl.load(other_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
             dots = _row_dots(q_first, k_first, own_rows, other_rows, D, BLOCK_D, D_CHUNKED,
@@ -259,11 +301,13 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
             probs = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if OWN_LSE:
                 probs += tl.exp2((logits - own_lse[:, None]) * LOG2E)
-            if OTHER_LSE:
-                other_lse = tl.load(other_lse_ptr + v * N + other_rows_idx)
+            if OTHER_LSE:   # +inf past R: those columns have no softmax (P = 0)
+                other_lse = tl.load(other_lse_ptr + v * num_rows + cols, mask=cols < num_rows,
+                                    other=float("inf"))
                 probs += tl.exp2((logits - other_lse[None, :]) * LOG2E)
-            dlogits = (tl.where(cols[None, :] < N, probs, 0.0)
-                       - tl.where(rows[:, None] == cols[None, :], diagonal, 0.0))
+            dlogits = tl.where(cols[None, :] < loop_len, probs, 0.0)
+            if OWN_IN_R:
+                dlogits -= tl.where(local[:, None] == cols[None, :], diagonal, 0.0)
             proj += tl.sum(dlogits * logits, axis=1)
             if D_CHUNKED or BLOCK_DO != BLOCK_D:
                 k_out = tl.load(other_rows + offs_do[None, :], mask=out_d, other=0.0)
@@ -280,7 +324,7 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
     own = tl.load(own_rows + offs_do[None, :], mask=out_d, other=0.0).to(tl.float32)
     grad = (grad_hat - own * (own_rnorm * radial)[:, None]) * own_rnorm[:, None]
     out = _row_starts(out_ptr + pid_v.to(tl.int64) * out_stride_view, rows, D) + offs_do[None, :]
-    tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < N) & out_d)
+    tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=valid[:, None] & out_d)
 
 
 @triton.jit
@@ -400,15 +444,16 @@ def _inverse_norms(anchor, views):
 
 
 def _launch_lse(queries, keys, q_rnorm, k_rnorm, q_stride_view, k_stride_view,
-                q_rnorm_stride_view, k_rnorm_stride_view, num_views, tau):
-    """(lse [V, N], term [V, N]) of the softmax over keys for every query row."""
+                q_rnorm_stride_view, k_rnorm_stride_view, num_views, tau, row_start, num_rows):
+    """(lse [V, M], term [V, M]) of the softmax over all keys for query rows row_start + [0, M)."""
     n, dim = queries.shape[-2], queries.shape[-1]
-    lse = torch.empty(num_views, n, dtype=torch.float32, device=queries.device)
-    term = torch.empty(num_views, n, dtype=torch.float32, device=queries.device)
+    lse = torch.empty(num_views, num_rows, dtype=torch.float32, device=queries.device)
+    term = torch.empty(num_views, num_rows, dtype=torch.float32, device=queries.device)
     cfg = _lse_config(queries.dtype, dim)
-    _lse_kernel[(triton.cdiv(n, cfg.block_m), num_views)](
+    _lse_kernel[(triton.cdiv(num_rows, cfg.block_m), num_views)](
         queries, keys, q_rnorm, k_rnorm, lse, term,
-        n, dim, q_stride_view, queries.stride(-2), k_stride_view, keys.stride(-2),
+        n, row_start, num_rows, dim, q_stride_view, queries.stride(-2), k_stride_view,
+        keys.stride(-2),
         q_rnorm_stride_view, k_rnorm_stride_view, 1.0 / tau,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         D_CHUNKED=cfg.d_chunked(dim), OPERAND=_operand_dtype(queries.dtype),
@@ -418,23 +463,30 @@ def _launch_lse(queries, keys, q_rnorm, k_rnorm, q_stride_view, k_stride_view,
 
 
 def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: float,
-                              symmetric: bool):
-    """(loss 0-dim fp32, lse_rows [V, N] fp32, lse_cols [V, N] or [V, 0] fp32)."""
+                              symmetric: bool, row_start: int = 0, num_rows: int | None = None):
+    """(loss 0-dim fp32, lse_rows [V, M] fp32, lse_cols [V, M] or [V, 0] fp32).
+
+    The loss is the mean of the terms of rows [row_start, row_start + M) (all
+    N by default), against all N keys: a DDP rank's share of the global loss.
+    """
     anchor, views = _padded_rows(anchor), _padded_rows(views)
     num_views, n, _ = views.shape
+    num_rows = n - row_start if num_rows is None else num_rows
     device = anchor.device
     with _on_device(anchor):
         anchor_rnorm, view_rnorm = _inverse_norms(anchor, views)
         lse_rows, row_terms = _launch_lse(anchor, views, anchor_rnorm, view_rnorm,
-                                          0, views.stride(0), 0, n, num_views, tau)
+                                          0, views.stride(0), 0, n, num_views, tau,
+                                          row_start, num_rows)
         if symmetric:  # the same kernel with queries and keys swapped
             lse_cols, col_terms = _launch_lse(views, anchor, view_rnorm, anchor_rnorm,
-                                              views.stride(0), 0, n, 0, num_views, tau)
+                                              views.stride(0), 0, n, 0, num_views, tau,
+                                              row_start, num_rows)
         else:
             lse_cols = torch.empty(num_views, 0, dtype=torch.float32, device=device)
             col_terms = row_terms
         loss = torch.empty((), dtype=torch.float32, device=device)
-        count = num_views * n
+        count = num_views * num_rows
         _loss_kernel[(1,)](row_terms, col_terms, loss, count, (0.5 if symmetric else 1.0) / count,
                            SYMMETRIC=symmetric, BLOCK=LOSS_BLOCK, num_warps=4)
     return loss, lse_rows, lse_cols
@@ -443,16 +495,21 @@ def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: fl
 def _launch_grad(own, other, own_rnorm, other_rnorm, own_lse, other_lse, grad_loss, out,
                  grid_views, loop_views, own_stride_view, other_stride_view,
                  own_rnorm_stride_view, other_rnorm_stride_view, out_stride_view,
-                 use_own_lse, use_other_lse, tau, grad_scale):
+                 use_own_lse, use_other_lse, tau, grad_scale, row_start, num_rows, own_in_r):
+    """Gradients of the own rows in R (own_in_r) or of those outside it."""
     n, dim = own.shape[-2], own.shape[-1]
+    own_count = num_rows if own_in_r else n - num_rows
+    if own_count == 0:
+        return
+    use_own_lse = use_own_lse and own_in_r   # rows outside R have no softmax of their own
     cfg = _grad_config(own.dtype, dim)
-    grid = (triton.cdiv(n, cfg.block_m), triton.cdiv(dim, cfg.block_do), grid_views)
+    grid = (triton.cdiv(own_count, cfg.block_m), triton.cdiv(dim, cfg.block_do), grid_views)
     _grad_kernel[grid](
         own, other, own_rnorm, other_rnorm, own_lse, other_lse, grad_loss, out,
-        n, dim, loop_views, own_stride_view, own.stride(-2), other_stride_view, other.stride(-2),
+        n, row_start, num_rows, dim, loop_views, own_stride_view, own.stride(-2), other_stride_view, other.stride(-2),
         own_rnorm_stride_view, other_rnorm_stride_view, out_stride_view,
         1.0 / tau, grad_scale,
-        OWN_LSE=use_own_lse, OTHER_LSE=use_other_lse, EPS=NORM_EPS,
+        OWN_LSE=use_own_lse, OTHER_LSE=use_other_lse, OWN_IN_R=own_in_r, EPS=NORM_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do,
         D_CHUNKED=cfg.d_chunked(dim), OPERAND=_operand_dtype(own.dtype),
         PRECISION=_dot_precision(own.dtype),
@@ -461,27 +518,40 @@ def _launch_grad(own, other, own_rnorm, other_rnorm, own_lse, other_lse, grad_lo
 
 def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, views: torch.Tensor,
                                tau: float, symmetric: bool, lse_rows: torch.Tensor,
-                               lse_cols: torch.Tensor):
-    """(d_anchor [N, D] in anchor's dtype, d_views [V, N, D] in views' dtype)."""
+                               lse_cols: torch.Tensor, row_start: int = 0):
+    """(d_anchor [N, D] in anchor's dtype, d_views [V, N, D] in views' dtype).
+
+    lse_rows / lse_cols belong to rows [row_start, row_start + M) (M =
+    lse_rows.shape[1]), as multiview_infonce_forward returned them; every row
+    of the inputs gets its gradient (rows outside the range through the
+    softmaxes of the rows inside it).
+    """
     dim = anchor.shape[-1]
     anchor, views = _padded_rows(anchor), _padded_rows(views)
     num_views, n, padded_dim = views.shape
+    num_rows = lse_rows.shape[1]
     grad_loss = grad_loss.to(device=anchor.device, dtype=torch.float32).contiguous()
     lse_rows = lse_rows.contiguous()
     lse_cols = lse_cols.contiguous() if symmetric else lse_rows
-    grad_scale = (0.5 if symmetric else 1.0) / (num_views * n)
+    grad_scale = (0.5 if symmetric else 1.0) / (num_views * num_rows)
     with _on_device(anchor):
         anchor_rnorm, view_rnorm = _inverse_norms(anchor, views)
         d_anchor = torch.empty((n, padded_dim), dtype=anchor.dtype, device=anchor.device)
         d_views = torch.empty((num_views, n, padded_dim), dtype=views.dtype, device=views.device)
-        # Own = anchor rows; loop over the rows of every view.
-        _launch_grad(anchor, views, anchor_rnorm, view_rnorm, lse_rows, lse_cols, grad_loss,
-                     d_anchor, 1, num_views, 0, views.stride(0), 0, n, 0,
-                     True, symmetric, tau, grad_scale)
-        # Own = rows of view pid_v; loop over the anchor rows.
-        _launch_grad(views, anchor, view_rnorm, anchor_rnorm, lse_cols, lse_rows, grad_loss,
-                     d_views, num_views, 1, views.stride(0), 0, n, 0, n * padded_dim,
-                     symmetric, True, tau, grad_scale)
+        if not symmetric and num_rows < n:   # anchor rows outside R are in no softmax
+            d_anchor[:row_start].zero_()
+            d_anchor[row_start + num_rows:].zero_()
+        for own_in_r in (True, False):
+            # Own = anchor rows; loop over the rows of every view. Outside R
+            # only the column softmaxes (symmetric) reach them.
+            if own_in_r or symmetric:
+                _launch_grad(anchor, views, anchor_rnorm, view_rnorm, lse_rows, lse_cols,
+                             grad_loss, d_anchor, 1, num_views, 0, views.stride(0), 0, n, 0,
+                             True, symmetric, tau, grad_scale, row_start, num_rows, own_in_r)
+            # Own = rows of view pid_v; loop over the anchor rows.
+            _launch_grad(views, anchor, view_rnorm, anchor_rnorm, lse_cols, lse_rows, grad_loss,
+                         d_views, num_views, 1, views.stride(0), 0, n, 0, n * padded_dim,
+                         symmetric, True, tau, grad_scale, row_start, num_rows, own_in_r)
     if padded_dim != dim:  # the padding columns hold zero gradients
         d_anchor, d_views = d_anchor[:, :dim].contiguous(), d_views[..., :dim].contiguous()
     return d_anchor, d_views
@@ -543,16 +613,20 @@ def aot_specs() -> list[KernelSpec]:
             if (cfg, chunked) in seen_grad:
                 continue
             seen_grad.add((cfg, chunked))
-            # (anchor launch, non-symmetric), (views launch, non-symmetric), symmetric (both).
-            for own_lse, other_lse in ((True, False), (False, True), (True, True)):
-                constexprs = {"OWN_LSE": own_lse, "OTHER_LSE": other_lse, "EPS": NORM_EPS,
+            # Own rows in R: (anchor, non-symmetric), (views, non-symmetric), symmetric (both).
+            # Own rows outside R (a DDP rank's share): the other direction's softmax only.
+            for own_lse, other_lse, in_r in ((True, False, True), (False, True, True),
+                                             (True, True, True), (False, True, False)):
+                constexprs = {"OWN_LSE": own_lse, "OTHER_LSE": other_lse, "OWN_IN_R": in_r,
+                              "EPS": NORM_EPS,
                               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                               "BLOCK_D": cfg.block_d, "BLOCK_DO": cfg.block_do,
                               "D_CHUNKED": chunked, "OPERAND": _TL_DTYPE[dtype],
                               "PRECISION": precision}
                 specs.append(KernelSpec(
                     name=(f"multiview_grad[{t},{precision},OWN_LSE={own_lse},"
-                          f"OTHER_LSE={other_lse},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},"
+                          f"OTHER_LSE={other_lse},OWN_IN_R={in_r},BLOCK_M={cfg.block_m},"
+                          f"BLOCK_N={cfg.block_n},"
                           f"BLOCK_D={cfg.block_d},BLOCK_DO={cfg.block_do},D_CHUNKED={chunked}]"),
                     fn=_grad_kernel,
                     signature=_signature(_grad_kernel, constexprs, t,

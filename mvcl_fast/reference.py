@@ -81,21 +81,31 @@ def prototype_infonce(z, y, num_classes: int, tau: float = 0.1, prototypes=None,
     return loss.to(z.dtype)
 
 
-def multiview_infonce_terms(anchor, views, tau: float, symmetric: bool):
-    """Per-view InfoNCE terms [V] plus the row and column log-sum-exps [V, N].
+def multiview_infonce_terms(anchor, views, tau: float, symmetric: bool, row_start: int = 0,
+                            num_rows=None):
+    """Per-view InfoNCE terms [V] plus the row and column log-sum-exps [V, M].
 
     S_v = norm(anchor) norm(views_v)^T / tau; the positive of row i is column i.
-    lse_cols is [V, 0] unless symmetric.
+    Only the rows i in [row_start, row_start + M) (M = num_rows, default all N)
+    enter the terms, each against all N columns: a DDP rank's share when
+    anchor and views hold the gathered global batch. lse_cols (symmetric) is
+    over the same rows of S_v^T; it is [V, 0] unless symmetric.
     """
     acc = compute_dtype(anchor.dtype)
+    n = anchor.shape[0]
+    num_rows = n - row_start if num_rows is None else num_rows
+    rows = slice(row_start, row_start + num_rows)
     a = l2_normalize(anchor.to(acc))
     k = l2_normalize(views.to(acc))
-    logits = torch.einsum("nd,vmd->vnm", a, k) / tau
-    positive = torch.diagonal(logits, dim1=1, dim2=2)
+    logits = torch.einsum("nd,vmd->vnm", a[rows], k) / tau                  # [V, M, N]
+    positive = torch.diagonal(logits, offset=row_start, dim1=1, dim2=2)     # S_v[i, i]
     lse_rows = torch.logsumexp(logits, dim=2)
     terms = (lse_rows - positive).mean(dim=1)
     if symmetric:
-        lse_cols = torch.logsumexp(logits, dim=1)
+        if num_rows == n:   # the columns of the same logits
+            lse_cols = torch.logsumexp(logits, dim=1)
+        else:
+            lse_cols = torch.logsumexp(torch.einsum("vmd,nd->vmn", k[:, rows], a) / tau, dim=2)
         terms = 0.5 * (terms + (lse_cols - positive).mean(dim=1))
     else:
         lse_cols = lse_rows.new_empty(views.shape[0], 0)

@@ -11,15 +11,15 @@ import mvcl_fast
 WORLD = 2
 
 
-def _run_ranks(fn, tmp_path, *args):
+def _run_ranks(fn, tmp_path, *args, backend="reference"):
     """Run fn(rank, *args) on WORLD gloo ranks; return the per-rank results."""
     init = f"file://{tmp_path / 'store'}"
-    mp.spawn(_rank_main, args=(fn, init, str(tmp_path), args), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(fn, init, str(tmp_path), args, backend), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def _rank_main(rank, fn, init, out_dir, args):
-    os.environ["MVCL_FAST_BACKEND"] = "reference"
+def _rank_main(rank, fn, init, out_dir, args, backend):
+    os.environ["MVCL_FAST_BACKEND"] = backend   # triton: the interpreter (inherited) on CPU
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
@@ -69,17 +69,22 @@ def _multiview_rank(rank, anchor, views, symmetric):
             "views_grad": torch.stack([v.grad for v in views_local])}
 
 
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("triton", torch.float32)],
+                         ids=["reference-fp64", "kernel-fp32"])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_multiview_infonce_over_two_ranks_equals_whole_batch(tmp_path, symmetric):
-    anchor = torch.randn(10, 6, dtype=torch.float64)
-    views = torch.randn(3, 10, 6, dtype=torch.float64)
-    results = _run_ranks(_multiview_rank, tmp_path, anchor, views, symmetric)
-    anchor_full, views_full = anchor.clone().requires_grad_(), views.clone().requires_grad_()
+def test_multiview_infonce_over_two_ranks_equals_whole_batch(tmp_path, symmetric, backend, dtype):
+    """Each rank's share (its rows against the gathered keys) adds up to the whole batch."""
+    anchor = torch.randn(10, 6, dtype=dtype)
+    views = torch.randn(3, 10, 6, dtype=dtype)
+    results = _run_ranks(_multiview_rank, tmp_path, anchor, views, symmetric, backend=backend)
+    anchor_full, views_full = anchor.double().requires_grad_(), views.double().requires_grad_()
     loss = mvcl_fast.multiview_infonce(anchor_full, views_full, 0.3, symmetric)
     loss.backward()
-    for r in results:  # negatives from both ranks: every rank sees the global loss
-        torch.testing.assert_close(r["loss"], loss.detach())
-    torch.testing.assert_close(torch.cat([r["anchor_grad"] for r in results]) / WORLD,
-                               anchor_full.grad)
+    loss, anchor_grad, views_grad = (t.to(dtype) for t in (loss, anchor_full.grad, views_full.grad))
+    # Negatives from both ranks; each rank's loss is the mean over its own rows, so (as for
+    # the CE loss under DDP) the mean over ranks is the whole-batch loss.
+    torch.testing.assert_close(torch.stack([r["loss"] for r in results]).mean(), loss.detach())
+    assert not torch.allclose(results[0]["loss"], results[1]["loss"])
+    torch.testing.assert_close(torch.cat([r["anchor_grad"] for r in results]) / WORLD, anchor_grad)
     torch.testing.assert_close(torch.cat([r["views_grad"] for r in results], dim=1) / WORLD,
-                               views_full.grad)
+                               views_grad)

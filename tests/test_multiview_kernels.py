@@ -252,9 +252,57 @@ def test_aot_specs_cover_every_kernel_and_config():
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
             D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand, PRECISION=precision), cfg), (dtype, dim)
         cfg = kernels._grad_config(dtype, dim)
-        for own_lse, other_lse in ((True, False), (False, True), (True, True)):
+        # (own rows in R: anchor, views, symmetric), own rows outside R (a DDP rank's share)
+        for own_lse, other_lse, in_r in ((True, False, True), (False, True, True),
+                                         (True, True, True), (False, True, False)):
             assert launchable(kernels._grad_kernel, dict(
-                OWN_LSE=own_lse, OTHER_LSE=other_lse, EPS=kernels.NORM_EPS,
+                OWN_LSE=own_lse, OTHER_LSE=other_lse, OWN_IN_R=in_r, EPS=kernels.NORM_EPS,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                 BLOCK_DO=cfg.block_do, D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand,
                 PRECISION=precision), cfg), (dtype, dim)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "sym"])
+@pytest.mark.parametrize("row_start,num_rows", [(40, 30), (5, 17), (69, 1)],
+                         ids=["last-rank", "straddling-tiles", "one-row"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_row_range_matches_reference(kernel_device, row_start, num_rows, symmetric, dtype):
+    """A DDP rank's share: the terms of rows [row_start, +num_rows) against all N keys.
+
+    Every input row gets a gradient (those outside the range through the
+    softmaxes of the rows inside it), and no row's gradient is left unwritten.
+    """
+    anchor, views = _inputs(70, 48, 3, DTYPES[dtype], kernel_device, seed=3)
+    grad_out = torch.tensor(0.9, dtype=torch.float32, device=kernel_device)
+
+    def share(fn_inputs, fn):
+        a, k = (x.detach().clone().requires_grad_() for x in fn_inputs)
+        loss, lse_rows, lse_cols = fn(a, k)
+        grads = torch.autograd.grad(loss, (a, k), grad_out.to(loss.dtype))
+        return (loss.detach(), lse_rows, *grads)
+
+    def op(a, k):
+        return multiview._multiview_infonce(a, k, 0.2, symmetric, row_start, num_rows)
+
+    def ref(a, k):
+        terms, lse_rows, lse_cols = reference.multiview_infonce_terms(a, k, 0.2, symmetric,
+                                                                      row_start, num_rows)
+        return terms.mean(), lse_rows, lse_cols
+
+    with poisoned_allocations():
+        got = share((anchor, views), op)
+    same = share((anchor, views), ref)
+    truth = share((anchor.double(), views.double()), ref)
+    assert got[1].shape == (3, num_rows)
+    for name, g, r, t in zip(("loss", "lse_rows", "d_anchor", "d_views"), got, same, truth):
+        assert_no_worse_than_reference(name, g, r, t, DTYPES[dtype])
+    outside = torch.ones(70, dtype=torch.bool)
+    outside[row_start:row_start + num_rows] = False
+    if outside.any():   # the keys outside the range do get gradients (the negatives' pull)
+        assert got[3][:, outside.to(kernel_device)].abs().sum() > 0
+
+
+def test_row_range_bounds_are_checked():
+    anchor, views = _inputs(5, 16, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"rows \[3, 6\) are not inside the anchor's 5 rows"):
+        multiview._multiview_infonce(anchor, views, 0.1, False, 3, 3)

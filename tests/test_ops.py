@@ -29,6 +29,8 @@ OPCHECK_CASES = {
     "multiview_infonce": lambda: (multiview._multiview_infonce, (_grad(5, 8), _grad(3, 5, 8), 0.1, False)),
     "multiview_infonce_symmetric": lambda: (
         multiview._multiview_infonce, (_grad(5, 8), _grad(2, 5, 8), 0.2, True)),
+    "multiview_infonce_rank_share": lambda: (   # rows [2, 4) of 6: one DDP rank's share
+        multiview._multiview_infonce, (_grad(6, 8), _grad(2, 6, 8), 0.2, True, 2, 2)),
     "daf_attention": lambda: (
         daf._daf_attention,
         (_grad(2, 3, 8), _grad(2, 5, 8), _grad(2, 5, 8), _grad(2, 3, 8), _grad(2, 3, 8),

@@ -1,9 +1,12 @@
 """multiview_infonce as a torch custom op.
 
-``mvcl_fast::multiview_infonce`` (anchor [N, D], views [V, N, D]) returns the
-loss and the O(N) statistics its backward needs (row and, when symmetric,
-column log-sum-exps per view); ``mvcl_fast::multiview_infonce_backward``
-recomputes the logits tile by tile on the kernel path.
+``mvcl_fast::multiview_infonce`` (anchor [N, D], views [V, N, D], and the
+row range [row_start, row_start + num_rows) whose terms make the loss: all N
+rows, or a DDP rank's own rows of the gathered batch) returns the loss and
+the O(N) statistics its backward needs (row and, when symmetric, column
+log-sum-exps per view and row of the range);
+``mvcl_fast::multiview_infonce_backward`` recomputes the logits tile by tile
+on the kernel path.
 """
 from __future__ import annotations
 
@@ -20,56 +23,70 @@ KERNELS = "multiview_infonce"
 
 
 @torch.library.custom_op("mvcl_fast::multiview_infonce", mutates_args=())
-def _multiview_infonce(anchor: Tensor, views: Tensor, tau: float,
-                       symmetric: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _multiview_infonce(anchor: Tensor, views: Tensor, tau: float, symmetric: bool,
+                       row_start: int = 0, num_rows: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+    num_rows = _rows(anchor, row_start, num_rows)
     if use_triton("multiview_infonce", anchor):
-        return kernel_module(KERNELS).multiview_infonce_forward(anchor, views, tau, symmetric)
-    terms, lse_rows, lse_cols = reference.multiview_infonce_terms(anchor, views, tau, symmetric)
+        return kernel_module(KERNELS).multiview_infonce_forward(anchor, views, tau, symmetric,
+                                                                row_start, num_rows)
+    terms, lse_rows, lse_cols = reference.multiview_infonce_terms(anchor, views, tau, symmetric,
+                                                                  row_start, num_rows)
     return terms.mean(), lse_rows, lse_cols
 
 
+def _rows(anchor: Tensor, row_start: int, num_rows: int) -> int:
+    """The row range's length (-1: to the end), checked against N."""
+    n = anchor.shape[0]
+    num_rows = n - row_start if num_rows < 0 else num_rows
+    if not (0 <= row_start and 1 <= num_rows and row_start + num_rows <= n):
+        raise ValueError(f"rows [{row_start}, {row_start + num_rows}) are not inside the "
+                         f"anchor's {n} rows")
+    return num_rows
+
+
 @_multiview_infonce.register_fake
-def _(anchor, views, tau, symmetric):
+def _(anchor, views, tau, symmetric, row_start=0, num_rows=-1):
     acc = reference.compute_dtype(anchor.dtype)
-    num_views, n = views.shape[0], views.shape[1]
+    num_views, num_rows = views.shape[0], _rows(anchor, row_start, num_rows)
     return (anchor.new_empty((), dtype=acc),
-            anchor.new_empty(num_views, n, dtype=acc),
-            anchor.new_empty(num_views, n if symmetric else 0, dtype=acc))
+            anchor.new_empty(num_views, num_rows, dtype=acc),
+            anchor.new_empty(num_views, num_rows if symmetric else 0, dtype=acc))
 
 
 @torch.library.custom_op("mvcl_fast::multiview_infonce_backward", mutates_args=())
 def _multiview_infonce_backward(grad_loss: Tensor, anchor: Tensor, views: Tensor, tau: float,
-                                symmetric: bool, lse_rows: Tensor,
-                                lse_cols: Tensor) -> tuple[Tensor, Tensor]:
+                                symmetric: bool, lse_rows: Tensor, lse_cols: Tensor,
+                                row_start: int) -> tuple[Tensor, Tensor]:
     if use_triton("multiview_infonce", anchor):
         return kernel_module(KERNELS).multiview_infonce_backward(
-            grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols)
+            grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_start)
 
     def loss_of(a, k):
-        return reference.multiview_infonce_terms(a, k, tau, symmetric)[0].mean()
+        return reference.multiview_infonce_terms(a, k, tau, symmetric, row_start,
+                                                 lse_rows.shape[1])[0].mean()
 
     grad_anchor, grad_views = reference_vjp(loss_of, (anchor, views), grad_loss)
     return grad_anchor.contiguous(), grad_views.contiguous()
 
 
 @_multiview_infonce_backward.register_fake
-def _(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols):
+def _(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_start):
     # Gradients come back contiguous whatever the inputs' strides.
     return anchor.new_empty(anchor.shape), views.new_empty(views.shape)
 
 
 def _setup(ctx, inputs, output):
-    anchor, views, tau, symmetric = inputs
+    anchor, views, tau, symmetric, row_start, _ = inputs
     _, lse_rows, lse_cols = output
     ctx.save_for_backward(anchor, views, lse_rows, lse_cols)
-    ctx.tau, ctx.symmetric = tau, symmetric
+    ctx.tau, ctx.symmetric, ctx.row_start = tau, symmetric, row_start
 
 
 def _grad(ctx, grad_loss, grad_lse_rows, grad_lse_cols):
     anchor, views, lse_rows, lse_cols = ctx.saved_tensors
     grad_anchor, grad_views = _multiview_infonce_backward(
-        grad_loss, anchor, views, ctx.tau, ctx.symmetric, lse_rows, lse_cols)
-    return grad_anchor, grad_views, None, None
+        grad_loss, anchor, views, ctx.tau, ctx.symmetric, lse_rows, lse_cols, ctx.row_start)
+    return grad_anchor, grad_views, None, None, None, None
 
 
 _multiview_infonce.register_autograd(_grad, setup_context=_setup)
@@ -94,12 +111,15 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
     materialised (memory O(N D)). Returns a scalar in anchor's dtype.
 
     With ``group`` (a torch.distributed process group; every rank must hold
-    the same N, e.g. a sampler with drop_last) the negatives come from every
-    rank: anchor and views are all-gathered (differentiably: each rank's
-    gradient flows back to the rank that owns the rows) and the fused loss
-    runs over the global batch of R*N rows, so every rank returns the loss of
-    the global batch. As with DDP's averaging, each rank's gradient divided by
-    the world size is the global-batch gradient.
+    the same N, e.g. a DistributedSampler, which pads the data set to a
+    multiple of the world size) the negatives come from every rank: anchor
+    and views are all-gathered (differentiably: gradients flow back to the
+    rank that owns the rows) and each rank computes the terms of its own N
+    rows against all R*N keys, O(N * R N) work instead of the (R N)^2 of the
+    whole global loss. Each rank returns the mean over its own rows; as with
+    the CE loss under DDP, the mean over ranks is the global-batch loss, and
+    DDP's gradient averaging gives the global-batch gradient (each rank's
+    input gradient divided by the world size is the global one).
     """
     checks.check_tensor("anchor", anchor, 2)
     checks.check_nonempty("anchor", anchor)
@@ -118,7 +138,11 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
     tau = checks.check_tau(tau)
     if checks.wants_finite_check(check_finite, anchor, views):
         checks.check_finite_values(["anchor", "views"], [anchor, views])
+    row_start, num_rows = 0, anchor.shape[0]
     if group is not None:
+        import torch.distributed as dist
+
+        row_start = dist.get_rank(group) * num_rows
         anchor, views = _gather_rows(anchor, group, 0), _gather_rows(views, group, 1)
-    loss, _, _ = _multiview_infonce(anchor, views, tau, bool(symmetric))
+    loss, _, _ = _multiview_infonce(anchor, views, tau, bool(symmetric), row_start, num_rows)
     return loss.to(anchor.dtype)

@@ -430,6 +430,8 @@ class Trainer:
                     "bad_epochs", "history", "elapsed", "finished"):
             setattr(self, key, state[key])
         states = state["rng"]
+        if isinstance(states, dict):   # written before checkpoints held one state per rank
+            states = [states]
         if len(states) == self.dist.world_size:
             set_rng_state(states[self.dist.rank])
         else:   # written by another number of processes: the data order still follows the epoch

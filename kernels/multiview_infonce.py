@@ -4,7 +4,8 @@ For each view v, S_v = norm(anchor) norm(views_v)^T / tau and the loss is the
 mean over views of mean_i (lse_i(S_v) - S_v[i, i]); symmetric=True averages
 that with the same term over the columns of S_v (SPEC op 3). Only O(N)
 statistics ever reach memory: inverse row norms, per-row loss terms and the
-row (and column) log-sum-exps; the op saves the inputs and the log-sum-exps.
+row (and column) log-sum-exps; the op saves the inputs, the log-sum-exps and
+the per-row terms.
 
 Normalisation is fused, not materialised: ``_inverse_norms_kernel`` computes
 1 / max(||x||, 1e-12) for every anchor and view row (one launch); the tile
@@ -70,8 +71,10 @@ underflow a half type. Triton's interpreter (TRITON_INTERPRET=1, how CI runs
 these kernels on CPU) has no bf16 dot: there bf16 operands are upcast to fp32
 before tl.dot (OPERAND constexpr); loads, stores and all else are as on GPU.
 When the loss is tiny (positives far above the negatives) the diagonal of
-dS, P_ii - 1, cancels against the fp32 rounding of the stored lse, for these
-kernels as for the reference (see tests/test_multiview_kernels.py).
+dS, P_ii - 1, would cancel against the fp32 rounding of the stored lse (as it
+does in the reference): the backward forms it as expm1(-term_i) from the
+forward's term instead (one [V, M] tensor), so the gradients keep their relative precision there
+too (see tests/test_multiview_kernels.py).
 
 Shapes: any N >= 1 (runtime; rows past N are clamped for loads and masked
 for stores), any D (runtime; padded to a multiple of 16 when needed, see
@@ -222,7 +225,7 @@ def _lse_kernel(q_ptr, k_ptr, q_rnorm_ptr, k_rnorm_ptr, lse_ptr, term_ptr,
 
 @triton.jit
 def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr, other_lse_ptr,
-                 grad_loss_ptr, out_ptr,
+                 diagonal_ptr, grad_loss_ptr, out_ptr,
                  N, row_start, num_rows, D, loop_views, own_stride_view, own_stride_row,
                  other_stride_view, other_stride_row, own_rnorm_stride_view,
                  other_rnorm_stride_view, out_stride_view, inv_tau, grad_scale,
@@ -246,6 +249,11 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
     cheap. Not OWN_IN_R (only with OTHER_LSE): the N - M own rows outside R,
     against the other rows in R only, where the identity is never hit.
     A rank's share thus costs O(M N), not O(N^2).
+
+    The diagonal dS_ii is not formed from the recomputed S_ii and the stored
+    lse (P_ii - 1 cancels when the loss is small) but read from diagonal_ptr
+    [V, M]: sum over the directions of expm1(-term_i), from the forward's
+    precise terms lse_i - S_ii.
     """
     pid_m = tl.program_id(0)
     pid_do = tl.program_id(1)
@@ -275,10 +283,6 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
     q_first = tl.load(own_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
     offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_d = _within(offs_do, D)
-    if OWN_LSE and OTHER_LSE:
-        diagonal = 2.0
-    else:
-        diagonal = 1.0
     # Both accumulators are in units of g / (V M) (applied in the epilogue):
     # acc = sum_j dS_ij k_hat_j, proj = sum_j dS_ij S_ij.
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
@@ -286,6 +290,8 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
     for i in range(loop_views):
         v = pid_v + i
         other_base = other_ptr + v.to(tl.int64) * other_stride_view
+        if OWN_IN_R:
+            diagonal = tl.load(diagonal_ptr + v * num_rows + local)
         if OWN_LSE:
             own_lse = tl.load(own_lse_ptr + v * num_rows + local)
         for start in range(0, loop_len, BLOCK_N):
@@ -307,7 +313,7 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
                 probs += tl.exp2((logits - other_lse[None, :]) * LOG2E)
             dlogits = tl.where(cols[None, :] < loop_len, probs, 0.0)
             if OWN_IN_R:
-                dlogits -= tl.where(local[:, None] == cols[None, :], diagonal, 0.0)
+                dlogits = tl.where(local[:, None] == cols[None, :], diagonal[:, None], dlogits)
             proj += tl.sum(dlogits * logits, axis=1)
             if D_CHUNKED or BLOCK_DO != BLOCK_D:
                 k_out = tl.load(other_rows + offs_do[None, :], mask=out_d, other=0.0)
@@ -380,8 +386,8 @@ def _grad_config(dtype: torch.dtype, dim: int) -> _Config:
     if dtype == torch.float32:
         # ptxas spills the single-chunk FMA form on sm_90a; the loop form does not.
         return _Config(32, 32, 32, 64 if dim <= 64 else 128, 4, 2, always_chunked=True)
-    if dim <= 64:
-        return _Config(64, 64, 64, 64, 4, 2)
+    if dim <= 64:   # 8 warps: at 4, ptxas spills the symmetric form on sm_80 (same occupancy)
+        return _Config(64, 64, 64, 64, 8, 2)
     if dim <= 128:
         return _Config(64, 64, 128, 128, 8, 2)
     return _Config(64, 64, 128, 256, 8, 2)
@@ -464,7 +470,7 @@ def _launch_lse(queries, keys, q_rnorm, k_rnorm, q_stride_view, k_stride_view,
 
 def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: float,
                               symmetric: bool, row_start: int = 0, num_rows: int | None = None):
-    """(loss 0-dim fp32, lse_rows [V, M] fp32, lse_cols [V, M] or [V, 0] fp32).
+    """(loss 0-dim, lse_rows [V, M], lse_cols [V, M] or [V, 0], row_terms, col_terms), fp32.
 
     The loss is the mean of the terms of rows [row_start, row_start + M) (all
     N by default), against all N keys: a DDP rank's share of the global loss.
@@ -483,16 +489,16 @@ def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: fl
                                               views.stride(0), 0, n, 0, num_views, tau,
                                               row_start, num_rows)
         else:
-            lse_cols = torch.empty(num_views, 0, dtype=torch.float32, device=device)
-            col_terms = row_terms
+            lse_cols, col_terms = (torch.empty(num_views, 0, dtype=torch.float32, device=device)
+                                   for _ in range(2))
         loss = torch.empty((), dtype=torch.float32, device=device)
         count = num_views * num_rows
         _loss_kernel[(1,)](row_terms, col_terms, loss, count, (0.5 if symmetric else 1.0) / count,
                            SYMMETRIC=symmetric, BLOCK=LOSS_BLOCK, num_warps=4)
-    return loss, lse_rows, lse_cols
+    return loss, lse_rows, lse_cols, row_terms, col_terms
 
 
-def _launch_grad(own, other, own_rnorm, other_rnorm, own_lse, other_lse, grad_loss, out,
+def _launch_grad(own, other, own_rnorm, other_rnorm, own_lse, other_lse, diagonal, grad_loss, out,
                  grid_views, loop_views, own_stride_view, other_stride_view,
                  own_rnorm_stride_view, other_rnorm_stride_view, out_stride_view,
                  use_own_lse, use_other_lse, tau, grad_scale, row_start, num_rows, own_in_r):
@@ -505,7 +511,7 @@ def _launch_grad(own, other, own_rnorm, other_rnorm, own_lse, other_lse, grad_lo
     cfg = _grad_config(own.dtype, dim)
     grid = (triton.cdiv(own_count, cfg.block_m), triton.cdiv(dim, cfg.block_do), grid_views)
     _grad_kernel[grid](
-        own, other, own_rnorm, other_rnorm, own_lse, other_lse, grad_loss, out,
+        own, other, own_rnorm, other_rnorm, own_lse, other_lse, diagonal, grad_loss, out,
         n, row_start, num_rows, dim, loop_views, own_stride_view, own.stride(-2), other_stride_view, other.stride(-2),
         own_rnorm_stride_view, other_rnorm_stride_view, out_stride_view,
         1.0 / tau, grad_scale,
@@ -518,10 +524,11 @@ def _launch_grad(own, other, own_rnorm, other_rnorm, own_lse, other_lse, grad_lo
 
 def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, views: torch.Tensor,
                                tau: float, symmetric: bool, lse_rows: torch.Tensor,
-                               lse_cols: torch.Tensor, row_start: int = 0):
+                               lse_cols: torch.Tensor, row_terms: torch.Tensor,
+                               col_terms: torch.Tensor, row_start: int = 0):
     """(d_anchor [N, D] in anchor's dtype, d_views [V, N, D] in views' dtype).
 
-    lse_rows / lse_cols belong to rows [row_start, row_start + M) (M =
+    The log-sum-exps and terms belong to rows [row_start, row_start + M) (M =
     lse_rows.shape[1]), as multiview_infonce_forward returned them; every row
     of the inputs gets its gradient (rows outside the range through the
     softmaxes of the rows inside it).
@@ -532,7 +539,12 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
     num_rows = lse_rows.shape[1]
     grad_loss = grad_loss.to(device=anchor.device, dtype=torch.float32).contiguous()
     lse_rows = lse_rows.contiguous()
-    lse_cols = lse_cols.contiguous() if symmetric else lse_rows
+    lse_cols = lse_cols.contiguous() if symmetric else lse_rows   # not read unless symmetric
+    # dS_ii = sum over directions of P_ii - 1 = expm1(-term): exact where the loss is tiny.
+    diagonal = torch.expm1(-row_terms)
+    if symmetric:
+        diagonal = diagonal + torch.expm1(-col_terms)
+    diagonal = diagonal.contiguous()
     grad_scale = (0.5 if symmetric else 1.0) / (num_views * num_rows)
     with _on_device(anchor):
         anchor_rnorm, view_rnorm = _inverse_norms(anchor, views)
@@ -546,11 +558,11 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
             # only the column softmaxes (symmetric) reach them.
             if own_in_r or symmetric:
                 _launch_grad(anchor, views, anchor_rnorm, view_rnorm, lse_rows, lse_cols,
-                             grad_loss, d_anchor, 1, num_views, 0, views.stride(0), 0, n, 0,
+                             diagonal, grad_loss, d_anchor, 1, num_views, 0, views.stride(0), 0, n, 0,
                              True, symmetric, tau, grad_scale, row_start, num_rows, own_in_r)
             # Own = rows of view pid_v; loop over the anchor rows.
-            _launch_grad(views, anchor, view_rnorm, anchor_rnorm, lse_cols, lse_rows, grad_loss,
-                         d_views, num_views, 1, views.stride(0), 0, n, 0, n * padded_dim,
+            _launch_grad(views, anchor, view_rnorm, anchor_rnorm, lse_cols, lse_rows, diagonal,
+                         grad_loss, d_views, num_views, 1, views.stride(0), 0, n, 0, n * padded_dim,
                          symmetric, True, tau, grad_scale, row_start, num_rows, own_in_r)
     if padded_dim != dim:  # the padding columns hold zero gradients
         d_anchor, d_views = d_anchor[:, :dim].contiguous(), d_views[..., :dim].contiguous()

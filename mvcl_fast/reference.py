@@ -83,13 +83,14 @@ def prototype_infonce(z, y, num_classes: int, tau: float = 0.1, prototypes=None,
 
 def multiview_infonce_terms(anchor, views, tau: float, symmetric: bool, row_start: int = 0,
                             num_rows=None):
-    """Per-view InfoNCE terms [V] plus the row and column log-sum-exps [V, M].
+    """Per-view InfoNCE terms [V] and the per-row statistics behind them.
 
     S_v = norm(anchor) norm(views_v)^T / tau; the positive of row i is column i.
     Only the rows i in [row_start, row_start + M) (M = num_rows, default all N)
     enter the terms, each against all N columns: a DDP rank's share when
-    anchor and views hold the gathered global batch. lse_cols (symmetric) is
-    over the same rows of S_v^T; it is [V, 0] unless symmetric.
+    anchor and views hold the gathered global batch. Returns (terms [V],
+    lse_rows [V, M], lse_cols, row_terms [V, M] = lse_rows - S_ii, col_terms):
+    the column ones are over the same rows of S_v^T, [V, 0] unless symmetric.
     """
     acc = compute_dtype(anchor.dtype)
     n = anchor.shape[0]
@@ -100,16 +101,18 @@ def multiview_infonce_terms(anchor, views, tau: float, symmetric: bool, row_star
     logits = torch.einsum("nd,vmd->vnm", a[rows], k) / tau                  # [V, M, N]
     positive = torch.diagonal(logits, offset=row_start, dim1=1, dim2=2)     # S_v[i, i]
     lse_rows = torch.logsumexp(logits, dim=2)
-    terms = (lse_rows - positive).mean(dim=1)
+    row_terms = lse_rows - positive
+    terms = row_terms.mean(dim=1)
     if symmetric:
         if num_rows == n:   # the columns of the same logits
             lse_cols = torch.logsumexp(logits, dim=1)
         else:
             lse_cols = torch.logsumexp(torch.einsum("vmd,nd->vmn", k[:, rows], a) / tau, dim=2)
-        terms = 0.5 * (terms + (lse_cols - positive).mean(dim=1))
+        col_terms = lse_cols - positive
+        terms = 0.5 * (terms + col_terms.mean(dim=1))
     else:
-        lse_cols = lse_rows.new_empty(views.shape[0], 0)
-    return terms, lse_rows, lse_cols
+        lse_cols, col_terms = lse_rows.new_empty(views.shape[0], 0), lse_rows.new_empty(views.shape[0], 0)
+    return terms, lse_rows, lse_cols, row_terms, col_terms
 
 
 def multiview_infonce(anchor, views, tau: float = 0.1, symmetric: bool = False):
@@ -118,7 +121,7 @@ def multiview_infonce(anchor, views, tau: float = 0.1, symmetric: bool = False):
     anchor [N, D], views [V, N, D]. symmetric=True averages each view's term
     with the view-to-anchor direction CE(S_v^T, arange(N)).
     """
-    terms, _, _ = multiview_infonce_terms(anchor, views, tau, symmetric)
+    terms = multiview_infonce_terms(anchor, views, tau, symmetric)[0]
     return terms.mean().to(anchor.dtype)
 
 

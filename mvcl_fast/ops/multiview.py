@@ -3,8 +3,9 @@
 ``mvcl_fast::multiview_infonce`` (anchor [N, D], views [V, N, D], and the
 row range [row_start, row_start + num_rows) whose terms make the loss: all N
 rows, or a DDP rank's own rows of the gathered batch) returns the loss and
-the O(N) statistics its backward needs (row and, when symmetric, column
-log-sum-exps per view and row of the range);
+the O(N) statistics its backward needs (per view and row of the range: the
+log-sum-exp and the term lse - S_ii, of the rows and, when symmetric, of the
+columns);
 ``mvcl_fast::multiview_infonce_backward`` recomputes the logits tile by tile
 on the kernel path.
 """
@@ -24,14 +25,16 @@ KERNELS = "multiview_infonce"
 
 @torch.library.custom_op("mvcl_fast::multiview_infonce", mutates_args=())
 def _multiview_infonce(anchor: Tensor, views: Tensor, tau: float, symmetric: bool,
-                       row_start: int = 0, num_rows: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+                       row_start: int = 0, num_rows: int = -1
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse_rows, lse_cols, row_terms, col_terms); see the module docstring."""
     num_rows = _rows(anchor, row_start, num_rows)
     if use_triton("multiview_infonce", anchor):
         return kernel_module(KERNELS).multiview_infonce_forward(anchor, views, tau, symmetric,
                                                                 row_start, num_rows)
-    terms, lse_rows, lse_cols = reference.multiview_infonce_terms(anchor, views, tau, symmetric,
-                                                                  row_start, num_rows)
-    return terms.mean(), lse_rows, lse_cols
+    terms, *stats = reference.multiview_infonce_terms(anchor, views, tau, symmetric, row_start,
+                                                      num_rows)
+    return (terms.mean(), *stats)
 
 
 def _rows(anchor: Tensor, row_start: int, num_rows: int) -> int:
@@ -48,18 +51,21 @@ def _rows(anchor: Tensor, row_start: int, num_rows: int) -> int:
 def _(anchor, views, tau, symmetric, row_start=0, num_rows=-1):
     acc = reference.compute_dtype(anchor.dtype)
     num_views, num_rows = views.shape[0], _rows(anchor, row_start, num_rows)
-    return (anchor.new_empty((), dtype=acc),
-            anchor.new_empty(num_views, num_rows, dtype=acc),
-            anchor.new_empty(num_views, num_rows if symmetric else 0, dtype=acc))
+    rows = anchor.new_empty(num_views, num_rows, dtype=acc)
+    cols = anchor.new_empty(num_views, num_rows if symmetric else 0, dtype=acc)
+    return (anchor.new_empty((), dtype=acc), rows, cols, torch.empty_like(rows),
+            torch.empty_like(cols))
 
 
 @torch.library.custom_op("mvcl_fast::multiview_infonce_backward", mutates_args=())
 def _multiview_infonce_backward(grad_loss: Tensor, anchor: Tensor, views: Tensor, tau: float,
                                 symmetric: bool, lse_rows: Tensor, lse_cols: Tensor,
+                                row_terms: Tensor, col_terms: Tensor,
                                 row_start: int) -> tuple[Tensor, Tensor]:
     if use_triton("multiview_infonce", anchor):
         return kernel_module(KERNELS).multiview_infonce_backward(
-            grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_start)
+            grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_terms, col_terms,
+            row_start)
 
     def loss_of(a, k):
         return reference.multiview_infonce_terms(a, k, tau, symmetric, row_start,
@@ -70,22 +76,22 @@ def _multiview_infonce_backward(grad_loss: Tensor, anchor: Tensor, views: Tensor
 
 
 @_multiview_infonce_backward.register_fake
-def _(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_start):
+def _(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_terms, col_terms,
+      row_start):
     # Gradients come back contiguous whatever the inputs' strides.
     return anchor.new_empty(anchor.shape), views.new_empty(views.shape)
 
 
 def _setup(ctx, inputs, output):
     anchor, views, tau, symmetric, row_start, _ = inputs
-    _, lse_rows, lse_cols = output
-    ctx.save_for_backward(anchor, views, lse_rows, lse_cols)
+    ctx.save_for_backward(anchor, views, *output[1:])
     ctx.tau, ctx.symmetric, ctx.row_start = tau, symmetric, row_start
 
 
-def _grad(ctx, grad_loss, grad_lse_rows, grad_lse_cols):
-    anchor, views, lse_rows, lse_cols = ctx.saved_tensors
+def _grad(ctx, grad_loss, *grad_stats):
+    anchor, views, *stats = ctx.saved_tensors
     grad_anchor, grad_views = _multiview_infonce_backward(
-        grad_loss, anchor, views, ctx.tau, ctx.symmetric, lse_rows, lse_cols, ctx.row_start)
+        grad_loss, anchor, views, ctx.tau, ctx.symmetric, *stats, ctx.row_start)
     return grad_anchor, grad_views, None, None, None, None
 
 
@@ -144,5 +150,5 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
 
         row_start = dist.get_rank(group) * num_rows
         anchor, views = _gather_rows(anchor, group, 0), _gather_rows(views, group, 1)
-    loss, _, _ = _multiview_infonce(anchor, views, tau, bool(symmetric), row_start, num_rows)
+    loss = _multiview_infonce(anchor, views, tau, bool(symmetric), row_start, num_rows)[0]
     return loss.to(anchor.dtype)

@@ -31,8 +31,8 @@ Forward: 3 launches (4 when symmetric).
   4. ``_loss_kernel``, one program: the weighted sum of the terms
      (deterministic, no atomics).
 
-Backward: 3 kernel launches (plus the elementwise expm1 of the [V, N] terms
-for the diagonal, below). ``_inverse_norms_kernel`` again, then ``_grad_kernel``
+Backward: 3 kernel launches, 5 for a DDP rank's share (plus the elementwise
+expm1 of the [V, N] terms for the diagonal, below). ``_inverse_norms_kernel`` again, then ``_grad_kernel``
 twice, the split of FlashAttention's dQ vs dK/dV kernels and Inf-CL's: once
 owning anchor row tiles and looping over the rows of every view, once owning
 the row tiles of one view and looping over the anchor rows. Each program

@@ -91,7 +91,22 @@ def wants_finite_check(check_finite, *tensors) -> bool:
     return bool(check_finite)
 
 
-def check_finite_values(names, tensors):
-    for name, x in zip(names, tensors):
-        if x is not None and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
+def check_finite_values(names, tensors, group=None):
+    """Raise naming the first argument holding NaN/Inf.
+
+    With a process group the verdict is all-reduced first: every rank raises
+    together, instead of one rank raising while the others wait in the op's
+    collectives.
+    """
+    bad = [x is not None and not bool(torch.isfinite(x).all()) for x in tensors]
+    where = ""
+    if group is not None:
+        import torch.distributed as dist
+
+        flags = torch.tensor(bad, dtype=torch.float32, device=tensors[0].device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        bad = [bool(f) for f in flags.tolist()]
+        where = " on at least one rank"
+    for name, is_bad in zip(names, bad):
+        if is_bad:
+            raise ValueError(f"{name} contains NaN or Inf{where}")

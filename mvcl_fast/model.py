@@ -436,6 +436,8 @@ class MVCLLoss(nn.Module):
     Under DDP pass ``group`` (a process group): the prototypes are those of
     the global batch and the negatives come from every rank; the CE term
     stays local (DDP's gradient averaging makes it the global mean).
+    NaN/Inf features are not rejected here: they make the loss NaN, which the
+    trainer checks (on every rank together) and reports with the step.
     """
 
     def __init__(self, num_classes: int, lambda_proto: float = 1.0, lambda_mv: float = 1.0,
@@ -453,13 +455,14 @@ class MVCLLoss(nn.Module):
         if self.lambda_proto:
             views = torch.stack([out.views["fused"], out.views["text"]])
             parts["proto"] = prototype_infonce(views, labels, self.num_classes, self.tau,
-                                               group=self.group)
+                                               check_finite=False, group=self.group)
             total = total + self.lambda_proto * parts["proto"]
         if self.lambda_mv:
             if out.anchor is None:
                 raise ValueError("lambda_mv > 0 needs the anchor view: pass anchor_ids to the model")
             views = torch.stack([out.views[name] for name in ("text", "video", "audio", "fused")
                                  if name in out.views])
-            parts["mv"] = multiview_infonce(out.anchor, views, self.tau, group=self.group)
+            parts["mv"] = multiview_infonce(out.anchor, views, self.tau, check_finite=False,
+                                            group=self.group)
             total = total + self.lambda_mv * parts["mv"]
         return total, parts

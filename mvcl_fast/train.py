@@ -49,8 +49,8 @@ CHECKPOINT_FORMAT = 1
 # resumed run takes these from the command line, everything else from the
 # checkpoint (so a resume cannot silently change the experiment).
 RUNTIME_OPTIONS = ("resume", "num_workers", "compile", "backend", "device", "output_dir", "name")
-# Under torchrun Ctrl-C reaches the workers as SIGINT, but the launcher stops them with SIGTERM
-# (as do schedulers preempting a job): both finish the step, save last.pt and exit.
+# Ctrl-C (SIGINT) and SIGTERM (what schedulers preempting a job send; torchrun forwards the
+# signal it receives to every worker): both finish the step, save last.pt and exit.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 METRIC_COLUMNS = (("acc", "ACC"), ("f1", "macro F1"), ("precision", "macro P"),
                   ("recall", "macro R"), ("weighted_f1", "weighted F1"),
@@ -259,7 +259,8 @@ class Trainer:
         self.best_path = self.output_dir / "best.pt"
         self.log_file = (open(self.output_dir / "train.log", "a", encoding="utf-8")
                          if self.dist.is_main else None)
-        self.stop_requested = False
+        self.signals_received = 0   # this process's own count; stops are decided together
+        self.pid = os.getpid()      # forked DataLoader workers inherit the handler
 
         seed_everything(args.seed)   # the same on every rank: identical initial weights
         if args.data_dir is None:
@@ -419,10 +420,17 @@ class Trainer:
             "history": self.history,
             "elapsed": self.elapsed,
             "finished": self.finished,
+            "world_size": self.dist.world_size,
             "rng": self.dist.gather(rng_state()),   # one state per rank
         }
 
     def _restore(self, state: dict) -> None:
+        # The data shards, steps per epoch and learning-rate schedule all depend on the number
+        # of processes: a resume with another number would not continue the same run.
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            raise SystemExit(f"--resume: {self.last_path} was written by {saved_world} process(es); "
+                             f"resume it with the same number (this run has {self.dist.world_size})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -430,13 +438,7 @@ class Trainer:
                     "bad_epochs", "history", "elapsed", "finished"):
             setattr(self, key, state[key])
         states = state["rng"]
-        if isinstance(states, dict):   # written before checkpoints held one state per rank
-            states = [states]
-        if len(states) == self.dist.world_size:
-            set_rng_state(states[self.dist.rank])
-        else:   # written by another number of processes: the data order still follows the epoch
-            self.log(f"note: the checkpoint was written by {len(states)} process(es), this run has "
-                     f"{self.dist.world_size}; dropout draws will differ from an uninterrupted run")
+        set_rng_state(states if isinstance(states, dict) else states[self.dist.rank])
 
     def save_last(self) -> None:
         """Collective under DDP: every rank calls it, rank 0 writes."""
@@ -486,9 +488,8 @@ class Trainer:
         out = self.train_model(**self._inputs(batch, "train", self.with_anchor))
         loss, parts = self.criterion(out, labels)
         # The ranks agree before backward (whose all-reduces they must all join) on whether any
-        # loss diverged and whether any rank was asked to stop: one all-reduce of two flags.
-        diverged, self.stop_requested = self.dist.any(not torch.isfinite(loss).item(),
-                                                      self.stop_requested)
+        # rank's loss diverged.
+        diverged, = self.dist.any(not torch.isfinite(loss).item())
         if diverged:
             if torch.isfinite(loss):
                 raise TrainingDiverged("the training loss on another rank is NaN/Inf")
@@ -514,9 +515,13 @@ class Trainer:
             preds.append(out.logits.argmax(dim=-1).cpu())
             index.append(batch["index"])
         shards = self.dist.gather((torch.cat(index), torch.cat(preds)))
-        index = torch.cat([i for i, _ in shards])
-        pred = torch.empty(len(self.splits[split]), dtype=torch.int64)
-        pred[index] = torch.cat([p for _, p in shards])   # the sampler's repeats write equal values
+        # The unshuffled sampler deals the split (padded with its first items) to the ranks in
+        # turn: interleaving the shards restores file order, and the padding comes last.
+        n = len(self.splits[split])
+        index, pred = (torch.stack([shard[k] for shard in shards], dim=1).reshape(-1)[:n]
+                       for k in (0, 1))
+        if not torch.equal(index, torch.arange(n)):
+            raise RuntimeError(f"{split} predictions came back out of order from the ranks")
         return self.splits[split].split.labels.numpy(), pred.numpy()
 
     def evaluate(self, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -526,11 +531,18 @@ class Trainer:
         return classification_metrics(y_true, y_pred, self.cfg.num_labels), y_true, y_pred
 
     def _request_stop(self, signum, frame) -> None:
-        if self.stop_requested:
+        if os.getpid() != self.pid:
+            return
+        self.signals_received += 1
+        if self.signals_received > 1:
             raise KeyboardInterrupt
-        self.stop_requested = True
         self.log(f"{signal.Signals(signum).name}: finishing the current step, then saving last.pt "
                  "(a second one aborts without saving)")
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal: one all-reduce, so every rank decides the same."""
+        stop, = self.dist.any(self.signals_received > 0)
+        return stop
 
     def fit(self) -> str:
         """Train until done, early-stopped, interrupted or diverged: 'done' | 'interrupted'."""
@@ -541,9 +553,8 @@ class Trainer:
                     if handler_installed else {})
         try:
             while not self.finished:
-                # A signal that came during the evaluation: every rank must see it here.
-                self.stop_requested, = self.dist.any(self.stop_requested)
-                if self.stop_requested:
+                # A signal that came during the evaluation: every rank decides it here.
+                if self._stop_agreed():
                     return "interrupted"
                 epoch = self.epoch
                 start = time.perf_counter()
@@ -568,7 +579,7 @@ class Trainer:
                     out_of_steps = self.args.max_steps is not None and self.global_step >= self.args.max_steps
                     epoch_done = out_of_steps or self.step_in_epoch == self.steps_per_epoch
                     # A stop on an epoch's last step still gets the epoch's evaluation and checkpoint.
-                    if self.stop_requested and not epoch_done:
+                    if self._stop_agreed() and not epoch_done:
                         self.elapsed += time.perf_counter() - start
                         bar.close()
                         self.save_last()

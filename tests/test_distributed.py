@@ -1,4 +1,5 @@
 """DDP: with the batch split over 2 gloo ranks, losses and gradients equal one process on the whole batch."""
+import datetime
 import os
 
 import pytest
@@ -20,7 +21,8 @@ def _run_ranks(fn, tmp_path, *args, backend="reference"):
 
 def _rank_main(rank, fn, init, out_dir, args, backend):
     os.environ["MVCL_FAST_BACKEND"] = backend   # triton: the interpreter (inherited) on CPU
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(minutes=3))   # a hang fails fast
     try:
         torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -88,3 +90,31 @@ def test_multiview_infonce_over_two_ranks_equals_whole_batch(tmp_path, symmetric
     torch.testing.assert_close(torch.cat([r["anchor_grad"] for r in results]) / WORLD, anchor_grad)
     torch.testing.assert_close(torch.cat([r["views_grad"] for r in results], dim=1) / WORLD,
                                views_grad)
+
+
+def _nan_on_rank1(rank):
+    """Each op with a NaN input on rank 1 only: the error must come on both ranks (no hang)."""
+    messages = []
+    z = torch.randn(2, 4, 6, dtype=torch.float64)
+    anchor, views = torch.randn(4, 6), torch.randn(2, 4, 6)
+    if rank == 1:
+        z[0, 0, 0] = float("nan")
+        views[1, 2, 3] = float("inf")
+    calls = [lambda: mvcl_fast.prototype_infonce(z, torch.tensor([0, 1, 1, 0]), 2, 0.2,
+                                                 group=dist.group.WORLD),
+             lambda: mvcl_fast.batch_prototypes(z[0], torch.tensor([0, 1, 1, 0]), 2,
+                                                group=dist.group.WORLD),
+             lambda: mvcl_fast.multiview_infonce(anchor, views, 0.1, group=dist.group.WORLD)]
+    for call in calls:
+        try:
+            call()
+            messages.append("no error")
+        except ValueError as err:
+            messages.append(str(err))
+    return messages
+
+
+def test_nan_on_one_rank_raises_on_every_rank(tmp_path):
+    expected = ["z contains NaN or Inf on at least one rank"] * 2 + [
+        "views contains NaN or Inf on at least one rank"]
+    assert _run_ranks(_nan_on_rank1, tmp_path) == [expected, expected]

@@ -147,37 +147,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_rank(rank, world, port, args_list, out_dir):
-    """One torchrun-like worker: the environment torchrun sets, then the trainer."""
+def _ddp_rank(rank, world, port, args_list, out_dir, signal_at=None):
+    """One torchrun-like worker: the environment torchrun sets, then the trainer.
+
+    signal_at=(rank, step): that rank alone gets a SIGINT after that step.
+    """
     import time
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if signal_at is not None and signal_at[0] == rank:
+        real_step = train_lib.Trainer.train_step
+
+        def step_then_signal(self, batch):
+            stats = real_step(self, batch)
+            if self.global_step + 1 == signal_at[1]:
+                signal.raise_signal(signal.SIGINT)
+            return stats
+
+        train_lib.Trainer.train_step = step_then_signal
     args, state = train_lib.prepare_args(args_list)
-    dist_ctx = train_lib.distributed.from_env(args.device)
+    dist_ctx = train_lib.distributed.from_env(args.device, timeout_minutes=3)  # a hang fails fast
     trainer = train_lib.Trainer(args, resume_state=state, dist_ctx=dist_ctx)
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     try:
-        code = train_lib.run(trainer, False, time.perf_counter())
+        code = train_lib.run(trainer, state is not None, time.perf_counter())
         torch.save({"code": code, "initial": initial, "final": trainer.model.state_dict(),
                     "steps": trainer.global_step}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         trainer.close()
 
 
-def test_two_process_ddp_training_keeps_the_ranks_equal(tiny_setup, tmp_path):
+def _spawn_ddp(args_list, out_dir, signal_at=None):
     import torch.multiprocessing as mp
 
-    out_dir = tmp_path / "ddp"
-    # 21 test items: the sampler repeats one so both ranks have 11, the metrics must not count it
-    odd_data = ensure_synthetic(tmp_path / "data", **{**TINY, "n_test": 21})
-    args_list = argv(tiny_setup, out_dir, "--device", "cpu", "--max-steps", "3",
-                     "--data-dir", str(odd_data))
-    mp.spawn(_ddp_rank, args=(2, _free_port(), args_list, str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    mp.spawn(_ddp_rank, args=(2, _free_port(), args_list, str(out_dir), signal_at), nprocs=2,
+             join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ddp_setup(tiny_setup, tmp_path_factory):
+    """The data (21 test items: the sampler repeats one so both ranks have 11) and one
+    uninterrupted 2-process run of 3 steps (60 items / 2 ranks / 16 per batch: 2 per epoch)."""
+    root = tmp_path_factory.mktemp("ddp")
+    odd_data = ensure_synthetic(root / "data", **{**TINY, "n_test": 21})
+
+    def args_for(out_dir):
+        return argv(tiny_setup, out_dir, "--device", "cpu", "--max-steps", "3",
+                    "--data-dir", str(odd_data))
+
+    out_dir = root / "full"
+    return args_for, out_dir, _spawn_ddp(args_for(out_dir), root)
+
+
+def test_two_process_ddp_training_keeps_the_ranks_equal(ddp_setup):
+    _, out_dir, ranks = ddp_setup
     assert [r["code"] for r in ranks] == [0, 0]
-    assert [r["steps"] for r in ranks] == [3, 3]   # 60 items / 2 ranks / 16 per batch: 2 per epoch
+    assert [r["steps"] for r in ranks] == [3, 3]
     for name, value in ranks[0]["final"].items():
         assert torch.equal(value, ranks[1]["final"][name]), f"{name} differs between the ranks"
     changed = [k for k, v in ranks[0]["final"].items()
@@ -190,13 +218,31 @@ def test_two_process_ddp_training_keeps_the_ranks_equal(tiny_setup, tmp_path):
     assert metrics["environment"]["world_size"] == 2 and metrics["steps"] == 3
     assert sum(map(sum, metrics["confusion_matrix"])) == 21   # every test item once, no repeats
     state = last_state(out_dir)
-    assert len(state["rng"]) == 2 and state["global_step"] == 3
+    assert len(state["rng"]) == 2 and state["global_step"] == 3 and state["world_size"] == 2
+
+
+def test_ddp_signal_on_one_rank_stops_both_and_resumes_exactly(ddp_setup, tmp_path):
+    args_for, full_dir, full = ddp_setup
+    cut_dir = tmp_path / "cut"
+    ranks = _spawn_ddp(args_for(cut_dir), tmp_path, signal_at=(1, 1))   # Ctrl-C on rank 1 only
+    assert [r["code"] for r in ranks] == [130, 130] and [r["steps"] for r in ranks] == [1, 1]
+    cut = last_state(cut_dir)
+    assert (cut["epoch"], cut["step_in_epoch"], cut["finished"]) == (0, 1, False)
+    with pytest.raises(SystemExit, match=r"written by 2 process\(es\); resume it with the same number"):
+        train_lib.main(["--resume", str(cut_dir)])      # one process cannot continue it
+    resumed = _spawn_ddp(["--resume", str(cut_dir), "--device", "cpu"], tmp_path)
+    assert [r["code"] for r in resumed] == [0, 0] and [r["steps"] for r in resumed] == [3, 3]
+    for name, value in full[0]["final"].items():
+        assert torch.equal(value, resumed[0]["final"][name]), f"{name} differs after the resume"
+        assert torch.equal(value, resumed[1]["final"][name]), f"{name} differs on rank 1"
+    full_metrics = json.loads((full_dir / "metrics.json").read_text())
+    assert json.loads((cut_dir / "metrics.json").read_text())["test"] == full_metrics["test"]
 
 
 def test_torchrun_entry_point(tiny_setup, tmp_path):
     out_dir = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           "-m", "mvcl_fast.train", *argv(tiny_setup, out_dir, "--max-steps", "2")]
+           "-m", "mvcl_fast.train", *argv(tiny_setup, out_dir, "--max-steps", "2", "--device", "cpu")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

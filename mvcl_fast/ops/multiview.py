@@ -143,7 +143,7 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
     checks.check_same(["anchor", "views"], [anchor, views])
     tau = checks.check_tau(tau)
     if checks.wants_finite_check(check_finite, anchor, views):
-        checks.check_finite_values(["anchor", "views"], [anchor, views])
+        checks.check_finite_values(["anchor", "views"], [anchor, views], group)
     row_start, num_rows = 0, anchor.shape[0]
     if group is not None:
         import torch.distributed as dist

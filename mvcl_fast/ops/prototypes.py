@@ -170,7 +170,7 @@ def batch_prototypes(z: Tensor, y: Tensor, num_classes: int, *, deterministic: b
     num_classes = checks.check_positive_int("num_classes", num_classes)
     checks.check_labels("y", y, z.shape[0], num_classes, z.device)
     if checks.wants_finite_check(check_finite, z):
-        checks.check_finite_values(["z"], [z])
+        checks.check_finite_values(["z"], [z], group)
     return _prototypes(z, y.long(), num_classes, deterministic, group)
 
 
@@ -200,7 +200,7 @@ def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
         checks.check_shape("prototypes", prototypes, (num_classes, views.shape[2]))
         checks.check_same(["z", "prototypes"], [z, prototypes])
     if checks.wants_finite_check(check_finite, z, prototypes):
-        checks.check_finite_values(["z", "prototypes"], [z, prototypes])
+        checks.check_finite_values(["z", "prototypes"], [z, prototypes], group)
     y = y.long()
     if prototypes is None:
         flat = views.reshape(-1, views.shape[2])

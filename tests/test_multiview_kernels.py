@@ -263,8 +263,9 @@ def test_aot_specs_cover_every_kernel_and_config():
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "sym"])
-@pytest.mark.parametrize("row_start,num_rows", [(40, 30), (5, 17), (69, 1)],
-                         ids=["last-rank", "straddling-tiles", "one-row"])
+@pytest.mark.parametrize("row_start,num_rows", [(0, 40), (40, 30), (5, 17), (69, 1), (3, 66)],
+                         ids=["first-rank", "last-rank", "straddling-tiles", "one-row",
+                              "many-tiles"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_row_range_matches_reference(kernel_device, row_start, num_rows, symmetric, dtype):
     """A DDP rank's share: the terms of rows [row_start, +num_rows) against all N keys.
@@ -272,8 +273,19 @@ def test_row_range_matches_reference(kernel_device, row_start, num_rows, symmetr
     Every input row gets a gradient (those outside the range through the
     softmaxes of the rows inside it), and no row's gradient is left unwritten.
     """
-    anchor, views = _inputs(70, 48, 3, DTYPES[dtype], kernel_device, seed=3)
-    grad_out = torch.tensor(0.9, dtype=torch.float32, device=kernel_device)
+    _check_row_range(70, 48, 3, row_start, num_rows, symmetric, DTYPES[dtype], kernel_device)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_range_matches_reference_large(kernel_device, dtype):
+    """Rank 2 of 8 at N = 4096 global rows: R spans many tiles, keys wrap around."""
+    _check_row_range(4096, 256, 2, 1024, 512, True, DTYPES[dtype], kernel_device)
+
+
+def _check_row_range(n, dim, num_views, row_start, num_rows, symmetric, dtype, device):
+    anchor, views = _inputs(n, dim, num_views, dtype, device, seed=3)
+    grad_out = torch.tensor(0.9, dtype=torch.float32, device=device)
 
     def share(fn_inputs, fn):
         a, k = (x.detach().clone().requires_grad_() for x in fn_inputs)
@@ -293,13 +305,13 @@ def test_row_range_matches_reference(kernel_device, row_start, num_rows, symmetr
         got = share((anchor, views), op)
     same = share((anchor, views), ref)
     truth = share((anchor.double(), views.double()), ref)
-    assert got[1].shape == (3, num_rows)
+    assert got[1].shape == (num_views, num_rows)
     for name, g, r, t in zip(("loss", "lse_rows", "d_anchor", "d_views"), got, same, truth):
-        assert_no_worse_than_reference(name, g, r, t, DTYPES[dtype])
-    outside = torch.ones(70, dtype=torch.bool)
+        assert_no_worse_than_reference(name, g, r, t, dtype)
+    outside = torch.ones(n, dtype=torch.bool)
     outside[row_start:row_start + num_rows] = False
     if outside.any():   # the keys outside the range do get gradients (the negatives' pull)
-        assert got[3][:, outside.to(kernel_device)].abs().sum() > 0
+        assert got[3][:, outside.to(device)].abs().sum() > 0
 
 
 def test_row_range_bounds_are_checked():

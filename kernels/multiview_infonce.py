@@ -32,9 +32,9 @@ Forward: 3 launches (4 when symmetric).
      (deterministic, no atomics).
 
 Backward: 3 kernel launches, 5 for a DDP rank's share (plus the elementwise
-expm1 of the [V, N] terms for the diagonal, below). ``_inverse_norms_kernel`` again, then ``_grad_kernel``
-twice, the split of FlashAttention's dQ vs dK/dV kernels and Inf-CL's: once
-owning anchor row tiles and looping over the rows of every view, once owning
+expm1 of the [V, N] terms for the diagonal, below). ``_inverse_norms_kernel``
+again, then ``_grad_kernel`` twice, the split of FlashAttention's dQ vs
+dK/dV kernels and Inf-CL's: once owning anchor row tiles and looping over the rows of every view, once owning
 the row tiles of one view and looping over the anchor rows. Each program
 recomputes its logit tiles, forms dS = (P_row - I) [+ (P_col - I)] and
 accumulates dS @ rows_hat for its own rows only: no atomics, deterministic,
@@ -500,10 +500,10 @@ def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: fl
 
 
 def _launch_grad(own, other, own_rnorm, other_rnorm, own_lse, other_lse, diagonal, grad_loss, out,
-                 grid_views, loop_views, own_stride_view, other_stride_view,
+                 *, grid_views, loop_views, own_stride_view, other_stride_view,
                  own_rnorm_stride_view, other_rnorm_stride_view, out_stride_view,
                  use_own_lse, use_other_lse, tau, grad_scale, row_start, num_rows, own_in_r):
-    """Gradients of the own rows in R (own_in_r) or of those outside it."""
+    """Gradients of the own rows in R (own_in_r) or of those outside it, into out."""
     n, dim = own.shape[-2], own.shape[-1]
     own_count = num_rows if own_in_r else n - num_rows
     if own_count == 0:
@@ -513,9 +513,9 @@ def _launch_grad(own, other, own_rnorm, other_rnorm, own_lse, other_lse, diagona
     grid = (triton.cdiv(own_count, cfg.block_m), triton.cdiv(dim, cfg.block_do), grid_views)
     _grad_kernel[grid](
         own, other, own_rnorm, other_rnorm, own_lse, other_lse, diagonal, grad_loss, out,
-        n, row_start, num_rows, dim, loop_views, own_stride_view, own.stride(-2), other_stride_view, other.stride(-2),
-        own_rnorm_stride_view, other_rnorm_stride_view, out_stride_view,
-        1.0 / tau, grad_scale,
+        n, row_start, num_rows, dim, loop_views, own_stride_view, own.stride(-2),
+        other_stride_view, other.stride(-2), own_rnorm_stride_view, other_rnorm_stride_view,
+        out_stride_view, 1.0 / tau, grad_scale,
         OWN_LSE=use_own_lse, OTHER_LSE=use_other_lse, OWN_IN_R=own_in_r, EPS=NORM_EPS,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, BLOCK_DO=cfg.block_do,
         D_CHUNKED=cfg.d_chunked(dim), OPERAND=_operand_dtype(own.dtype),
@@ -554,17 +554,24 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
         if not symmetric and num_rows < n:   # anchor rows outside R are in no softmax
             d_anchor[:row_start].zero_()
             d_anchor[row_start + num_rows:].zero_()
+        common = dict(tau=tau, grad_scale=grad_scale, row_start=row_start, num_rows=num_rows)
         for own_in_r in (True, False):
             # Own = anchor rows; loop over the rows of every view. Outside R
             # only the column softmaxes (symmetric) reach them.
             if own_in_r or symmetric:
                 _launch_grad(anchor, views, anchor_rnorm, view_rnorm, lse_rows, lse_cols,
-                             diagonal, grad_loss, d_anchor, 1, num_views, 0, views.stride(0), 0, n, 0,
-                             True, symmetric, tau, grad_scale, row_start, num_rows, own_in_r)
+                             diagonal, grad_loss, d_anchor, grid_views=1, loop_views=num_views,
+                             own_stride_view=0, other_stride_view=views.stride(0),
+                             own_rnorm_stride_view=0, other_rnorm_stride_view=n,
+                             out_stride_view=0, use_own_lse=True, use_other_lse=symmetric,
+                             own_in_r=own_in_r, **common)
             # Own = rows of view pid_v; loop over the anchor rows.
             _launch_grad(views, anchor, view_rnorm, anchor_rnorm, lse_cols, lse_rows, diagonal,
-                         grad_loss, d_views, num_views, 1, views.stride(0), 0, n, 0, n * padded_dim,
-                         symmetric, True, tau, grad_scale, row_start, num_rows, own_in_r)
+                         grad_loss, d_views, grid_views=num_views, loop_views=1,
+                         own_stride_view=views.stride(0), other_stride_view=0,
+                         own_rnorm_stride_view=n, other_rnorm_stride_view=0,
+                         out_stride_view=n * padded_dim, use_own_lse=symmetric,
+                         use_other_lse=True, own_in_r=own_in_r, **common)
     if padded_dim != dim:  # the padding columns hold zero gradients
         d_anchor, d_views = d_anchor[:, :dim].contiguous(), d_views[..., :dim].contiguous()
     return d_anchor, d_views

@@ -111,7 +111,7 @@ def multiview_infonce_terms(anchor, views, tau: float, symmetric: bool, row_star
         col_terms = lse_cols - positive
         terms = 0.5 * (terms + col_terms.mean(dim=1))
     else:
-        lse_cols, col_terms = lse_rows.new_empty(views.shape[0], 0), lse_rows.new_empty(views.shape[0], 0)
+        lse_cols, col_terms = (lse_rows.new_empty(views.shape[0], 0) for _ in range(2))
     return terms, lse_rows, lse_cols, row_terms, col_terms
 
 

@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, default=32,
                      help="training batch size (per process under torchrun)")
     opt.add_argument("--eval-batch-size", type=int, default=64, help="dev/test batch size")
-    opt.add_argument("--lr", type=float, default=2e-5,
-                     help="AdamW learning rate of the pretrained text and anchor encoders")
+    opt.add_argument("--lr", type=float, default=5e-5,
+                     help="AdamW learning rate of the pretrained text and anchor encoders (5e-5 "
+                          "beat 2e-5 on the synthetic set's dev split with all-MiniLM-L6-v2, 3 "
+                          "seeds each; tune it on dev for another encoder or data set)")
     opt.add_argument("--fusion-lr", type=float, default=1e-3,
                      help="AdamW learning rate of everything trained from scratch (video/audio "
                           "encoders, alignment, fusion, head): new layers need a larger step than "

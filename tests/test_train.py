@@ -40,7 +40,7 @@ def test_help_reads_well(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for expected in ("usage: python -m mvcl_fast.train", "examples:", "--lambda-proto",
-                     "(default: 2e-05)", "--resume", "metrics.json", "--modalities text"):
+                     "(default: 5e-05)", "--resume", "metrics.json", "--modalities text"):
         assert expected in text, expected
 
 

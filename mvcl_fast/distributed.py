@@ -8,7 +8,6 @@ code path.
 """
 from __future__ import annotations
 
-import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -79,7 +78,7 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def from_env(device: str = "auto", timeout_minutes: float = 30.0) -> Distributed:
+def from_env(device: str = "auto") -> Distributed:
     """The context of this process: torchrun's environment, or the single process.
 
     device: "auto" (CUDA when available), "cpu", or "cuda". Under torchrun
@@ -108,8 +107,7 @@ def from_env(device: str = "auto", timeout_minutes: float = 30.0) -> Distributed
     else:
         target = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     return Distributed(rank=rank, world_size=world, local_rank=local, device=target)
 
 

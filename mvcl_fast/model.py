@@ -158,9 +158,13 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------ helpers
-def lengths_to_padding(lengths: Tensor, max_len: int) -> Tensor:
-    """[B] valid lengths -> [B, T] bool, True where padded."""
-    return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
+def lengths_to_padding(lengths: Tensor, max_len: int, device) -> Tensor:
+    """[B] valid lengths -> [B, T] bool on device, True where padded.
+
+    The lengths may stay on the CPU, where the LSTM packing reads them (a
+    CUDA copy would cost a device sync there); only the mask moves.
+    """
+    return torch.arange(max_len, device=device)[None, :] >= lengths.to(device)[:, None]
 
 
 def run_lstm(lstm: nn.LSTM, x: Tensor, lengths: Tensor) -> Tensor:
@@ -240,8 +244,8 @@ class VideoStream(nn.Module):
         self.align = CTCAlignment(width, cfg.seq_len, cfg.align_hidden)
 
     def forward(self, frames: Tensor, lengths: Tensor) -> ModalityTokens:
-        lengths = lengths.to(frames.device).clamp(1, frames.shape[1])
-        padding = lengths_to_padding(lengths, frames.shape[1])
+        lengths = lengths.clamp(1, frames.shape[1])
+        padding = lengths_to_padding(lengths, frames.shape[1], frames.device)
         x = self.input(frames)
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
         x = self.norm(self.encoder(x, src_key_padding_mask=padding))
@@ -263,8 +267,8 @@ class AudioStream(nn.Module):
         self.align = CTCAlignment(width, cfg.seq_len, cfg.align_hidden)
 
     def forward(self, frames: Tensor, lengths: Tensor) -> ModalityTokens:
-        lengths = lengths.to(frames.device).clamp(1, frames.shape[1])
-        padding = lengths_to_padding(lengths, frames.shape[1])
+        lengths = lengths.clamp(1, frames.shape[1])
+        padding = lengths_to_padding(lengths, frames.shape[1], frames.device)
         x = self.norm(self.dropout(run_lstm(self.lstm, self.input(frames), lengths)))
         tokens = self.project(x)
         return ModalityTokens(tokens, padding, self.align(x, tokens, lengths, padding))

@@ -480,9 +480,10 @@ class Trainer:
             inputs.update(audio=batch["audio"], audio_lengths=batch["audio_length"])
         if with_anchor:
             inputs["anchor_ids"] = tokens["anchor_ids"][index, :keep]
-        # Lengths go to the device too: the padding masks built from them meet device tensors
-        # (the LSTM packing copies its own lengths back to the CPU).
-        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        # Lengths stay on the CPU: packing the LSTM sequences reads them there (the model
+        # builds its padding masks on the frames' device).
+        return {k: v if k.endswith("_lengths") else v.to(self.device, non_blocking=True)
+                for k, v in inputs.items()}
 
     def train_step(self, batch: dict) -> dict:
         self.model.train()

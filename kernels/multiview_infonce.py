@@ -142,6 +142,17 @@ def _inverse_norms_kernel(anchor_ptr, views_ptr, rnorm_ptr, N, D, num_views, anc
 
 
 @triton.jit
+def _rotated_rows(cols, row_start, N):
+    """Row indices of rotated columns: row_start + cols, wrapped past N, clamped to N - 1.
+
+    Visiting keys from row_start on puts the positive of query row
+    row_start + i at rotated column i: a plain tile diagonal, which the
+    compiler keeps cheap (an offset compare costs twice the registers).
+    """
+    return tl.minimum(cols + row_start - tl.where(cols >= N - row_start, N, 0), N - 1)
+
+
+@triton.jit
 def _log1p(x):
     """log(1 + x) to a few ulps for x >= 0 (Goldberg's trick; no libdevice)."""
     u = 1.0 + x
@@ -197,13 +208,9 @@ def _lse_kernel(q_ptr, k_ptr, q_rnorm_ptr, k_rnorm_ptr, lse_ptr, term_ptr,
     running_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     off_diagonal = tl.zeros([BLOCK_M], dtype=tl.float32)  # sum_{j != i} exp(S_ij - running_max)
     positive = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Keys are visited from row_start on, wrapping around: in these rotated
-    # coordinates the positive of local row i is column i, a diagonal the
-    # compiler sees as structured (an offset compare costs twice the registers).
     for start in range(0, N, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k_rows_idx = cols + row_start
-        k_rows_idx = tl.minimum(tl.where(k_rows_idx >= N, k_rows_idx - N, k_rows_idx), N - 1)
+        cols = start + tl.arange(0, BLOCK_N)            # rotated: the positive is column i
+        k_rows_idx = _rotated_rows(cols, row_start, N)
         k_rows = _row_starts(k_base, k_rows_idx, k_stride_row)
         k_first = tl.load(k_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
         dots = _row_dots(q_first, k_first, q_rows, k_rows, D, BLOCK_D, D_CHUNKED, OPERAND, PRECISION)
@@ -274,10 +281,9 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
         local = tl.minimum(local, N - num_rows - 1)
         rows = tl.where(local < row_start, local, local + num_rows)
         loop_len = num_rows
-    own_rows_idx = rows
-    own_rows = _row_starts(own_ptr + pid_v.to(tl.int64) * own_stride_view, own_rows_idx,
+    own_rows = _row_starts(own_ptr + pid_v.to(tl.int64) * own_stride_view, rows,
                            own_stride_row)
-    own_rnorm = tl.load(own_rnorm_ptr + pid_v * own_rnorm_stride_view + own_rows_idx)
+    own_rnorm = tl.load(own_rnorm_ptr + pid_v * own_rnorm_stride_view + rows)
     q_scale = own_rnorm * inv_tau
     offs_d = tl.arange(0, BLOCK_D)
     first_d = _within(offs_d, D)
@@ -297,8 +303,7 @@ def _grad_kernel(own_ptr, other_ptr, own_rnorm_ptr, other_rnorm_ptr, own_lse_ptr
             own_lse = tl.load(own_lse_ptr + v * num_rows + local)
         for start in range(0, loop_len, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)            # rotated: other row row_start + cols
-            other_rows_idx = tl.minimum(cols + row_start - tl.where(cols >= N - row_start, N, 0),
-                                        N - 1)
+            other_rows_idx = _rotated_rows(cols, row_start, N)
             other_rows = _row_starts(other_base, other_rows_idx, other_stride_row)
             k_first = tl.load(other_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
             dots = _row_dots(q_first, k_first, own_rows, other_rows, D, BLOCK_D, D_CHUNKED,

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mvcl_fast
+from helpers import exit_spawned_rank
 
 WORLD = 2
 
@@ -26,9 +27,7 @@ def _rank_main(rank, fn, init, out_dir, args, backend):
     finally:
         dist.barrier()   # neither rank tears gloo down while the other still talks to it
         dist.destroy_process_group()
-    # Skip the interpreter's teardown: torch 2.13's gloo threads intermittently abort there
-    # ("terminate called without an active exception") after all the work is done and saved.
-    os._exit(0)
+    exit_spawned_rank()
 
 
 def _prototype_rank(rank, z, y, num_classes, detach):

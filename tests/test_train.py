@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mvcl_fast import train as train_lib
+from helpers import exit_spawned_rank
 from mvcl_fast.model import MVCLLoss
 from mvcl_fast.synthetic import TINY, ensure_synthetic
 from test_model import make_tiny_bert
@@ -177,7 +178,7 @@ def _ddp_rank(rank, world, port, args_list, out_dir, signal_at=None):
                     "steps": trainer.global_step}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         trainer.close()
-    os._exit(0)   # skip the teardown where torch 2.13's gloo threads intermittently abort
+    exit_spawned_rank()
 
 
 def _spawn_ddp(args_list, out_dir, signal_at=None):

@@ -55,11 +55,16 @@ NORM_EPS = tl.constexpr(1e-12)  # as F.normalize
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Row tile of every kernel: 64 rows are one wgmma M (one warp group of 4 warps).
+# Row tile of every kernel: 64 rows, a wgmma M. 8 warps and 2 stages: 0 spills under triton
+# 3.6 and 3.9 on sm_90a and sm_80 (python -m mvcl_fast.kernels.report).
 ROWS = 64
-NUM_WARPS = 4
-K_CHUNK = 64    # D chunk of the logits dots
-D_OUT = 128     # D chunk of the gradient GEMMs and of the sums
+NUM_WARPS = 8
+NUM_STAGES = 2
+K_CHUNK = 64    # D chunk of the logits dots (fp32: half of it, tf32x3 needs the registers)
+D_OUT = 64      # D chunk of the gradient GEMMs and of the sums (fp32 likewise)
+# Up to this D (one class tile, half inputs) the forward keeps dS_hat^T in registers across
+# its row tiles.
+REGISTER_DS_COLS = 128
 FINAL_COLS = 256
 # A program walks at most about this many serial tile steps while the GPU has SMs to spare.
 MAX_SERIAL_STEPS = 64
@@ -328,8 +333,11 @@ def _class_sums_kernel(z_ptr, y_ptr, out_ptr, counts_ptr, R, N, D, C, stride_zv,
         hit = (labels[:, None] == cls[None, :]) & row_ok[:, None]
         z = tl.load(z_ptr + z_off[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        if MODE == 0:
-            acc = tl.dot(tl.trans(z), hit.to(tl.float32), acc, input_precision="tf32x3")
+        if MODE == 0:  # the one-hot is exact in tf32: split z alone, z = hi + lo (two MMAs)
+            z_hi = (z.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+            onehot = hit.to(tl.float32)
+            acc = tl.dot(tl.trans(z_hi), onehot, acc, input_precision="tf32")
+            acc = tl.dot(tl.trans(z - z_hi), onehot, acc, input_precision="tf32")
         elif MODE == 2:
             acc = tl.dot(tl.trans(z.to(tl.float32)), hit.to(tl.float32), acc)
         else:
@@ -594,6 +602,13 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+def _chunks(dtype: torch.dtype) -> tuple[int, int, int]:
+    """(K_CHUNK, D_OUT, REGISTER_DS_COLS) for inputs of dtype: fp32 tiles are half as wide."""
+    if dtype == torch.float32:
+        return K_CHUNK // 2, D_OUT // 2, 0
+    return K_CHUNK, D_OUT, REGISTER_DS_COLS
+
+
 def _dot_meta(dtype: torch.dtype) -> dict:
     return dict(MODE=_dot_mode(dtype), HALF=TRITON_HALF[dtype])
 
@@ -623,7 +638,7 @@ def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
     grid = triton.cdiv(num_classes, block_c) * triton.cdiv(dim, D_OUT)
     args = dict(R=rows, N=n, D=dim, C=num_classes, stride_zv=z.stride(0), stride_zn=z.stride(1),
                 num_splits=splits, MEAN=mean, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_D=D_OUT,
-                MODE=_dot_mode(z.dtype), num_warps=NUM_WARPS)
+                MODE=_dot_mode(z.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if splits == 1:
         _class_sums_kernel[(grid,)](z, y, out, counts, FINAL=True, **args)
         return out, counts
@@ -632,7 +647,7 @@ def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
     _class_sums_kernel[(grid * splits,)](z, y, part, part_counts, FINAL=False, **args)
     _class_sums_reduce_kernel[(grid,)](part, part_counts, out, counts, num_classes, dim, splits,
                                        MEAN=mean, BLOCK_C=block_c, BLOCK_D=D_OUT,
-                                       num_warps=NUM_WARPS)
+                                       num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out, counts
 
 
@@ -649,11 +664,12 @@ def batch_prototypes_backward(grad_prototypes: torch.Tensor, y: torch.Tensor,
     dz = torch.empty((n, dim), dtype=grad_prototypes.dtype, device=grad_prototypes.device)
     _gather_mean_grad_kernel[(triton.cdiv(n, ROWS), triton.cdiv(dim, D_OUT))](
         grad_prototypes, y.contiguous(), counts, dz, n, dim, num_classes,
-        grad_prototypes.stride(0), BLOCK_N=ROWS, BLOCK_D=D_OUT, num_warps=NUM_WARPS)
+        grad_prototypes.stride(0), BLOCK_N=ROWS, BLOCK_D=D_OUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return dz
 
 
-def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool) -> tuple[int, int]:
+def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool, k_chunk: int,
+                  d_out: int) -> tuple[int, int]:
     """(programs, row tiles per program) of the forward kernel.
 
     A program takes as many row tiles as fit in MAX_SERIAL_STEPS tile steps (fewer
@@ -662,10 +678,10 @@ def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool) -> tuple
     """
     row_tiles = triton.cdiv(rows, ROWS)
     class_tiles = triton.cdiv(num_classes, class_block(num_classes))
-    logit_steps = triton.cdiv(dim, K_CHUNK) * class_tiles
+    logit_steps = triton.cdiv(dim, k_chunk) * class_tiles
     steps = logit_steps
     if need_ds:
-        steps += triton.cdiv(dim, D_OUT) * class_tiles + (logit_steps if class_tiles > 1 else 0)
+        steps += triton.cdiv(dim, d_out) * class_tiles + (logit_steps if class_tiles > 1 else 0)
     per_program = max(1, MAX_SERIAL_STEPS // steps, triton.cdiv(row_tiles, TARGET_PROGRAMS))
     per_program = min(per_program, row_tiles)
     return triton.cdiv(row_tiles, per_program), per_program
@@ -692,8 +708,10 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     if not has_counts:
         counts = torch.empty(0, dtype=torch.int64, device=device)
     block_c = class_block(num_classes)
-    programs, per_program = _forward_plan(rows, dim, num_classes, need_ds)
+    k_chunk, d_out, register_cols = _chunks(z.dtype)
+    programs, per_program = _forward_plan(rows, dim, num_classes, need_ds, k_chunk, d_out)
     single = programs == 1
+    one_chunk = num_classes <= block_c and dim <= register_cols
     lse = torch.empty((views, n), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=z.dtype, device=device)
     loss_out = loss if single else torch.empty(programs, dtype=torch.float32, device=device)
@@ -703,9 +721,9 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     _infonce_fwd_kernel[(programs,)](
         z, y, s, counts, lse, loss_out, part, rows, n, dim, num_classes, z.stride(0), z.stride(1),
         s.stride(0), 1.0 / tau, 1.0 / rows, per_program, SINGLE=single,
-        ONE_TILE=num_classes <= block_c, ONE_CHUNK=num_classes <= block_c and dim <= D_OUT,
-        BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK,
-        BLOCK_DO=D_OUT, num_warps=NUM_WARPS, **flags, **_dot_meta(z.dtype))
+        ONE_TILE=num_classes <= block_c, ONE_CHUNK=one_chunk, BLOCK_M=ROWS, BLOCK_C=block_c,
+        BLOCK_K=k_chunk, BLOCK_DO=register_cols if one_chunk else d_out, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES, **flags, **_dot_meta(z.dtype))
     if single:
         ds = part[0] if need_ds else part
     else:
@@ -713,7 +731,8 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
         finalize_programs = 1 + (triton.cdiv(num_classes, block_c) if need_ds else 0)
         _infonce_finalize_kernel[(finalize_programs,)](
             part, programs, s, counts, ds, loss_out, loss, num_classes, dim, s.stride(0),
-            BLOCK_C=block_c, BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS, **flags)
+            BLOCK_C=block_c, BLOCK_D=d_out, LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS,
+            num_stages=NUM_STAGES, **flags)
     return loss, lse, s, counts, ds
 
 
@@ -731,7 +750,8 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
     rows, num_classes = views * n, s.shape[0]
     block_c = class_block(num_classes)
     row_tiles = triton.cdiv(rows, ROWS)
-    d_chunks = triton.cdiv(dim, D_OUT)
+    k_chunk, d_out, _ = _chunks(z.dtype)
+    d_chunks = triton.cdiv(dim, d_out)
     # Split a row tile's D chunks over programs while there are too few row tiles to fill the GPU.
     d_split = max(1, min(d_chunks, TARGET_PROGRAMS // 2 // row_tiles))
     dz = torch.empty((views, n, dim), dtype=z.dtype, device=z.device)
@@ -741,8 +761,9 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
         grad_loss, z, y, s, counts, lse, ds, dz, dp, rows, n, dim, num_classes, z.stride(0),
         z.stride(1), s.stride(0), 1.0 / tau, 1.0 / rows, d_split, SUMS=sums,
         HAS_COUNTS=counts.numel() > 0, THROUGH=through, NEED_DP=need_dp,
-        ONE_TILE=num_classes <= block_c, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK,
-        BLOCK_DO=D_OUT, DP_BLOCK=FINAL_COLS * 4, num_warps=NUM_WARPS, **_dot_meta(z.dtype))
+        ONE_TILE=num_classes <= block_c, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=k_chunk,
+        BLOCK_DO=d_out, DP_BLOCK=FINAL_COLS * 4, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        **_dot_meta(z.dtype))
     return dz, dp
 
 
@@ -752,6 +773,7 @@ def aot_specs() -> list[KernelSpec]:
     specs = []
     for torch_dtype, t in TORCH_TO_TRITON.items():
         dot = dict(MODE=DOT_FP32 if t == "fp32" else DOT_HALF, HALF=TRITON_HALF[torch_dtype])
+        k_chunk, d_out, register_cols = _chunks(torch_dtype)
         z = {"z_ptr": f"*{t}", "y_ptr": "*i64", "R": "i32", "N": "i32", "D": "i32", "C": "i32",
              "stride_zv": "i32", "stride_zn": "i32"}
         for mean in (True, False):
@@ -761,46 +783,47 @@ def aot_specs() -> list[KernelSpec]:
                     {**z, "out_ptr": f"*{t}" if mean and final else "*fp32",
                      "counts_ptr": "*i64" if final else "*i32", "num_splits": "i32"},
                     dict(MEAN=mean, FINAL=final, MODE=dot["MODE"], BLOCK_M=ROWS, BLOCK_C=32,
-                         BLOCK_D=D_OUT), num_warps=NUM_WARPS))
+                         BLOCK_D=D_OUT), num_warps=NUM_WARPS, num_stages=NUM_STAGES))
             specs.append(KernelSpec(
                 f"class_sums_reduce[{t},MEAN={mean}]", _class_sums_reduce_kernel,
                 {"part_ptr": "*fp32", "part_counts_ptr": "*i32",
                  "out_ptr": f"*{t}" if mean else "*fp32", "counts_ptr": "*i64", "C": "i32",
                  "D": "i32", "num_splits": "i32"},
-                dict(MEAN=mean, BLOCK_C=32, BLOCK_D=D_OUT), num_warps=NUM_WARPS))
+                dict(MEAN=mean, BLOCK_C=32, BLOCK_D=D_OUT), num_warps=NUM_WARPS, num_stages=NUM_STAGES))
         specs.append(KernelSpec(
             f"gather_mean_grad[{t}]", _gather_mean_grad_kernel,
             {"grad_ptr": f"*{t}", "y_ptr": "*i64", "counts_ptr": "*i64", "dz_ptr": f"*{t}",
              "N": "i32", "D": "i32", "C": "i32", "stride_gc": "i32"},
-            dict(BLOCK_N=ROWS, BLOCK_D=D_OUT), num_warps=NUM_WARPS))
+            dict(BLOCK_N=ROWS, BLOCK_D=D_OUT), num_warps=NUM_WARPS, num_stages=NUM_STAGES))
         for block_c, one_tile in ((32, True), (64, False)):
             for sums in (True, False):
                 s_type = "*fp32" if sums else f"*{t}"
                 shared = {**z, "s_ptr": s_type, "counts_ptr": "*i64", "lse_ptr": "*fp32",
                           "stride_sc": "i32", "inv_tau": "fp32", "inv_rows": "fp32"}
                 flags = dict(SUMS=sums, HAS_COUNTS=sums, ONE_TILE=one_tile, BLOCK_M=ROWS,
-                             BLOCK_C=block_c, BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, **dot)
+                             BLOCK_C=block_c, BLOCK_K=k_chunk, BLOCK_DO=d_out, **dot)
                 tag = f"{t},BLOCK_C={block_c},SUMS={sums}"
                 for single in (True, False):
-                    for one_chunk in ((True, False) if one_tile else (False,)):
+                    for one_chunk in ((True, False) if one_tile and register_cols else (False,)):
                         specs.append(KernelSpec(
                             f"infonce_fwd[{tag},SINGLE={single},ONE_CHUNK={one_chunk}]",
                             _infonce_fwd_kernel,
                             {**shared, "loss_ptr": f"*{t}" if single else "*fp32",
                              "part_ptr": "*fp32", "tiles_per_program": "i32"},
-                            dict(flags, NEED_DS=True, SINGLE=single, ONE_CHUNK=one_chunk),
-                            num_warps=NUM_WARPS))
+                            dict(flags, NEED_DS=True, SINGLE=single, ONE_CHUNK=one_chunk,
+                                 BLOCK_DO=register_cols if one_chunk else d_out),
+                            num_warps=NUM_WARPS, num_stages=NUM_STAGES))
                 specs.append(KernelSpec(
                     f"infonce_finalize[{tag}]", _infonce_finalize_kernel,
                     {"part_ptr": "*fp32", "num_parts": "i32", "s_ptr": s_type,
                      "counts_ptr": "*i64", "ds_ptr": "*fp32", "loss_part_ptr": "*fp32",
                      "loss_ptr": f"*{t}", "C": "i32", "D": "i32", "stride_sc": "i32"},
                     dict(SUMS=sums, HAS_COUNTS=sums, NEED_DS=True, BLOCK_C=block_c,
-                         BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK), num_warps=NUM_WARPS))
+                         BLOCK_D=d_out, LOSS_BLOCK=LOSS_CHUNK), num_warps=NUM_WARPS, num_stages=NUM_STAGES))
                 specs.append(KernelSpec(
                     f"infonce_bwd[{tag}]", _infonce_bwd_kernel,
                     {**shared, "grad_ptr": f"*{t}", "ds_ptr": "*fp32", "dz_ptr": f"*{t}",
                      "dp_ptr": f"*{t}", "d_split": "i32"},
                     dict(flags, THROUGH=sums, NEED_DP=not sums, DP_BLOCK=FINAL_COLS * 4),
-                    num_warps=NUM_WARPS))
+                    num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     return specs

@@ -716,8 +716,8 @@ class Trainer:
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         if unexpected or any(not k.startswith("anchor_encoder.") for k in missing):
             raise CheckpointError(f"{self.best_path} does not match the model: missing {missing}, "
-                                  f"unexpected {unexpected}", "it was replaced by another run's; "
-                                  "start this one over with --overwrite")
+                                  f"unexpected {unexpected}", "it is not this run's best checkpoint: "
+                                  "start the run over with --overwrite")
 
     # ---------------------------------------------------------- training
     def _inputs(self, batch: dict, split: str, with_anchor: bool) -> dict:
@@ -854,7 +854,7 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _end_epoch(self, epoch: int, train_seconds: float) -> None:
-        """train_seconds: this process's share of the epoch's training (after a resume, a part)."""
+        """train_seconds: the epoch's training time since it (re)started in this process."""
         steps = max(1, self.step_in_epoch) * self.dist.world_size
         # every rank's sums: the means are over the steps of all of them
         sums = dict(zip(self.epoch_sums, self.dist.sum(list(self.epoch_sums.values()))))

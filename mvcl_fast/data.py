@@ -379,12 +379,12 @@ class FeatureStore:
                 out[i] = real[-1] + 1
         return out
 
-    def read(self, row: int, n: int) -> np.ndarray:
-        """A copy of the first n frames of a row."""
+    def read_into(self, row: int, out: np.ndarray) -> None:
+        """Copy the first len(out) frames of a row into out."""
         if self._frames is None:
             self._frames = np.load(self.frames_path, mmap_mode="r")
         start = int(self.offsets[row])
-        out = np.array(self._frames[start:start + n])
+        out[...] = self._frames[start:start + len(out)]
         # Drop the pages from this process's mapping (they stay in the page cache): an epoch
         # over the whole cache would otherwise count all of it in the resident set.
         # np.memmap maps the file from the allocation-granularity boundary below the header.
@@ -442,10 +442,11 @@ class Frames:
         return len(self.rows)
 
     def item(self, i: int) -> torch.Tensor:
-        out = torch.zeros(self.max_len, self.dim, dtype=torch.float32)
-        n = int(self.lengths[i])
-        out[:n] = torch.from_numpy(self.store.read(int(self.rows[i]), n))
-        return out
+        # Built in numpy: one single-threaded copy (torch's multi-threaded fill of a small
+        # tensor costs tens of ms on a loaded 2-core machine).
+        out = np.zeros((self.max_len, self.dim), dtype=np.float32)
+        self.store.read_into(int(self.rows[i]), out[:int(self.lengths[i])])
+        return torch.from_numpy(out)
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, (int, np.integer)):

@@ -3,8 +3,9 @@
 One run: tokenise every split once, train with AdamW (pretrained text
 encoders at --lr, the freshly initialised fusion layers at --fusion-lr; both
 with linear warm-up and decay), evaluate the dev split after every epoch,
-stop early on dev macro-F1, then report the test split with the best dev
-checkpoint.
+stop early on the dev selection metric (--select-metric: macro F1 for
+MIntRec, accuracy for MIntRec2.0), then report the test split with the best
+dev checkpoint.
 
 Every option is checked before anything is loaded (a usage error exits 2,
 as argparse does); the run then claims its output folder (mvcl_fast/runs.py:
@@ -67,7 +68,7 @@ CHECKPOINT_FORMAT = 2
 # checkpoint, and refuses a command line that sets any other option to
 # another value (so a resume cannot silently change the experiment).
 RUNTIME_OPTIONS = ("resume", "num_workers", "compile", "backend", "device", "output_dir", "name",
-                   "overwrite", "debug")
+                   "overwrite", "debug", "cache_dir")
 # What a text-model folder must hold besides config.json (any one of each).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
@@ -89,6 +90,10 @@ examples:
   # the real MIntRec benchmark (train/dev/test.tsv + video_feats.pkl, audio_feats.pkl)
   python -m mvcl_fast.train --data-dir data/MIntRec --epochs 40 --patience 8
 
+  # MIntRec2.0 as released (in-scope/ with video_data/swin_roi_binary.pkl ...); the
+  # feature cache in a writable folder when the data folder is read-only
+  python -m mvcl_fast.train --dataset mintrec2 --data-dir data/MIntRec2.0 --cache-dir /tmp/mvcl
+
   # ablations: text only; without the prototype or the multi-view loss
   python -m mvcl_fast.train --modalities text --name text-only
   python -m mvcl_fast.train --lambda-proto 0 --name no-proto
@@ -102,7 +107,7 @@ examples:
   torchrun --nproc_per_node=8 -m mvcl_fast.train --data-dir data/MIntRec
 
 outputs (in --output-dir): metrics.json (test and dev metrics, per-epoch
-history, timings, configuration), best.pt (best dev macro-F1 weights),
+history, timings, configuration), best.pt (weights of the best dev epoch),
 last.pt (full training state for --resume), confusion_matrix.png, train.log.
 A running run holds the folder's .lock: a second run into it is refused, and
 so is a new run into a folder that holds results (--resume or --overwrite).
@@ -165,6 +170,24 @@ def device_name(text: str) -> str:
 device_name.__name__ = "auto, cpu, cuda or cuda:N"
 
 
+def per_dataset(option: str) -> str:
+    """'30 for mintrec, 76 for mintrec2': a data-set default, for --help."""
+    from mvcl_fast.data import DATASETS
+
+    return ", ".join(f"{getattr(info, option)} for {name}" for name, info in DATASETS.items())
+
+
+def apply_dataset_defaults(args: argparse.Namespace) -> None:
+    """Fill the options left unset with the data set's published defaults."""
+    from mvcl_fast.data import DATASETS
+
+    info = DATASETS[args.dataset]
+    if args.max_text_tokens is None:
+        args.max_text_tokens = info.max_text_tokens
+    if args.select_metric is None:
+        args.select_metric = info.select_metric
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mvcl_fast.model import ModelConfig
 
@@ -192,9 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="video frames kept per clip, %(type)s (default: the data set's)")
     data.add_argument("--audio-len", type=number(int, at_least=1), default=None,
                       help="audio frames kept per clip, %(type)s (default: the data set's)")
-    data.add_argument("--max-text-tokens", type=number(int, at_least=1), default=30,
+    data.add_argument("--video-feats", default=None, metavar="PATH",
+                      help="video feature pickle (relative: to the folder of the TSVs); default: "
+                           "the published file names, beside the TSVs or in video_data/")
+    data.add_argument("--audio-feats", default=None, metavar="PATH",
+                      help="audio feature pickle (relative: to the folder of the TSVs); default: "
+                           "the published file names, beside the TSVs or in audio_data/")
+    data.add_argument("--cache-dir", default=None, metavar="PATH",
+                      help="folder for the memory-mapped feature cache made once from each pickle; "
+                           "default: .mvcl-cache/ beside the pickle")
+    data.add_argument("--max-text-tokens", type=number(int, at_least=1), default=None,
                       help="word pieces of the utterance kept, %(type)s (capped at the longest "
-                           "training text)")
+                           "training text); default: " + per_dataset("max_text_tokens"))
     data.add_argument("--num-workers", type=number(int, at_least=0), default=0,
                       help="DataLoader worker processes, %(type)s")
 
@@ -247,8 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "decay), %(type)s")
     opt.add_argument("--grad-clip", type=number(float, at_least=0), default=1.0,
                      help="gradient-norm clip, %(type)s (0: off)")
+    opt.add_argument("--select-metric", default=None, choices=[key for key, _ in METRIC_COLUMNS],
+                     help="dev metric that picks the best epoch and drives early stopping; default: "
+                          + per_dataset("select_metric"))
     opt.add_argument("--patience", type=number(int, at_least=1), default=4,
-                     help="stop after this many epochs without a better dev macro-F1, %(type)s")
+                     help="stop after this many epochs without a better dev selection metric, "
+                          "%(type)s")
     opt.add_argument("--seed", type=number(int, at_least=0, below=2**32), default=0,
                      help="random seed, %(type)s")
     opt.add_argument("--max-steps", type=number(int, at_least=1), default=None,
@@ -512,12 +548,25 @@ class Trainer:
                 if self.dist.is_main:
                     self.dist.barrier()
                 self.log(f"data: synthetic MIntRec-format set in {args.data_dir}")
+            apply_dataset_defaults(args)
             self.info = data_lib.DATASETS[args.dataset]
             t0 = time.perf_counter()
-            raw = {name: data_lib.load_split(args.data_dir, args.dataset, name, video_len=args.video_len,
-                                             audio_len=args.audio_len)
-                   for name in ("train", "dev", "test")}
+            if not self.dist.is_main:
+                self.dist.barrier()  # rank 0 converts the feature pickles once, the others map them
+            try:
+                raw = {name: data_lib.load_split(
+                           args.data_dir, args.dataset, name, video_len=args.video_len,
+                           audio_len=args.audio_len, video_feats_path=args.video_feats,
+                           audio_feats_path=args.audio_feats, cache_dir=args.cache_dir)
+                       for name in ("train", "dev", "test")}
+            finally:   # also on an error: the others then meet it themselves instead of waiting
+                if self.dist.is_main:
+                    self.dist.barrier()
+        for note in dict.fromkeys(note for split in raw.values() for note in split.notes):
+            self.log(f"data: {note}")
         self.label_names = list(raw["train"].label_names)
+        # Feature widths come from the data.
+        video_dim, audio_dim = raw["train"].video.dim, raw["train"].audio.dim
 
         text_model = args.text_model or default_text_model()
         with reraised_as(ConfigError, f"--text-model {text_model}: ",
@@ -535,8 +584,8 @@ class Trainer:
 
         self.cfg = ModelConfig(
             num_labels=len(self.label_names), label_len=prompter.label_len,
-            max_text_tokens=max_text_tokens, video_dim=self.info.video_dim,
-            audio_dim=self.info.audio_dim, text_model=text_model, modalities=args.modalities,
+            max_text_tokens=max_text_tokens, video_dim=video_dim,
+            audio_dim=audio_dim, text_model=text_model, modalities=args.modalities,
             video_width=args.video_width, video_layers=args.video_layers,
             audio_width=args.audio_width, fusion_heads=args.fusion_heads, dropout=args.dropout)
         self.model = MVCLDAFPlusPlus(self.cfg, text_encoder).to(self.device)
@@ -866,9 +915,10 @@ class Trainer:
         epoch_seconds = self.epoch_train_seconds + train_seconds + time.perf_counter() - start
         self.epoch_train_seconds = 0.0
         self.elapsed += train_seconds + time.perf_counter() - start
-        improved = dev["f1"] > self.best_score
+        metric = self.args.select_metric
+        improved = dev[metric] > self.best_score
         if improved:
-            self.best_score, self.best_epoch, self.bad_epochs = dev["f1"], self.epoch, 0
+            self.best_score, self.best_epoch, self.bad_epochs = dev[metric], self.epoch, 0
             self.save_best(dev)
         else:
             self.bad_epochs += 1
@@ -883,7 +933,7 @@ class Trainer:
         if self.epoch >= self.args.epochs or out_of_steps:
             self.finished = True
         elif self.bad_epochs >= self.args.patience:
-            self.log(f"early stop: dev macro-F1 has not improved for {self.bad_epochs} epochs "
+            self.log(f"early stop: dev {metric} has not improved for {self.bad_epochs} epochs "
                      f"(best {self.best_score:.2f} at epoch {self.best_epoch})")
             self.finished = True
         self.save_last()
@@ -922,7 +972,7 @@ class Trainer:
         self.folder.replace("metrics.json",
                             lambda file: file.write((json.dumps(results, indent=1) + "\n").encode()))
         self.log(f"\ntest ({len(self.splits['test'])} utterances, best dev epoch {self.best_epoch}, "
-                 f"dev macro-F1 {self.best_score:.2f}; {self.elapsed:.0f}s of training):\n"
+                 f"dev {self.args.select_metric} {self.best_score:.2f}; {self.elapsed:.0f}s of training):\n"
                  + format_table(test) + f"\n\noutputs in {self.output_dir}")
         return results
 
@@ -994,7 +1044,8 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
     args = trainer.args
     if resumed:
         trainer.log(f"resumed from {trainer.last_path}: epoch {trainer.epoch}, step "
-                    f"{trainer.step_in_epoch} of the next, best dev macro-F1 {trainer.best_score:.2f}"
+                    f"{trainer.step_in_epoch} of the next, best dev {args.select_metric} "
+                    f"{trainer.best_score:.2f}"
                     + ("; the run had finished: its result again" if trainer.finished else ""))
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "

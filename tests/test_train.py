@@ -41,8 +41,24 @@ def test_help_reads_well(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for expected in ("usage: python -m mvcl_fast.train", "examples:", "--lambda-proto",
-                     "(default: 5e-05)", "--resume", "metrics.json", "--modalities text"):
+                     "(default: 5e-05)", "--resume", "metrics.json", "--modalities text",
+                     "--video-feats", "--audio-feats", "--cache-dir", "--select-metric"):
         assert expected in text, expected
+    # Per-dataset defaults are spelled out (argparse wraps the lines).
+    flat = " ".join(text.split())
+    assert "default: 30 for mintrec, 76 for mintrec2" in flat
+    assert "default: f1 for mintrec, acc for mintrec2" in flat
+
+
+@pytest.mark.parametrize("dataset,tokens,metric", [("mintrec", 30, "f1"), ("mintrec2", 76, "acc")])
+def test_dataset_defaults_and_their_overrides(dataset, tokens, metric):
+    args = train_lib.build_parser().parse_args(["--dataset", dataset])
+    train_lib.apply_dataset_defaults(args)
+    assert (args.max_text_tokens, args.select_metric) == (tokens, metric)
+    args = train_lib.build_parser().parse_args(["--dataset", dataset, "--max-text-tokens", "12",
+                                                "--select-metric", "weighted_f1"])
+    train_lib.apply_dataset_defaults(args)
+    assert (args.max_text_tokens, args.select_metric) == (12, "weighted_f1")
 
 
 def test_module_entry_point_runs():
@@ -67,6 +83,47 @@ def test_training_writes_metrics_checkpoint_and_confusion_matrix(tiny_setup, tmp
     state = last_state(out_dir)
     assert state["finished"] and state["epoch"] == 2 and state["step_in_epoch"] == 0
     assert not list(out_dir.glob(".*tmp*")), "a temporary checkpoint file was left behind"
+
+
+def test_trains_on_a_mintrec2_release_with_named_features(tiny_setup, tmp_path, capsys):
+    """in-scope/ layout, a 1024-d video pickle under another name (--video-feats), the cache in
+    --cache-dir, DataLoader workers reading the map; MIntRec2.0's defaults apply."""
+    import pickle
+
+    import numpy as np
+
+    from mvcl_fast.data import DATASETS
+
+    labels = DATASETS["mintrec2"].labels
+    rng = np.random.default_rng(0)
+    root = tmp_path / "MIntRec2.0"
+    video, audio = {}, {}
+    for split, n in (("train", 16), ("dev", 8), ("test", 8)):
+        lines = ["Dialogue_id\tUtterance_id\tText\tLabel\tStart\tEnd\tSeason\tSpeaker"]
+        for u in range(n):
+            key = f"dia{split}_utt{u}"
+            lines.append(f"{split}\t{u}\t\"Really?\" said {u}.\t{labels[u % 31]}\t0\t1\tS1\tAmy")
+            video[key] = rng.standard_normal((3, 1, 1024)).astype(np.float32)
+            audio[key] = rng.standard_normal((5, 768)).astype(np.float32)
+        (root / "in-scope").mkdir(parents=True, exist_ok=True)
+        (root / "in-scope" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for name, feats in (("video_data/swin_full.pkl", video), ("audio_data/wavlm_feats_binary.pkl", audio)):
+        (root / "in-scope" / name).parent.mkdir(exist_ok=True)
+        (root / "in-scope" / name).write_bytes(pickle.dumps(feats))
+    _, bert = tiny_setup
+    out_dir = tmp_path / "run"
+    assert train_lib.main(["--dataset", "mintrec2", "--data-dir", str(root), "--text-model", bert,
+                           "--output-dir", str(out_dir), "--batch-size", "8", "--epochs", "1",
+                           "--video-width", "16", "--video-layers", "1", "--audio-width", "16",
+                           "--fusion-heads", "4", "--compile", "off", "--video-len", "4",
+                           "--audio-len", "4", "--video-feats", "video_data/swin_full.pkl",
+                           "--cache-dir", str(tmp_path / "cache"), "--num-workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "converted once into the cache" in printed and "dev acc" in printed
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["args"]["select_metric"] == "acc" and metrics["args"]["max_text_tokens"] == 76
+    assert metrics["model_config"]["video_dim"] == 1024 and metrics["model_config"]["audio_dim"] == 768
+    assert not list(root.rglob("*.npy"))     # the cache went to --cache-dir
 
 
 @pytest.fixture(scope="module")

@@ -664,3 +664,31 @@ def aot_specs() -> list[KernelSpec]:
             signature=_signature(_loss_kernel, constexprs, "fp32", set()),
             constexprs=constexprs, num_warps=4, num_stages=3))
     return specs
+
+
+def aot_launches():
+    """Forward + backward at the benchmark shapes (N = 32, 4096, 65536; V = 4; D = 768) in every
+    dtype mode, one- and two-directional, and the row share of DDP rank 1 of 2 at N = 4096."""
+    from mvcl_fast.kernels.aot import DTYPE_MODES, matmul_tf32, mode_name
+
+    def step(n, dtype, tf32, symmetric, ranks=1):
+        def launch():
+            anchor = torch.empty(n, 768, dtype=dtype)
+            views = torch.empty(4, n, 768, dtype=dtype)
+            row_start = n - n // ranks
+            with matmul_tf32(tf32):
+                _, *stats = multiview_infonce_forward(anchor, views, 0.1, symmetric, row_start,
+                                                      n // ranks)
+                multiview_infonce_backward(torch.ones(()), anchor, views, 0.1, symmetric, *stats,
+                                           row_start=row_start)
+        return launch
+
+    launches = []
+    for dtype, tf32 in DTYPE_MODES:
+        for symmetric in (False, True):
+            tag = f"{mode_name(dtype, tf32)}{',symmetric' if symmetric else ''}"
+            launches += [(f"multiview[N={n},{tag}]", step(n, dtype, tf32, symmetric))
+                         for n in (32, 4096, 65536)]
+            launches.append((f"multiview[N=4096,rank 1 of 2,{tag}]",
+                             step(4096, dtype, tf32, symmetric, ranks=2)))
+    return launches

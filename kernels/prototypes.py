@@ -827,3 +827,27 @@ def aot_specs() -> list[KernelSpec]:
                     dict(flags, THROUGH=sums, NEED_DP=not sums, DP_BLOCK=FINAL_COLS * 4),
                     num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     return specs
+
+
+def aot_launches():
+    """Forward + backward of the batch prototypes and the prototype InfoNCE over them, at the
+    benchmark shapes (N = 32, 1024, 65536 x C = 20, 30, 1024; D = 768) in each dtype, with the
+    atomic and the deterministic scatter-mean."""
+    from mvcl_fast.kernels.aot import mode_name
+
+    def step(n, num_classes, dtype, deterministic):
+        def launch():
+            z = torch.empty(n, 768, dtype=dtype)
+            y = torch.randint(num_classes, (n,))
+            prototypes, counts = batch_prototypes_forward(z, y, num_classes, deterministic)
+            views = z.unsqueeze(0)
+            _, lse = prototype_infonce_forward(views, y, prototypes, counts > 0, 0.1)
+            _, d_prototypes = prototype_infonce_backward(torch.ones(()), views, y, prototypes,
+                                                         counts > 0, 0.1, lse)
+            batch_prototypes_backward(d_prototypes, y, counts)
+        return launch
+
+    return [(f"prototypes[N={n},C={c},{mode_name(dtype, False)}"
+             f"{',deterministic' if deterministic else ''}]", step(n, c, dtype, deterministic))
+            for dtype in TORCH_TO_TRITON for n in (32, 1024, 65536) for c in (20, 30, 1024)
+            for deterministic in (False, True)]

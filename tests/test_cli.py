@@ -16,7 +16,7 @@ import torch
 from mvcl_fast import runs
 from mvcl_fast import train as train_lib
 from mvcl_fast.errors import CheckpointError, DataError
-from test_train import argv, last_state, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
+from test_train import argv, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ tensors to the kernels) and records:
   not counted; the aten ops Triton's interpreter itself runs to stage a launch
   on the host are not counted either.
 - **Host syncs**: the aten ops that make the host wait for the device on CUDA
-  (``item`` / ``_local_scalar_dense``, ``nonzero``, ``equal``, ``unique`` ...).
+  (``item`` / ``_local_scalar_dense``, ``nonzero``, ``equal``, ``unique`` ...) and
+  ``Tensor.tolist`` / ``Tensor.numpy`` (which read CPU data without an aten op).
 
 The ops of ``torch.library`` custom ops (namespace ``mvcl_fast``) are entered,
 so what a custom op launches inside counts, not the op itself. Each aten op
@@ -236,10 +237,31 @@ def _triton_hooks(recorder: _Recorder):
         interp.GridExecutor.__call__ = saved_call
 
 
+@contextmanager
+def _host_reads(recorder: _Recorder):
+    """Tensor.tolist / numpy read the data on the host without an aten op: count them too."""
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            if not recorder.in_triton:
+                recorder.structure.syncs.append(name)
+            return saved[name](self, *args, **kwargs)
+        return read
+
+    for name in saved:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
 def count_structure(fn: Callable[[], object]) -> Structure:
     """Run fn() once and return what it launched, synced, loaded, stored and multiplied."""
     structure = Structure()
     recorder = _Recorder(structure)
-    with _triton_hooks(recorder), recorder:
+    with _triton_hooks(recorder), _host_reads(recorder), recorder:
         fn()
     return structure

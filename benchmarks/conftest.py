@@ -56,9 +56,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "headline(name): one of the issue's headline cases, "
                             "timed first by gpu_check.sh")
     harness.WARM_ONLY = config.getoption("warm_only")
+    if harness.WARM_ONLY:   # the fixture is left unused on purpose
+        config.addinivalue_line("filterwarnings", "ignore:Benchmark fixture was not used at all")
     global _output_log
-    if not hasattr(config, "workerinput"):
+    if not hasattr(config, "workerinput") and config.getoption("output_log"):
         _output_log = config.getoption("output_log")
+        with open(_output_log, "a") as f:
+            f.write(f"# each case's printed output (MVCL_FAST_AUTOTUNE="
+                    f"{os.environ.get('MVCL_FAST_AUTOTUNE', '')!r}: the configs the kernels choose)\n")
     harness.set_cpu_threads()
     # "fused" means the public op with its default dispatch (auto: Triton on CUDA).
     backend = os.environ.get("MVCL_FAST_BACKEND", "auto").strip().lower()

@@ -120,7 +120,7 @@ _skips_written = 0
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Each case's result to --results-jsonl the moment it is measured, and its output to --output-log."""
+    """Each case to --results-jsonl the moment it is measured, with the skips it recorded."""
     global _skips_written
     report = (yield).get_result()
     if report.when != "call":

@@ -40,6 +40,24 @@ for arg in "$@"; do
     esac
 done
 
+set_limit() {  # set_limit NAME DEFAULT: NAME_S, in whole seconds, from GPU_CHECK_NAME_S or DEFAULT
+    local var="GPU_CHECK_$1_S" value
+    value=${!var:-$2}
+    [[ $value =~ ^[0-9]+$ ]] || { echo "gpu_check.sh: $var='$value': expected whole seconds" >&2; exit 2; }
+    printf -v "$1_S" %s "$value"
+}
+set_limit TOTAL "$([ "$QUICK" = 1 ] && echo 230 || echo 470)"
+set_limit INSTALL 30
+set_limit WARM "$([ "$QUICK" = 1 ] && echo 50 || echo 90)"
+set_limit HEADLINE 120
+set_limit RENDER 15
+set_limit BENCH_PROTOTYPES 30
+set_limit BENCH_MULTIVIEW 20
+set_limit BENCH_DAF 20
+set_limit BENCH_TRAIN_STEP 25
+set_limit BENCH_STRUCTURE 15
+GRACE=10   # timeout's SIGKILL follows its SIGINT after this long
+
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$PWD/gpu_check_out}
 mkdir -p "$OUT"
@@ -87,17 +105,6 @@ if [ "$TUNE" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------- the time budget
-if [ "$QUICK" = 1 ]; then TOTAL=${GPU_CHECK_TOTAL_S:-230}; else TOTAL=${GPU_CHECK_TOTAL_S:-470}; fi
-GRACE=10   # timeout's SIGKILL follows its SIGINT after this long
-INSTALL_S=${GPU_CHECK_INSTALL_S:-30}
-WARM_S=${GPU_CHECK_WARM_S:-$([ "$QUICK" = 1 ] && echo 50 || echo 90)}
-HEADLINE_S=${GPU_CHECK_HEADLINE_S:-120}
-RENDER_S=${GPU_CHECK_RENDER_S:-15}
-BENCH_PROTOTYPES_S=${GPU_CHECK_BENCH_PROTOTYPES_S:-30}
-BENCH_MULTIVIEW_S=${GPU_CHECK_BENCH_MULTIVIEW_S:-20}
-BENCH_DAF_S=${GPU_CHECK_BENCH_DAF_S:-20}
-BENCH_TRAIN_STEP_S=${GPU_CHECK_BENCH_TRAIN_STEP_S:-25}
-BENCH_STRUCTURE_S=${GPU_CHECK_BENCH_STRUCTURE_S:-15}
 RUN_TESTS=$((1 - QUICK))
 
 # The other suites: "name limit file..." per process; the dry run takes them in one process,
@@ -117,16 +124,18 @@ fi
 
 PLAN=("install $INSTALL_S" "warm $WARM_S" "headline $HEADLINE_S" "render $RENDER_S")
 for group in "${REST[@]}"; do read -r name seconds _ <<<"$group"; PLAN+=("$name $seconds"); done
-[ "$RUN_TESTS" = 1 ] && PLAN+=("render $RENDER_S")
 PLANNED=0 BUDGET=""
 for entry in "${PLAN[@]}"; do PLANNED=$((PLANNED + ${entry#* })) BUDGET+=", ${entry% *} ${entry#* }s"; done
-[ "$RUN_TESTS" = 1 ] && BUDGET+=", tests what is left before the last render (about $((TOTAL - PLANNED - GRACE))s)"
-say "time budget ($([ "$QUICK" = 1 ] && echo quick || echo full)$([ "$TUNE" = 1 ] && echo ", tune")," \
-    "limits in order): ${TOTAL}s in all${BUDGET}"
-if [ "$PLANNED" -gt "$TOTAL" ]; then
-    say "the phase limits ($PLANNED s) exceed the total ($TOTAL s): the later phases are cut at the deadline"
+if [ "$RUN_TESTS" = 1 ]; then
+    PLANNED=$((PLANNED + RENDER_S))
+    BUDGET+=", tests what is left (about $((TOTAL_S - PLANNED - GRACE))s), render ${RENDER_S}s"
 fi
-DEADLINE=$TOTAL   # bash's SECONDS count from the script's start
+say "time budget ($([ "$QUICK" = 1 ] && echo quick || echo full)$([ "$TUNE" = 1 ] && echo ", tune")," \
+    "limits in order): ${TOTAL_S}s in all${BUDGET}"
+if [ "$PLANNED" -gt "$TOTAL_S" ]; then
+    say "the phase limits ($PLANNED s) exceed the total ($TOTAL_S s): the later phases are cut at the deadline"
+fi
+DEADLINE=$TOTAL_S   # bash's SECONDS count from the script's start
 
 FAILED=() SUMMARY=()
 phase() {  # phase NAME LIMIT RESERVE command...: RESERVE seconds before the deadline stay for what follows
@@ -135,7 +144,7 @@ phase() {  # phase NAME LIMIT RESERVE command...: RESERVE seconds before the dea
     local left=$((DEADLINE - SECONDS - reserve - GRACE))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 5 ]; then
-        say "$name: SKIPPED, ${left}s left before the deadline"
+        say "$name: SKIPPED (limit ${limit}s: $2s of its own, ${left}s left before the deadline)"
         FAILED+=("$name (no time left)") SUMMARY+=("$name skipped")
         return 0
     fi
@@ -217,7 +226,7 @@ done
 if [ "$RUN_TESTS" = 1 ]; then
     # The compile report's test needs no GPU (it runs in CI); the dry-run test runs this script.
     # shellcheck disable=SC2086  # TESTS: a list
-    phase tests "$TOTAL" "$RENDER_S" "${PYTEST[@]}" $TESTS "${TEST_ARGS[@]}" \
+    phase tests "$TOTAL_S" "$RENDER_S" "${PYTEST[@]}" $TESTS "${TEST_ARGS[@]}" \
         --ignore=tests/test_compile_report.py --ignore=tests/test_gpu_check_dry_run.py \
         --junitxml="$OUT/junit.xml"
     render 0

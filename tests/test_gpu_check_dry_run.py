@@ -76,7 +76,11 @@ def test_quick_budget_and_no_phase_past_the_deadline(tmp_path):
     assert "FAILED after" in proc.stdout
 
 
-def test_an_unknown_argument_is_refused(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--fast"],
-                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True)
-    assert proc.returncode == 2 and "unknown argument '--fast'" in proc.stderr
+@pytest.mark.parametrize("args, env, message", [
+    (["--fast"], {}, "unknown argument '--fast'"),
+    ([], {"GPU_CHECK_WARM_S": "1.5"}, "GPU_CHECK_WARM_S='1.5': expected whole seconds"),
+])
+def test_bad_arguments_are_refused(tmp_path, args, env, message):
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), *args],
+                          env={**os.environ, "OUT": str(tmp_path), **env}, capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr

@@ -139,12 +139,12 @@ DEADLINE=$TOTAL_S   # bash's SECONDS count from the script's start
 
 FAILED=() SUMMARY=()
 phase() {  # phase NAME LIMIT RESERVE command...: RESERVE seconds before the deadline stay for what follows
-    local name=$1 limit=$2 reserve=$3 start=$SECONDS rc
+    local name=$1 own=$2 reserve=$3 start=$SECONDS rc
     shift 3
-    local left=$((DEADLINE - SECONDS - reserve - GRACE))
+    local left=$((DEADLINE - SECONDS - reserve - GRACE)) limit=$own
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 5 ]; then
-        say "$name: SKIPPED (limit ${limit}s: $2s of its own, ${left}s left before the deadline)"
+        say "$name: SKIPPED (its limit ${own}s, $((left > 0 ? left : 0))s left for it before the deadline)"
         FAILED+=("$name (no time left)") SUMMARY+=("$name skipped")
         return 0
     fi

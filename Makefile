@@ -50,9 +50,15 @@ report: $(INSTALLED)
 report36: $(INSTALLED36)
 	env -u TRITON_INTERPRET $(PY36) -m mvcl_fast.kernels.report $(ARGS)
 
-# Extra wheels for the offline GPU machine (benchmarks/gpu_check.sh installs them from .wheels/).
+# The inf-cl wheel for the offline GPU machine: benchmarks/gpu_check.sh installs it from .wheels/
+# there. It must be pure Python (py3-none-any: the machine runs another Python) and needs only
+# numpy and triton, both on that machine. .wheels/ is git-ignored, so it travels only when the
+# device call carries it: run(command=..., carry=[".wheels"]).
+INF_CL_WHEEL := .wheels/inf_cl-1.2.1-py3-none-any.whl
 wheels:
 	$(PYTHON) -m pip download inf-cl==1.2.1 --no-deps --only-binary=:all: -d .wheels
+	@test -f $(INF_CL_WHEEL) || { echo "expected the pure-Python $(INF_CL_WHEEL)"; exit 1; }
+	@echo '$(INF_CL_WHEEL) is ready; .wheels/ is git-ignored: carry it, carry=[".wheels"]'
 
 clean:
 	rm -rf $(VENV) $(VENV36) build *.egg-info .pytest_cache .benchmarks

@@ -769,7 +769,8 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
     args = trainer.args
     if resumed:
         trainer.log(f"resumed from {trainer.last_path}: epoch {trainer.epoch}, step "
-                    f"{trainer.step_in_epoch} of the next, best dev {args.select_metric} {trainer.best_score:.2f}")
+                    f"{trainer.step_in_epoch} of the next, best dev {args.select_metric} "
+                    f"{trainer.best_score:.2f}")
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "
                 f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} | "

@@ -88,7 +88,8 @@ def write_folder(root: Path, shape: dict, clips: int, seed: int = 0) -> int:
         frames, dim = shape[modality]
         block = rng.standard_normal((frames + BLOCK_ROWS, dim), dtype=np.float32)
         lengths = rng.integers(frames // 2, frames + 1, size=clips)
-        feats = {key: block[i % BLOCK_ROWS:i % BLOCK_ROWS + t] for i, (key, t) in enumerate(zip(keys, lengths))}
+        feats = {key: block[i % BLOCK_ROWS:i % BLOCK_ROWS + t]
+                 for i, (key, t) in enumerate(zip(keys, lengths))}
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:

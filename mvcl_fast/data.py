@@ -51,6 +51,7 @@ SPLITS = ("train", "dev", "test")
 SYNTHETIC_META = "synthetic.json"  # written by mvcl_fast.synthetic next to the TSVs
 CACHE_FORMAT = 1
 CACHE_SUBFOLDER = ".mvcl-cache"
+FAULT_AROUND = 1 << 16   # Linux's default fault_around_bytes
 
 
 def _beside_and_under(subfolder: str, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -386,12 +387,15 @@ class FeatureStore:
         start = int(self.offsets[row])
         out[...] = self._frames[start:start + len(out)]
         # Drop the pages from this process's mapping (they stay in the page cache): an epoch
-        # over the whole cache would otherwise count all of it in the resident set.
+        # over the whole cache would otherwise count all of it in the resident set. The range
+        # is widened to the 64 KiB windows the kernel maps around each fault (fault-around).
         # np.memmap maps the file from the allocation-granularity boundary below the header.
+        mapping = self._frames.base
         map_start = self._frames.offset - self._frames.offset % mmap.ALLOCATIONGRANULARITY
         begin = self._frames.offset - map_start + start * self.dim * 4
-        aligned = begin - begin % mmap.PAGESIZE
-        self._frames.base.madvise(mmap.MADV_DONTNEED, aligned, begin + out.nbytes - aligned)
+        first = begin - begin % FAULT_AROUND
+        last = min(len(mapping), -(-(begin + out.nbytes) // FAULT_AROUND) * FAULT_AROUND)
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
         return out
 
 

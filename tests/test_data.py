@@ -175,7 +175,8 @@ def test_loads_each_mintrec_release(tmp_path, release, video_name, audio_name, v
     video = {k: frames(rng, n, video_dim, middle_axis=n == 5) for k, n in zip(keys, (2, 5))}
     audio = {k: frames(rng, n, A) for k, n in zip(keys, (4, 1))}
     folder = write_folder(tmp_path / "MIntRec", ["season", "episode", "clip", "text", "label"],
-                          {"train": [["S01", "E01", "1", "Hi.", "Greet"], ["S01", "E01", "2", "Bye.", "Leave"]]},
+                          {"train": [["S01", "E01", "1", "Hi.", "Greet"],
+                                     ["S01", "E01", "2", "Bye.", "Leave"]]},
                           video, audio, video_name=video_name, audio_name=audio_name)
     s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
     assert s.video.shape == (2, TV, video_dim) and s.video.dim == video_dim and s.audio.dim == A

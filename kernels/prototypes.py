@@ -27,11 +27,13 @@ Prototype InfoNCE (SPEC op 2) as one op, forward and backward:
   one pass over the rows: recompute the logits from z and S, G from the saved lse,
   dz_hat = G S_hat / tau, the Jacobian dz = (dz_hat - z_hat (z_hat . dz_hat)) / |z|
   with z_hat . dz_hat = sum_c G_rc L_rc, plus grad dS_{y_r}; z is read 3 times in all
-  (sums, forward, backward) and dz written once.
+  (sums, forward, backward; 2 when the sums are fused) and dz written once.
 - Launches for a forward + backward: sums (+ reduce for a large batch), forward
-  (+ finalize when several programs share the rows), backward: 3 to 5, no memset,
-  no host sync. Explicit prototypes skip the sums; their gradient dP is scaled by
-  extra programs of the backward launch.
+  (+ finalize when several programs share the rows), backward: 2 to 5, no memset,
+  no host sync. When one forward program takes every row (a small batch), it writes
+  the class sums itself first (FUSED_SUMS): 2 launches and 2 passes over z.
+  Explicit prototypes skip the sums; their gradient dP is scaled by extra programs
+  of the backward launch.
 - Precision: fp32 inputs use tf32x3 for every dot (about fp32). For fp16/bf16 the
   raw rows enter the tensor cores as they are (exact); the fp32 operands (S_hat, G)
   are split into a high and a low half (x = hi + lo, about 16 mantissa bits), two or
@@ -55,16 +57,14 @@ NORM_EPS = tl.constexpr(1e-12)  # as F.normalize
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Row tile of every kernel: 64 rows, a wgmma M. 8 warps and 2 stages: 0 spills under triton
-# 3.6 and 3.9 on sm_90a and sm_80 (python -m mvcl_fast.kernels.report).
+# Row tile of every kernel: 64 rows, one wgmma M for one warp group (4 warps); the class-side
+# GEMMs (sums, dS) take their M from the 64-wide D chunks. No software pipelining: with it, or
+# 8 warps, or 64-wide logits chunks, kernels spilled under triton 3.6 (kernels/report.py).
 ROWS = 64
-NUM_WARPS = 8
-NUM_STAGES = 2
-K_CHUNK = 64    # D chunk of the logits dots (fp32: half of it, tf32x3 needs the registers)
-D_OUT = 64      # D chunk of the gradient GEMMs and of the sums (fp32 likewise)
-# Up to this D (one class tile, half inputs) the forward keeps dS_hat^T in registers across
-# its row tiles.
-REGISTER_DS_COLS = 128
+NUM_WARPS = 4
+NUM_STAGES = 1
+K_CHUNK = 32    # D chunk of the logits dots
+D_OUT = 64      # D chunk of the gradient GEMMs and of the sums
 FINAL_COLS = 256
 # A program walks at most about this many serial tile steps while the GPU has SMs to spare.
 MAX_SERIAL_STEPS = 64
@@ -79,8 +79,8 @@ TRITON_HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 
 
 def class_block(num_classes: int) -> int:
-    """Class tile: 16, 32 or 64 (the K of the dz GEMM must be a multiple of 16)."""
-    return 16 if num_classes <= 16 else 32 if num_classes <= 32 else 64
+    """Class tile: 16 or 32 (the K of the dz GEMM must be a multiple of 16; 64 spills)."""
+    return 16 if num_classes <= 16 else 32
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
@@ -245,11 +245,18 @@ def _dz_hat_tile(s_ptr, cls, inv_s, g, cols, stride_sc, C, D, acc, MODE: tl.cons
 @triton.jit
 def _ds_hat_chunk(z_ptr, z_off, row_ok, inv_z, g, cols, D, acc, MODE: tl.constexpr,
                   HALF: tl.constexpr):
-    """acc + z_hat[:, cols]^T @ G: a row tile's share of dS_hat^T for one D chunk."""
-    z_hat = tl.load(z_ptr + z_off[:, None] + cols[None, :],
-                    mask=row_ok[:, None] & (cols < D)[None, :],
-                    other=0.0).to(tl.float32) * inv_z[:, None]
-    return _mma(tl.trans(z_hat), g, acc, MODE, HALF)
+    """acc + z_hat[:, cols]^T @ G: a row tile's share of dS_hat^T for one D chunk.
+
+    The raw rows enter the tensor cores (exact) and 1 / |z| scales G's rows instead, except
+    for fp16, whose range 1 / |z| can leave: there z_hat itself is split (three MMAs).
+    """
+    z = tl.load(z_ptr + z_off[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < D)[None, :],
+                other=0.0)
+    if MODE == 1 and HALF == tl.float16:
+        acc = _mma(tl.trans(z.to(tl.float32) * inv_z[:, None]), g, acc, MODE, HALF)
+    else:
+        acc = _mma_exact_left(tl.trans(z), g * inv_z[:, None], acc, MODE, HALF)
+    return acc
 
 
 @triton.jit
@@ -309,30 +316,19 @@ def _ds_hat_parts(part_ptr, num_parts, s_ptr, cls, cls_ok, d0, stride_sc, C, D,
 
 # ------------------------------------------------------------ scatter-mean
 @triton.jit
-def _class_sums_kernel(z_ptr, y_ptr, out_ptr, counts_ptr, R, N, D, C, stride_zv, stride_zn,
-                       num_splits, MEAN: tl.constexpr, FINAL: tl.constexpr, MODE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """S^T chunk = z^T @ onehot(y) over the row tiles of one split; counts from the one-hot.
-
-    FINAL: writes the result (MEAN: S / count in out's dtype, else fp32 sums) and int64
-    counts; otherwise this split's fp32 partial sums and counts, reduced in order later.
-    """
-    pid = tl.program_id(0)
-    d_chunks = tl.cdiv(D, BLOCK_D)
-    class_tiles = tl.cdiv(C, BLOCK_C)
-    cols = (pid % d_chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cls = ((pid // d_chunks) % class_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = pid // (d_chunks * class_tiles)
-    col_ok = cols < D
-    cls_ok = cls < C
+def _class_sums_block(z_ptr, y_ptr, cls, cols, first_tile, end_tile, R, N, D, stride_zv,
+                      stride_zn, MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(S^T [cols, cls] fp32, counts [cls] int32) over the row tiles [first, end):
+    z^T @ onehot(y) on the tensor cores, the counts from the same one-hot tiles."""
     acc = tl.zeros([BLOCK_D, BLOCK_C], dtype=tl.float32)
     counts = tl.zeros([BLOCK_C], dtype=tl.int32)
-    for tile in range(split, tl.cdiv(R, BLOCK_M), num_splits):
+    for tile in range(first_tile, end_tile):
         rows, row_ok, n, z_off = _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M)
         labels = tl.load(y_ptr + n, mask=row_ok, other=-1)
         hit = (labels[:, None] == cls[None, :]) & row_ok[:, None]
-        z = tl.load(z_ptr + z_off[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0)
+        z = tl.load(z_ptr + z_off[:, None] + cols[None, :],
+                    mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
         if MODE == 0:  # the one-hot is exact in tf32: split z alone, z = hi + lo (two MMAs)
             z_hi = (z.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
             onehot = hit.to(tl.float32)
@@ -343,7 +339,32 @@ def _class_sums_kernel(z_ptr, y_ptr, out_ptr, counts_ptr, R, N, D, C, stride_zv,
         else:
             acc = tl.dot(tl.trans(z), hit.to(z.dtype), acc)
         counts += tl.sum(hit.to(tl.int32), axis=0)
-    ok = col_ok[:, None] & cls_ok[None, :]
+    return acc, counts
+
+
+@triton.jit
+def _class_sums_kernel(z_ptr, y_ptr, out_ptr, counts_ptr, R, N, D, C, stride_zv, stride_zn,
+                       num_splits, MEAN: tl.constexpr, FINAL: tl.constexpr, MODE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """S^T chunk = z^T @ onehot(y) over the row tiles of one split (a contiguous range);
+    counts from the one-hot.
+
+    FINAL: writes the result (MEAN: S / count in out's dtype, else fp32 sums) and int64
+    counts; otherwise this split's fp32 partial sums and counts, reduced in order later.
+    """
+    pid = tl.program_id(0)
+    d_chunks = tl.cdiv(D, BLOCK_D)
+    class_tiles = tl.cdiv(C, BLOCK_C)
+    cols = (pid % d_chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cls = ((pid // d_chunks) % class_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = pid // (d_chunks * class_tiles)
+    row_tiles = tl.cdiv(R, BLOCK_M)
+    per_split = tl.cdiv(row_tiles, num_splits)
+    acc, counts = _class_sums_block(z_ptr, y_ptr, cls, cols, split * per_split,
+                                    tl.minimum((split + 1) * per_split, row_tiles), R, N, D,
+                                    stride_zv, stride_zn, MODE, BLOCK_M, BLOCK_C, BLOCK_D)
+    cls_ok = cls < C
+    ok = (cols < D)[:, None] & cls_ok[None, :]
     if FINAL:
         offs = cls.to(tl.int64)[None, :] * D + cols[:, None]
         if MEAN:
@@ -403,7 +424,7 @@ def _infonce_fwd_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, loss_ptr, part
                         R, N, D, C, stride_zv, stride_zn, stride_sc, inv_tau, inv_rows,
                         tiles_per_program,
                         SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, NEED_DS: tl.constexpr,
-                        SINGLE: tl.constexpr, ONE_TILE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                        SINGLE: tl.constexpr, ONE_TILE: tl.constexpr, FUSED_SUMS: tl.constexpr,
                         MODE: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
     """The row tiles of one program: lse (base 2, online over class tiles), the loss, and
@@ -411,15 +432,29 @@ def _infonce_fwd_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, loss_ptr, part
 
     Writes lse [R] and part [program, C, D] fp32. SINGLE (one program did every row): the loss
     in the output dtype, and dS finalised in place in part; otherwise this program's loss partial.
-    ONE_TILE (C <= BLOCK_C): the logits of the forward feed G directly, no recompute; with
-    ONE_CHUNK (D <= BLOCK_DO) too, dS_hat^T stays in registers across the row tiles.
+    ONE_TILE (C <= BLOCK_C): the logits of the forward feed G directly, no recompute.
+    FUSED_SUMS (SINGLE, batch prototypes): this one program first writes the class sums S and
+    counts itself, saving the sums kernel's launch and its pass over z.
     """
     pid = tl.program_id(0)
+    if FUSED_SUMS:
+        for c0 in range(0, C, BLOCK_C):
+            cls = c0 + tl.arange(0, BLOCK_C)
+            for d0 in range(0, D, BLOCK_DO):
+                cols = d0 + tl.arange(0, BLOCK_DO)
+                sums, counts = _class_sums_block(z_ptr, y_ptr, cls, cols, 0,
+                                                 tl.cdiv(R, BLOCK_M), R, N, D,
+                                                 stride_zv, stride_zn, MODE, BLOCK_M, BLOCK_C,
+                                                 BLOCK_DO)
+                tl.store(s_ptr + cls.to(tl.int64)[None, :] * stride_sc + cols[:, None], sums,
+                         mask=(cols < D)[:, None] & (cls < C)[None, :])
+                if d0 == 0:
+                    tl.store(counts_ptr + cls, counts.to(tl.int64), mask=cls < C)
+        tl.debug_barrier()  # every thread's sums land before any thread reads them
     first = pid * tiles_per_program
     scale2 = inv_tau * LOG2E
     ds_scale = inv_rows * inv_tau
     loss_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    ds_acc = tl.zeros([BLOCK_DO, BLOCK_C], dtype=tl.float32)
     for tile in range(first, tl.minimum(first + tiles_per_program, tl.cdiv(R, BLOCK_M))):
         rows, row_ok, n, z_off = _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M)
         labels, valid = _labels(y_ptr, n, row_ok, C)
@@ -454,11 +489,7 @@ def _infonce_fwd_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, loss_ptr, part
         loss_sum += tl.where(row_ok, loss, 0.0)
         if NEED_DS:
             inv_z = _inv_norm(z_norm)
-            if ONE_CHUNK:
-                g = _logit_grad(logits2, lse2, labels, row_ok, cls)
-                ds_acc = _ds_hat_chunk(z_ptr, z_off, row_ok, inv_z, g, tl.arange(0, BLOCK_DO), D,
-                                       ds_acc, MODE, HALF)
-            elif ONE_TILE:
+            if ONE_TILE:
                 g = _logit_grad(logits2, lse2, labels, row_ok, cls)
                 _accumulate_ds(part_ptr, pid, tile == first, z_ptr, z_off, row_ok, inv_z, g, cls,
                                C, D, ds_scale, MODE, HALF, BLOCK_C, BLOCK_DO)
@@ -471,22 +502,9 @@ def _infonce_fwd_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, loss_ptr, part
                     g = _logit_grad(logits2, lse2, labels, row_ok, cls)
                     _accumulate_ds(part_ptr, pid, tile == first, z_ptr, z_off, row_ok, inv_z, g,
                                    cls, C, D, ds_scale, MODE, HALF, BLOCK_C, BLOCK_DO)
-    if ONE_CHUNK and NEED_DS:  # dS_hat^T is whole in registers: finalise it there if SINGLE
-        cls = tl.arange(0, BLOCK_C)
-        cols = tl.arange(0, BLOCK_DO)
-        ds_hat = tl.trans(ds_acc) * ds_scale
-        if SINGLE:
-            inv_s, radial, _ = _class_rows(s_ptr, counts_ptr, cls, cls < C, stride_sc, D, SUMS,
-                                           HAS_COUNTS, BLOCK_C, BLOCK_DO)
-            s = tl.load(s_ptr + cls.to(tl.int64)[:, None] * stride_sc + cols[None, :],
-                        mask=(cls < C)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
-            coef = radial * inv_s * inv_s * tl.sum(ds_hat * s, axis=1)
-            ds_hat = inv_s[:, None] * (ds_hat - coef[:, None] * s)
-        tl.store(part_ptr + (pid.to(tl.int64) * C + cls)[:, None] * D + cols[None, :], ds_hat,
-                 mask=(cls < C)[:, None] & (cols < D)[None, :])
     if SINGLE:
         tl.store(loss_ptr, (tl.sum(loss_sum, axis=0) * inv_rows).to(loss_ptr.dtype.element_ty))
-        if NEED_DS and not ONE_CHUNK:
+        if NEED_DS:
             tl.debug_barrier()  # every thread's part stores land before the finalize reads them
             for c0 in range(0, C, BLOCK_C):
                 cls = c0 + tl.arange(0, BLOCK_C)
@@ -602,13 +620,6 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _chunks(dtype: torch.dtype) -> tuple[int, int, int]:
-    """(K_CHUNK, D_OUT, REGISTER_DS_COLS) for inputs of dtype: fp32 tiles are half as wide."""
-    if dtype == torch.float32:
-        return K_CHUNK // 2, D_OUT // 2, 0
-    return K_CHUNK, D_OUT, REGISTER_DS_COLS
-
-
 def _dot_meta(dtype: torch.dtype) -> dict:
     return dict(MODE=_dot_mode(dtype), HALF=TRITON_HALF[dtype])
 
@@ -668,8 +679,7 @@ def batch_prototypes_backward(grad_prototypes: torch.Tensor, y: torch.Tensor,
     return dz
 
 
-def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool, k_chunk: int,
-                  d_out: int) -> tuple[int, int]:
+def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool) -> tuple[int, int]:
     """(programs, row tiles per program) of the forward kernel.
 
     A program takes as many row tiles as fit in MAX_SERIAL_STEPS tile steps (fewer
@@ -678,10 +688,10 @@ def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool, k_chunk:
     """
     row_tiles = triton.cdiv(rows, ROWS)
     class_tiles = triton.cdiv(num_classes, class_block(num_classes))
-    logit_steps = triton.cdiv(dim, k_chunk) * class_tiles
+    logit_steps = triton.cdiv(dim, K_CHUNK) * class_tiles
     steps = logit_steps
     if need_ds:
-        steps += triton.cdiv(dim, d_out) * class_tiles + (logit_steps if class_tiles > 1 else 0)
+        steps += triton.cdiv(dim, D_OUT) * class_tiles + (logit_steps if class_tiles > 1 else 0)
     per_program = max(1, MAX_SERIAL_STEPS // steps, triton.cdiv(row_tiles, TARGET_PROGRAMS))
     per_program = min(per_program, row_tiles)
     return triton.cdiv(row_tiles, per_program), per_program
@@ -700,7 +710,13 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     views, n, dim = z.shape
     rows, device = views * n, z.device
     sums = prototypes is None
-    if sums:
+    programs, per_program = _forward_plan(rows, dim, num_classes, need_ds)
+    single = programs == 1
+    fused_sums = sums and single
+    if fused_sums:  # one program does every row: it writes the class sums itself first
+        s = torch.empty((num_classes, dim), dtype=torch.float32, device=device)
+        counts = torch.empty(num_classes, dtype=torch.int64, device=device)
+    elif sums:
         s, counts = class_sums(z, y, num_classes, mean=False)
     else:
         s = _unit_stride(prototypes)
@@ -708,10 +724,6 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     if not has_counts:
         counts = torch.empty(0, dtype=torch.int64, device=device)
     block_c = class_block(num_classes)
-    k_chunk, d_out, register_cols = _chunks(z.dtype)
-    programs, per_program = _forward_plan(rows, dim, num_classes, need_ds, k_chunk, d_out)
-    single = programs == 1
-    one_chunk = num_classes <= block_c and dim <= register_cols
     lse = torch.empty((views, n), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=z.dtype, device=device)
     loss_out = loss if single else torch.empty(programs, dtype=torch.float32, device=device)
@@ -721,9 +733,9 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     _infonce_fwd_kernel[(programs,)](
         z, y, s, counts, lse, loss_out, part, rows, n, dim, num_classes, z.stride(0), z.stride(1),
         s.stride(0), 1.0 / tau, 1.0 / rows, per_program, SINGLE=single,
-        ONE_TILE=num_classes <= block_c, ONE_CHUNK=one_chunk, BLOCK_M=ROWS, BLOCK_C=block_c,
-        BLOCK_K=k_chunk, BLOCK_DO=register_cols if one_chunk else d_out, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES, **flags, **_dot_meta(z.dtype))
+        ONE_TILE=num_classes <= block_c, FUSED_SUMS=fused_sums, BLOCK_M=ROWS, BLOCK_C=block_c,
+        BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **flags,
+        **_dot_meta(z.dtype))
     if single:
         ds = part[0] if need_ds else part
     else:
@@ -731,7 +743,7 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
         finalize_programs = 1 + (triton.cdiv(num_classes, block_c) if need_ds else 0)
         _infonce_finalize_kernel[(finalize_programs,)](
             part, programs, s, counts, ds, loss_out, loss, num_classes, dim, s.stride(0),
-            BLOCK_C=block_c, BLOCK_D=d_out, LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS,
+            BLOCK_C=block_c, BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS,
             num_stages=NUM_STAGES, **flags)
     return loss, lse, s, counts, ds
 
@@ -750,10 +762,13 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
     rows, num_classes = views * n, s.shape[0]
     block_c = class_block(num_classes)
     row_tiles = triton.cdiv(rows, ROWS)
-    k_chunk, d_out, _ = _chunks(z.dtype)
-    d_chunks = triton.cdiv(dim, d_out)
-    # Split a row tile's D chunks over programs while there are too few row tiles to fill the GPU.
-    d_split = max(1, min(d_chunks, TARGET_PROGRAMS // 2 // row_tiles))
+    d_chunks = triton.cdiv(dim, D_OUT)
+    # A program walks its row tile's logits and then its D chunks of dz; several programs share
+    # the D chunks (each recomputing the logits) only where one would walk too many steps.
+    class_tiles = triton.cdiv(num_classes, block_c)
+    logit_steps = triton.cdiv(dim, K_CHUNK) * class_tiles
+    steps = logit_steps + d_chunks * (class_tiles + (logit_steps if class_tiles > 1 else 0))
+    d_split = max(1, min(d_chunks, triton.cdiv(steps, MAX_SERIAL_STEPS)))
     dz = torch.empty((views, n, dim), dtype=z.dtype, device=z.device)
     dp = torch.empty((num_classes, dim) if need_dp else 0, dtype=s.dtype, device=z.device)
     dp_programs = triton.cdiv(num_classes * dim, FINAL_COLS * 4) if need_dp else 0
@@ -761,8 +776,8 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
         grad_loss, z, y, s, counts, lse, ds, dz, dp, rows, n, dim, num_classes, z.stride(0),
         z.stride(1), s.stride(0), 1.0 / tau, 1.0 / rows, d_split, SUMS=sums,
         HAS_COUNTS=counts.numel() > 0, THROUGH=through, NEED_DP=need_dp,
-        ONE_TILE=num_classes <= block_c, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=k_chunk,
-        BLOCK_DO=d_out, DP_BLOCK=FINAL_COLS * 4, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        ONE_TILE=num_classes <= block_c, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK,
+        BLOCK_DO=D_OUT, DP_BLOCK=FINAL_COLS * 4, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **_dot_meta(z.dtype))
     return dz, dp
 
@@ -773,7 +788,6 @@ def aot_specs() -> list[KernelSpec]:
     specs = []
     for torch_dtype, t in TORCH_TO_TRITON.items():
         dot = dict(MODE=DOT_FP32 if t == "fp32" else DOT_HALF, HALF=TRITON_HALF[torch_dtype])
-        k_chunk, d_out, register_cols = _chunks(torch_dtype)
         z = {"z_ptr": f"*{t}", "y_ptr": "*i64", "R": "i32", "N": "i32", "D": "i32", "C": "i32",
              "stride_zv": "i32", "stride_zn": "i32"}
         for mean in (True, False):
@@ -795,31 +809,29 @@ def aot_specs() -> list[KernelSpec]:
             {"grad_ptr": f"*{t}", "y_ptr": "*i64", "counts_ptr": "*i64", "dz_ptr": f"*{t}",
              "N": "i32", "D": "i32", "C": "i32", "stride_gc": "i32"},
             dict(BLOCK_N=ROWS, BLOCK_D=D_OUT), num_warps=NUM_WARPS, num_stages=NUM_STAGES))
-        for block_c, one_tile in ((32, True), (64, False)):
+        for block_c, one_tile in ((16, True), (32, True), (32, False)):
             for sums in (True, False):
                 s_type = "*fp32" if sums else f"*{t}"
                 shared = {**z, "s_ptr": s_type, "counts_ptr": "*i64", "lse_ptr": "*fp32",
                           "stride_sc": "i32", "inv_tau": "fp32", "inv_rows": "fp32"}
                 flags = dict(SUMS=sums, HAS_COUNTS=sums, ONE_TILE=one_tile, BLOCK_M=ROWS,
-                             BLOCK_C=block_c, BLOCK_K=k_chunk, BLOCK_DO=d_out, **dot)
-                tag = f"{t},BLOCK_C={block_c},SUMS={sums}"
-                for single in (True, False):
-                    for one_chunk in ((True, False) if one_tile and register_cols else (False,)):
-                        specs.append(KernelSpec(
-                            f"infonce_fwd[{tag},SINGLE={single},ONE_CHUNK={one_chunk}]",
-                            _infonce_fwd_kernel,
-                            {**shared, "loss_ptr": f"*{t}" if single else "*fp32",
-                             "part_ptr": "*fp32", "tiles_per_program": "i32"},
-                            dict(flags, NEED_DS=True, SINGLE=single, ONE_CHUNK=one_chunk,
-                                 BLOCK_DO=register_cols if one_chunk else d_out),
-                            num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                             BLOCK_C=block_c, BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, **dot)
+                tag = f"{t},BLOCK_C={block_c},ONE_TILE={one_tile},SUMS={sums}"
+                for single, fused in sorted({(True, sums), (True, False), (False, False)}):
+                    specs.append(KernelSpec(
+                        f"infonce_fwd[{tag},SINGLE={single},FUSED_SUMS={fused}]",
+                        _infonce_fwd_kernel,
+                        {**shared, "loss_ptr": f"*{t}" if single else "*fp32",
+                         "part_ptr": "*fp32", "tiles_per_program": "i32"},
+                        dict(flags, NEED_DS=True, SINGLE=single, FUSED_SUMS=fused),
+                        num_warps=NUM_WARPS, num_stages=NUM_STAGES))
                 specs.append(KernelSpec(
                     f"infonce_finalize[{tag}]", _infonce_finalize_kernel,
                     {"part_ptr": "*fp32", "num_parts": "i32", "s_ptr": s_type,
                      "counts_ptr": "*i64", "ds_ptr": "*fp32", "loss_part_ptr": "*fp32",
                      "loss_ptr": f"*{t}", "C": "i32", "D": "i32", "stride_sc": "i32"},
                     dict(SUMS=sums, HAS_COUNTS=sums, NEED_DS=True, BLOCK_C=block_c,
-                         BLOCK_D=d_out, LOSS_BLOCK=LOSS_CHUNK), num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                         BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK), num_warps=NUM_WARPS, num_stages=NUM_STAGES))
                 specs.append(KernelSpec(
                     f"infonce_bwd[{tag}]", _infonce_bwd_kernel,
                     {**shared, "grad_ptr": f"*{t}", "ds_ptr": "*fp32", "dz_ptr": f"*{t}",
@@ -830,24 +842,28 @@ def aot_specs() -> list[KernelSpec]:
 
 
 def aot_launches():
-    """Forward + backward of the batch prototypes and the prototype InfoNCE over them, at the
-    benchmark shapes (N = 32, 1024, 65536 x C = 20, 30, 1024; D = 768) in each dtype, with the
-    atomic and the deterministic scatter-mean."""
+    """Forward + backward of the prototype InfoNCE (batch prototypes, V = 1 and 3; explicit
+    prototypes) and of the scatter-mean, at the benchmark shapes (N = 32, 1024, 65536 x
+    C = 20, 30, 1024; D = 768) and the structure test's (N = 256, D = 128, C = 20), each dtype."""
     from mvcl_fast.kernels.aot import mode_name
 
-    def step(n, num_classes, dtype, deterministic):
+    def step(views, n, dim, num_classes, dtype, explicit):
         def launch():
-            z = torch.empty(n, 768, dtype=dtype)
+            z = torch.empty(views, n, dim, dtype=dtype)
             y = torch.randint(num_classes, (n,))
-            prototypes, counts = batch_prototypes_forward(z, y, num_classes, deterministic)
-            views = z.unsqueeze(0)
-            _, lse = prototype_infonce_forward(views, y, prototypes, counts > 0, 0.1)
-            _, d_prototypes = prototype_infonce_backward(torch.ones(()), views, y, prototypes,
-                                                         counts > 0, 0.1, lse)
-            batch_prototypes_backward(d_prototypes, y, counts)
+            prototypes = torch.empty(num_classes, dim, dtype=dtype) if explicit else None
+            _, lse, s, counts, ds = prototype_infonce_forward(z, y, prototypes, None, num_classes,
+                                                              0.1, True)
+            prototype_infonce_backward(torch.ones((), dtype=dtype), z, y,
+                                       s if prototypes is None else prototypes, counts, lse, ds,
+                                       0.1, not explicit, not explicit, explicit)
+            if views == 1 and not explicit:
+                means, counts = batch_prototypes_forward(z[0], y, num_classes)
+                batch_prototypes_backward(means, y, counts)
         return launch
 
-    return [(f"prototypes[N={n},C={c},{mode_name(dtype, False)}"
-             f"{',deterministic' if deterministic else ''}]", step(n, c, dtype, deterministic))
-            for dtype in TORCH_TO_TRITON for n in (32, 1024, 65536) for c in (20, 30, 1024)
-            for deterministic in (False, True)]
+    shapes = [(v, n, 768, c, e) for n in (32, 1024, 65536) for c in (20, 30, 1024)
+              for v, e in ((1, False), (3, False), (1, True))] + [(1, 256, 128, 20, False)]
+    return [(f"prototypes[V={v},N={n},D={d},C={c},{'explicit' if e else 'batch'},"
+             f"{mode_name(dtype, False)}]", step(v, n, d, c, dtype, e))
+            for dtype in TORCH_TO_TRITON for v, n, d, c, e in shapes]

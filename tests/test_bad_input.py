@@ -68,12 +68,16 @@ def test_bad_input_raises_clear_error(name, call, error, message):
         call()
 
 
-def test_finite_check_can_be_turned_off_and_on():
+def test_value_checks_can_be_turned_off_and_on():
     bad = Z.clone()
     bad[0, 0] = float("inf")
-    mvcl_fast.multiview_infonce(bad, Z[None], check_finite=False)  # no check asked for: no error
+    mvcl_fast.multiview_infonce(bad, Z[None], validate=False)  # no check asked for: no error
     with pytest.raises(ValueError, match="anchor contains NaN or Inf"):
-        mvcl_fast.multiview_infonce(bad, Z[None], check_finite=True)
+        mvcl_fast.multiview_infonce(bad, Z[None], validate=True)
+    with pytest.raises(ValueError, match="z contains NaN or Inf"):
+        mvcl_fast.prototype_infonce(bad, Y, 3, validate=True)
+    mvcl_fast.prototype_infonce(bad, Y, 3, validate=False)
+
 
 
 def test_label_range_is_checked_under_torch_compile():

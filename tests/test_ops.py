@@ -18,14 +18,21 @@ def _grad(*shape):
 
 OPCHECK_CASES = {
     "batch_prototypes": lambda: (prototypes._batch_prototypes,
-                                 (_grad(9, 8), torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1]), 4, False)),
-    "prototype_infonce_loss": lambda: (
-        prototypes._prototype_infonce_loss,
+                                 (_grad(9, 8), torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1]), 4)),
+    "prototype_infonce_batch": lambda: (   # batch prototypes, gradient through them
+        prototypes._prototype_infonce,
+        (_grad(2, 6, 8), torch.tensor([0, 1, 1, 2, 0, 1]), None, None, 4, 0.1, True, True)),
+    "prototype_infonce_batch_detached": lambda: (
+        prototypes._prototype_infonce,
+        (_grad(1, 6, 8), torch.tensor([0, 1, 1, 2, 0, 3]), None, None, 4, 0.2, False, False)),
+    "prototype_infonce_explicit_counts": lambda: (   # global prototypes under DDP: masked
+        prototypes._prototype_infonce,
         (_grad(2, 6, 8), torch.tensor([0, 1, 1, 2, 0, 1]), _grad(4, 8),
-         torch.tensor([True, True, True, False]), 0.1)),
-    "prototype_infonce_loss_no_mask": lambda: (
-        prototypes._prototype_infonce_loss,
-        (_grad(1, 6, 8), torch.tensor([0, 1, 1, 2, 0, 3]), _grad(4, 8), None, 0.3)),
+         torch.tensor([2, 3, 1, 0]), 4, 0.1, False, True)),
+    "prototype_infonce_explicit": lambda: (
+        prototypes._prototype_infonce,
+        (_grad(1, 6, 8), torch.tensor([0, 1, 1, 2, 0, 3]), _grad(4, 8), None, 4, 0.3, False,
+         True)),
     "multiview_infonce": lambda: (multiview._multiview_infonce, (_grad(5, 8), _grad(3, 5, 8), 0.1, False)),
     "multiview_infonce_symmetric": lambda: (
         multiview._multiview_infonce, (_grad(5, 8), _grad(2, 5, 8), 0.2, True)),
@@ -44,6 +51,14 @@ OPCHECK_CASES = {
 @pytest.mark.parametrize("case", sorted(OPCHECK_CASES))
 def test_opcheck(case, reference_backend):
     op, args = OPCHECK_CASES[case]()
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("case", sorted(c for c in OPCHECK_CASES if c.startswith("prototype")))
+def test_opcheck_kernels(case, kernel_device):
+    """The kernel path's fake, autograd and compile registration (Triton's interpreter on CPU)."""
+    op, args = OPCHECK_CASES[case]()
+    args = tuple(a.to(kernel_device) if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)
 
 

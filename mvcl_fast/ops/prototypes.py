@@ -37,6 +37,7 @@ def _empty(like: Tensor, dtype=torch.float32) -> Tensor:
 def _batch_prototypes(z: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     if use_triton("batch_prototypes", z):
         return kernel_module(KERNELS).batch_prototypes_forward(z, y, num_classes)
+    checks.check_values([], [], ("y", y, num_classes))  # the reference would index out of range
     return reference.batch_prototypes(z, y, num_classes)
 
 
@@ -92,6 +93,7 @@ def _prototype_infonce(z: Tensor, y: Tensor, prototypes: Optional[Tensor],
         if prototypes is not None:  # outputs may not alias inputs: the backward reads the inputs
             s, out_counts = _empty(z), _empty(z, torch.int64)
         return loss, lse, s, out_counts, ds
+    checks.check_values([], [], ("y", y, num_classes))  # the reference would index out of range
     if prototypes is None:
         flat = z.reshape(-1, z.shape[-1])
         prototypes, batch_counts = reference.batch_prototypes(flat, y.repeat(z.shape[0]),
@@ -235,8 +237,9 @@ def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
     finite z and prototypes) for CPU tensors and not for CUDA tensors, where it
     would cost a host sync; True checks them anywhere (one sync); False never.
     Shapes, dtypes, devices and tau are always checked (free). Unchecked, a row
-    whose label is out of range gets a NaN loss (so a trainer's non-finite check
-    catches it); a kernel never reads or writes out of bounds. Every path is
+    whose label is out of range gets a NaN loss on the kernels (so a trainer's
+    non-finite check catches it; a kernel never reads or writes out of bounds),
+    and the reference path raises. Every path is
     deterministic (``deterministic`` is accepted for compatibility).
     With ``group`` (DDP) the batch prototypes and the absent-class mask are
     those of the global batch; the loss is the mean over this rank's rows.

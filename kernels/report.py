@@ -33,7 +33,8 @@ with ``-v`` on Triton's PTX (with Triton's own flags) for the exact spill
 bytes. Shared memory is Triton's own figure (the dynamic shared memory the
 launch asks for). The MMA instruction is read off the SASS (HGMMA: sm_90
 warpgroup MMA; HMMA.16816 / HMMA.1688: mma.sync; none: no tensor-core
-instruction). Compiles land in Triton's cache, so reruns are fast. Exit
+instruction). Compiles land in Triton's cache and the readings of each cubin
+in ~/.cache/mvcl_fast/compile-report ($MVCL_FAST_REPORT_CACHE), so reruns are fast. Exit
 status 1 when anything fails to compile, spills, or asks for more shared
 memory than one block may use.
 
@@ -51,6 +52,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -341,18 +343,47 @@ def ptxas_resources(ptx: str, cap: int, fp_fusion: bool) -> tuple[int, int, int,
     return int(registers.group(1)), stack, stores, loads
 
 
+def resource_cache_dir() -> str:
+    """Where the readings of each cubin are kept: $MVCL_FAST_REPORT_CACHE, else
+    ~/.cache/mvcl_fast/compile-report."""
+    return os.environ.get("MVCL_FAST_REPORT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "mvcl_fast", "compile-report")
+
+
+def cubin_readings(compiled, cap: int) -> dict:
+    """registers, stack_frame, spill_stores, spill_loads and mma of a CompiledKernel's cubin.
+
+    Disassembling a large kernel takes seconds even when Triton's cache
+    hands back the cubin, so the readings are kept on disk keyed by the cubin's
+    hash (they depend on nothing else).
+    """
+    cubin = compiled.asm["cubin"]
+    path = os.path.join(resource_cache_dir(), hashlib.sha256(cubin).hexdigest() + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    registers, stack_frame, mma = cubin_resources(cubin)
+    readings = dict(registers=registers, stack_frame=stack_frame, spill_stores=0, spill_loads=0,
+                    mma=mma)
+    if stack_frame:
+        # Spills live in the stack frame: only then is ptxas run again, for the exact bytes.
+        fp_fusion = bool(getattr(compiled.metadata, "enable_fp_fusion", True))
+        (readings["registers"], readings["stack_frame"], readings["spill_stores"],
+         readings["spill_loads"]) = ptxas_resources(compiled.asm["ptx"], cap, fp_fusion)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as f:
+        json.dump(readings, f)
+    os.replace(f.name, path)  # atomic: parallel workers never read half a file
+    return readings
+
+
 def read_resources(result: CompileResult, compiled, cap: int) -> None:
     """Fill result's shared memory, registers, spills and MMA from a CompiledKernel."""
     result.num_warps = int(compiled.metadata.num_warps)
     result.num_stages = int(compiled.metadata.num_stages)
     result.shared = int(compiled.metadata.shared)
-    result.registers, result.stack_frame, result.mma = cubin_resources(compiled.asm["cubin"])
-    result.spill_stores = result.spill_loads = 0
-    if result.stack_frame:
-        # Spills live in the stack frame: only then is ptxas run again, for the exact bytes.
-        fp_fusion = bool(getattr(compiled.metadata, "enable_fp_fusion", True))
-        (result.registers, result.stack_frame, result.spill_stores,
-         result.spill_loads) = ptxas_resources(compiled.asm["ptx"], cap, fp_fusion)
+    for name, value in cubin_readings(compiled, cap).items():
+        setattr(result, name, value)
 
 
 def _first_line(exc: Exception) -> str:

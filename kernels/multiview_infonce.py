@@ -110,13 +110,13 @@ def _row_starts(base, rows, stride_row):
     The launcher promises 16-byte aligned row starts (see _padded_rows); the
     hint lets every compile, JIT or ahead-of-time, vectorise the row loads.
     """
-    return tl.multiple_of(base + rows.to(tl.int64)[:, None] * stride_row, [16, 1])
+    return tl.multiple_of(base + rows.to(tl.int64)[:, None] * stride_row, [16, 16])
 
 
 @triton.jit
 def _within(offs, D):
-    """[1, B] mask offs < D, with D a multiple of 16 (padded by the launcher)."""
-    return offs[None, :] < tl.multiple_of(tl.full([1, offs.shape[0]], D, tl.int32), [1, 16])
+    """[1, B] mask offs < D (D a multiple of 16, padded by the launcher)."""
+    return offs[None, :] < D
 
 
 @triton.jit
@@ -433,8 +433,15 @@ class _Config:
 
 NORMS_BLOCK_R, NORMS_BLOCK_D = 8, 128
 LOSS_BLOCK = 1024
+# The widest D-chunk a backward program accumulates: up to it the backward is 4 units of
+# V N^2 D multiply-adds; past it each further chunk recomputes the logits (1 unit per side).
+MAX_BLOCK_DO = 512
 # One representative D per bucket: the configs below are constant inside each.
-D_BUCKETS = (32, 64, 128, 4096)
+D_BUCKETS = (32, 64, 128, 256, 512, 4096)
+
+# Every config below compiles without spills for sm_90a under triton 3.6.0 and 3.9 at the
+# specialisations the launchers use (python -m mvcl_fast.kernels.report). Row tiles of 64
+# (lse) and 32 or fewer (gradient) give every kernel >= 132 programs at N = 4096, V = 4.
 
 
 def _lse_config(dtype: torch.dtype, dim: int) -> _Config:
@@ -443,21 +450,30 @@ def _lse_config(dtype: torch.dtype, dim: int) -> _Config:
             return _Config(64, 64, 64, 0, 8, 2)
         return _Config(64, 64, 32, 0, 8, 2)
     if dim <= 64:
-        return _Config(128, 64, 64, 0, 4, 3)
+        return _Config(64, 64, 64, 0, 4, 3)
     if dim <= 128:
-        return _Config(128, 64, 128, 0, 8, 3)
-    return _Config(128, 64, 64, 0, 8, 3)
+        return _Config(64, 64, 128, 0, 4, 3)
+    return _Config(64, 64, 64, 0, 4, 3)
 
 
 def _grad_config(dtype: torch.dtype, dim: int) -> _Config:
+    """Configs whose output chunk (block_do) holds all of D up to MAX_BLOCK_DO."""
     if dtype == torch.float32:
         # ptxas spills the single-chunk FMA form on sm_90a; the loop form does not.
-        return _Config(32, 32, 32, 64 if dim <= 64 else 128, 4, 2, always_chunked=True)
-    if dim <= 64:   # 8 warps: at 4, ptxas spills the symmetric form on sm_80 (same occupancy)
-        return _Config(64, 64, 64, 64, 8, 2)
-    if dim <= 128:
-        return _Config(64, 64, 128, 128, 8, 2)
-    return _Config(64, 64, 128, 256, 8, 2)
+        if dim <= 64:
+            return _Config(32, 32, 32, 64, 4, 2, always_chunked=True)
+        if dim <= 128:   # 2 stages spill under triton 3.9
+            return _Config(32, 32, 32, 128, 8, 1, always_chunked=True)
+        if dim <= 256:
+            return _Config(32, 32, 32, 256, 8, 2, always_chunked=True)
+        return _Config(16, 32, 32, MAX_BLOCK_DO, 8, 2, always_chunked=True)
+    if dim <= 64:
+        return _Config(32, 64, 64, 64, 4, 2)
+    if dim <= 128:   # 64-row tiles spill under triton 3.6
+        return _Config(32, 64, 128, 128, 4, 2)
+    if dim <= 256:
+        return _Config(64, 64, 128, 256, 8, 2)
+    return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}

@@ -1,14 +1,20 @@
 # `make train` and `make test` do all set-up: a virtual environment in .venv,
 # torch 2.13.0 installed first (so pip never pulls a CUDA build of torch on a
-# CPU machine), then the package (editable) with its extras.
+# CPU machine), then the package (editable) with its extras. `make test` also
+# builds .venv36 (torch 2.13.0 + the oldest Triton the package supports, the
+# GPU machine's) and the compile-report test runs under both Tritons.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 INSTALLED := $(VENV)/.installed
+VENV36 ?= .venv36
+PY36 := $(VENV36)/bin/python
+TRITON36_VERSION ?= 3.6.0
+INSTALLED36 := $(VENV36)/.installed
 ARGS ?=
 
-.PHONY: install train test bench report wheels clean
+.PHONY: install install36 train test bench report report36 wheels clean
 
 install: $(INSTALLED)
 
@@ -19,21 +25,40 @@ $(INSTALLED): setup.py pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[triton,train,test]"
 	touch $@
 
+install36: $(INSTALLED36)
+
+# Only what the kernel modules and the report import: no training extras.
+$(INSTALLED36): setup.py pyproject.toml Makefile
+	test -x $(PY36) || $(PYTHON) -m venv $(VENV36)
+	$(PY36) -m pip install --quiet --upgrade pip
+	$(PY36) -m pip install --quiet torch==$(TORCH_VERSION) triton==$(TRITON36_VERSION) numpy
+	$(PY36) -m pip install --quiet --no-deps -e .
+	touch $@
+
 train: $(INSTALLED)
 	$(PY) -m mvcl_fast.train $(ARGS)
 
-test: $(INSTALLED)
-	$(PY) -m pytest tests/ -q $(ARGS)
+test: $(INSTALLED) $(INSTALLED36)
+	MVCL_FAST_REPORT_PYTHONS=$(abspath $(PY36)) $(PY) -m pytest tests/ -q $(ARGS)
 
 bench: $(INSTALLED)
 	$(PY) -m pytest benchmarks/ --benchmark-only -q $(ARGS)
 
 report: $(INSTALLED)
-	env -u TRITON_INTERPRET $(PY) -m mvcl_fast.kernels.report
+	env -u TRITON_INTERPRET $(PY) -m mvcl_fast.kernels.report $(ARGS)
 
-# Extra wheels for the offline GPU machine (benchmarks/gpu_check.sh installs them from .wheels/).
+report36: $(INSTALLED36)
+	env -u TRITON_INTERPRET $(PY36) -m mvcl_fast.kernels.report $(ARGS)
+
+# The inf-cl wheel for the offline GPU machine: benchmarks/gpu_check.sh installs it from .wheels/
+# there. It must be pure Python (py3-none-any: the machine runs another Python) and needs only
+# numpy and triton, both on that machine. .wheels/ is git-ignored, so it travels only when the
+# device call carries it: run(command=..., carry=[".wheels"]).
+INF_CL_WHEEL := .wheels/inf_cl-1.2.1-py3-none-any.whl
 wheels:
 	$(PYTHON) -m pip download inf-cl==1.2.1 --no-deps --only-binary=:all: -d .wheels
+	@test -f $(INF_CL_WHEEL) || { echo "expected the pure-Python $(INF_CL_WHEEL)"; exit 1; }
+	@echo '$(INF_CL_WHEEL) is ready; .wheels/ is git-ignored: carry it, carry=[".wheels"]'
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VENV36) build *.egg-info .pytest_cache .benchmarks

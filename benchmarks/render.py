@@ -1,6 +1,6 @@
 """Render pytest-benchmark JSON (from `pytest benchmarks/ --benchmark-json PATH`) as results.
 
-    python benchmarks/render.py bench.json [more.json ...] [--md results.md]
+    python benchmarks/render.py bench.json [more.json | results.jsonl ...] [--md results.md]
                                 [--png speedup.png] [--readme README.md] [--merged all.json]
 
 --md writes a markdown table (op, shape, provider, median ms, peak MiB, x vs
@@ -10,7 +10,10 @@ over torch.compile against the batch size (or key length); --readme replaces
 the text between the `<!-- bench:start -->` and `<!-- bench:end -->` markers of
 that file with the table; several JSON files (one per suite) are merged, and
 --merged writes the merge. Ratios are recomputed here from the medians of the
-same JSON, so any pytest-benchmark output of these suites renders.
+same JSON, so any pytest-benchmark output of these suites renders. A .jsonl
+input is the file benchmarks/conftest.py's --results-jsonl streams (one case a
+line, as gpu_check.sh writes it): it has no session end, so its targets are
+judged here, from its medians. Cases tagged `headline` get their own table first.
 """
 from __future__ import annotations
 
@@ -20,9 +23,43 @@ import re
 import sys
 from collections import defaultdict
 
+from targets import targets_for
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 OP_ORDER = ("prototype_infonce", "batch_prototypes", "multiview_infonce", "daf_attention", "train_step")
 PROVIDER_ORDER = ("fused", "eager", "compile")
+
+
+def load_lines(path: str) -> dict:
+    """A --results-jsonl file as pytest-benchmark JSON: its cases, skips and the first session's
+    device, with the targets judged from its medians."""
+    benchmarks, skipped, meta = [], [], {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:   # a line cut short by a kill: the rest still counts
+                print(f"{path}:{number}: skipped, not JSON ({exc})", file=sys.stderr)
+                continue
+            if "benchmark" in record:
+                benchmarks.append(record["benchmark"])
+            elif "skipped" in record:
+                skipped.append(record["skipped"])
+            elif "meta" in record and not meta:
+                meta = record["meta"]
+    by_case = defaultdict(dict)
+    for bench in benchmarks:
+        extra = bench.get("extra_info", {})
+        if "op" in extra and "median_ms" in extra:
+            by_case[extra["op"], extra["shape"]][extra["provider"]] = extra
+    targets = [dict(op=op, shape=shape, **t) for (op, shape), providers in by_case.items()
+               for t in targets_for(op, providers)]
+    return {"datetime": meta.get("datetime", ""), "benchmarks": benchmarks,
+            "mvcl_fast": {"device": meta.get("device"), "card": meta.get("card"),
+                          "dtype": meta.get("dtype"), "dry_run": meta.get("dry_run", False),
+                          "targets": targets, "skipped": skipped}}
 
 
 def load(paths) -> dict:
@@ -30,8 +67,11 @@ def load(paths) -> dict:
     paths = [paths] if isinstance(paths, str) else list(paths)
     merged: dict = {}
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        if path.endswith(".jsonl"):
+            data = load_lines(path)
+        else:
+            with open(path) as f:
+                data = json.load(f)
         if not merged:
             merged = data
             merged.setdefault("benchmarks", [])
@@ -42,7 +82,7 @@ def load(paths) -> dict:
         meta = data.get("mvcl_fast", {})
         for key in ("targets", "skipped"):
             merged["mvcl_fast"][key] += meta.get(key) or []
-        for key in ("device", "card", "dtype"):
+        for key in ("device", "card", "dtype", "dry_run"):
             if merged["mvcl_fast"].get(key) is None and meta.get(key) is not None:
                 merged["mvcl_fast"][key] = meta[key]
     return merged
@@ -81,6 +121,17 @@ def _num(value, fmt):
     return "-" if value is None else format(value, fmt)
 
 
+def table(rows: list[dict]) -> list[str]:
+    lines = ["", "| op | shape | provider | median ms | peak MiB | x vs eager | x vs compile | % of floor |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        frac = r.get("floor_fraction")
+        lines.append(f"| {r['op']} | {r['shape']} | {r['provider']} | {r['median_ms']:.3f} | "
+                     f"{_num(r.get('peak_mib'), '.1f')} | {_num(r['x_vs_eager'], '.2f')} | "
+                     f"{_num(r['x_vs_compile'], '.2f')} | {_num(None if frac is None else 100 * frac, '.1f')} |")
+    return lines
+
+
 def markdown(data: dict) -> str:
     rows = rows_of(data)
     meta = data.get("mvcl_fast", {})
@@ -90,13 +141,17 @@ def markdown(data: dict) -> str:
     if card:
         lines.append(f"Floor: max(bytes / {card['bandwidth'] / 1e12:.2f} TB/s, "
                      f"FLOPs / {card['bf16_flops'] / 1e12:.0f} TFLOP/s) ({card['name']} datasheet).")
-    lines += ["", "| op | shape | provider | median ms | peak MiB | x vs eager | x vs compile | % of floor |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        frac = r.get("floor_fraction")
-        lines.append(f"| {r['op']} | {r['shape']} | {r['provider']} | {r['median_ms']:.3f} | "
-                     f"{_num(r.get('peak_mib'), '.1f')} | {_num(r['x_vs_eager'], '.2f')} | "
-                     f"{_num(r['x_vs_compile'], '.2f')} | {_num(None if frac is None else 100 * frac, '.1f')} |")
+    if meta.get("dry_run"):
+        lines.append("DRY RUN (GPU_CHECK_ALLOW_CPU=1): tiny shapes, the fused kernels through Triton's "
+                     "interpreter; these timings check the script, they are no benchmark result.")
+    headline = [r for r in rows if r.get("headline")]
+    others = [r for r in rows if not r.get("headline")]
+    if headline:
+        lines += ["", "Headline cases (timed first):", *table(headline)]
+        if others:
+            lines += ["", "Other cases:"]
+    if others or not headline:
+        lines += table(others)
     targets = meta.get("targets") or []
     if targets:
         lines += ["", "Targets (fused provider):", ""]

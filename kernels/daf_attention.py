@@ -513,3 +513,22 @@ def aot_specs() -> list[KernelSpec]:
                                    _daf_bwd_preprocess_kernel, element,
                                    dict(tile, BLOCK_M=PREPROCESS_BLOCK_M), PREPROCESS_WARPS, 3))
     return specs
+
+
+def aot_launches():
+    """Forward + backward at the benchmark shapes (B = 32, Lq = 80, D = 768, 12 heads; Lk = 80,
+    310, 710, 8192 with padded keys) in every dtype mode."""
+    from mvcl_fast.kernels.aot import DTYPE_MODES, matmul_tf32, mode_name
+
+    def step(len_k, dtype, tf32):
+        def launch():
+            q, gate, residual, grad_out = (torch.empty(32, 80, 768, dtype=dtype) for _ in range(4))
+            k, v = (torch.empty(32, len_k, 768, dtype=dtype) for _ in range(2))
+            key_padding_mask = torch.zeros(32, len_k, dtype=torch.bool)
+            with matmul_tf32(tf32):
+                _, attn, lse = daf_attention_forward(q, k, v, gate, residual, key_padding_mask, 12)
+                daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse, 12)
+        return launch
+
+    return [(f"daf[Lk={len_k},{mode_name(dtype, tf32)}]", step(len_k, dtype, tf32))
+            for dtype, tf32 in DTYPE_MODES for len_k in (80, 310, 710, 8192)]

@@ -87,11 +87,9 @@ launch with.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import triton
@@ -705,35 +703,34 @@ def aot_specs() -> list[KernelSpec]:
 
 
 _GRAD_INPUT_PTRS = {"anchor_ptr", "views_ptr", "grad_loss_ptr", "d_anchor_ptr", "d_views_ptr"}
-# (N, V, D) the launchers run at: the benchmark's, the structure test's, a training step's.
-LAUNCH_SHAPES = ((4096, 4, 768), (256, 4, 128), (32, 4, 384))
 
 
-def _forward_and_backward(n, num_views, dim, dtype, tf32, symmetric, row_start, num_rows):
-    """Run the launchers once on fresh CPU tensors (the compile report intercepts the launches)."""
-    anchor = torch.empty(n, dim, dtype=dtype)
-    views = torch.empty(num_views, n, dim, dtype=dtype)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    try:
-        loss, *stats = multiview_infonce_forward(anchor, views, 0.1, symmetric, row_start,
-                                                 num_rows)
-        multiview_infonce_backward(torch.empty((), dtype=dtype), anchor, views, 0.1, symmetric,
-                                   *stats, row_start=row_start)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+def aot_launches():
+    """Forward + backward at the benchmark shapes (N = 32, 4096, 65536; V = 4; D = 768) and the
+    structure test's (N = 256, D = 128) in every dtype mode, one- and two-directional, and the
+    row share of DDP rank 1 of 2 at N = 4096."""
+    from mvcl_fast.kernels.aot import DTYPE_MODES, matmul_tf32, mode_name
 
+    def step(n, dim, dtype, tf32, symmetric, ranks=1):
+        def launch():
+            anchor = torch.empty(n, dim, dtype=dtype)
+            views = torch.empty(4, n, dim, dtype=dtype)
+            row_start = n - n // ranks
+            with matmul_tf32(tf32):
+                loss, *stats = multiview_infonce_forward(anchor, views, 0.1, symmetric, row_start,
+                                                         n // ranks)
+                # The gradient of the loss comes in the loss's dtype (the input's).
+                multiview_infonce_backward(torch.ones_like(loss), anchor, views, 0.1, symmetric,
+                                           *stats, row_start=row_start)
+        return launch
 
-def aot_launches() -> list[tuple[str, Callable[[], None]]]:
-    """Forward + backward at LAUNCH_SHAPES for every dtype and dot precision, both losses, the
-    whole batch and a DDP rank's share (rank 1 of 4)."""
     launches = []
-    for (dtype, precision), (n, num_views, dim), symmetric, share in itertools.product(
-            _dtype_modes(), LAUNCH_SHAPES, (False, True), (False, True)):
-        row_start, num_rows = (n // 4, n // 4) if share else (0, n)
-        name = (f"multiview[{_SIG_DTYPE[dtype]},{precision},N={n},V={num_views},D={dim},"
-                f"symmetric={symmetric},rows={row_start}+{num_rows}]")
-        launches.append((name, functools.partial(
-            _forward_and_backward, n, num_views, dim, dtype, precision == "tf32", symmetric,
-            row_start, num_rows)))
+    for dtype, tf32 in DTYPE_MODES:
+        for symmetric in (False, True):
+            tag = f"{mode_name(dtype, tf32)}{',symmetric' if symmetric else ''}"
+            launches += [(f"multiview[N={n},D={dim},{tag}]", step(n, dim, dtype, tf32, symmetric))
+                         for n, dim in ((32, 768), (4096, 768), (65536, 768), (256, 128))]
+            launches.append((f"multiview[N=4096,D=768,rank 1 of 2,{tag}]",
+                             step(4096, 768, dtype, tf32, symmetric, ranks=2)))
+    return launches
     return launches

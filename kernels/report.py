@@ -1,15 +1,41 @@
-"""Ahead-of-time compile report: registers, spills and shared memory of every kernel config.
+"""Ahead-of-time compile report: registers, spills, shared memory and the MMA instruction of
+every kernel specialisation the JIT launches.
 
     python -m mvcl_fast.kernels.report [--arch sm_90a sm_80] [--json PATH] [--jobs N]
 
-Every module of mvcl_fast.kernels that has ``aot_specs()`` is imported and each
-KernelSpec is compiled with ``triton.compile`` for a ``GPUTarget`` of the given
-architecture: no GPU is needed. Registers and the stack frame are read off the
-cubin (with the cuobjdump that ships with Triton); where the stack frame is not
-empty, the bundled ptxas is run with ``-v`` on Triton's PTX (with Triton's own
-flags) for the exact spill bytes. Shared memory is Triton's own figure (the dynamic
-shared memory the launch asks for). Exit status 1 when a spec fails to
-compile, spills, or asks for more shared memory than one block may use.
+Every module of mvcl_fast.kernels is imported. A module with ``aot_launches()``
+gives named callables that run its public launchers on CPU tensors (see
+mvcl_fast.kernels.aot); each runs once per target architecture while Triton's
+launch path is intercepted, so that nothing compiles or executes:
+
+* a stand-in driver answers the target (a ``GPUTarget``) and a device of its
+  own, and ``torch.cuda.get_device_capability()`` answers the target's
+  capability, so launchers that pin configs per architecture pick the target's;
+* ``triton.knobs.runtime.jit_cache_hook``, which ``JITFunction.run`` calls just
+  before it would compile, records the launch's specialisation data and tells
+  the JIT to skip it (the launch then returns without running). That data is
+  what the installed Triton's own binder computed from the real arguments:
+  signature types, constexprs, the attributes (16-byte aligned pointers,
+  integers divisible by 16; integers equal to 1 become constexprs) and the
+  options (num_warps, num_stages, ...);
+* ``Autotuner.run`` launches every config the autotuner would benchmark (after
+  its own pruning) instead of timing them.
+
+Each distinct specialisation is compiled for the target by
+``JITFunction.preload`` (the JIT's own path from specialisation data to a
+kernel): no GPU is needed. A module without ``aot_launches()`` falls back to
+``aot_specs()``: KernelSpecs compiled with ``triton.compile`` as declared
+(pointers 16-byte aligned, integers without hints).
+
+Registers and the stack frame are read off the cubin (with the cuobjdump that
+ships with Triton); where the stack frame is not empty, the bundled ptxas is run
+with ``-v`` on Triton's PTX (with Triton's own flags) for the exact spill
+bytes. Shared memory is Triton's own figure (the dynamic shared memory the
+launch asks for). The MMA instruction is read off the SASS (HGMMA: sm_90
+warpgroup MMA; HMMA.16816 / HMMA.1688: mma.sync; none: no tensor-core
+instruction). Compiles land in Triton's cache, so reruns are fast. Exit
+status 1 when anything fails to compile, spills, or asks for more shared
+memory than one block may use.
 
 Triton's interpreter (TRITON_INTERPRET=1, which the CPU test suite sets) turns
 @triton.jit functions into interpreted ones that cannot be compiled, so this
@@ -24,6 +50,7 @@ import os
 os.environ.pop("TRITON_INTERPRET", None)
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
@@ -34,6 +61,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 
 KERNEL_PACKAGE = "mvcl_fast.kernels"
@@ -42,22 +70,29 @@ DEFAULT_ARCHS = ("sm_90a", "sm_80")
 # Largest dynamic shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 # the SM has 228 KiB (sm_90) / 164 KiB (sm_80), of which 1 KiB per block is reserved by the system.
 SHARED_LIMIT_BYTES = {90: 227 * 1024, 80: 163 * 1024}
+# Triton 3.9 warns at every compile that its fp-fusion default will change; the report compiles
+# with the default the JIT uses today and says so once in its header instead.
+FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
 
 
 @dataclass
 class CompileResult:
     module: str
     kernel: str             # the @triton.jit function's name
-    spec: str               # KernelSpec.name
+    spec: str               # kernel[user constexprs] or KernelSpec.name
     arch: str               # "sm_90a" / "sm_80"
     num_warps: int
     num_stages: int
+    launches: str = ""      # the aot_launches() entries that launch this specialisation
+    signature: str = ""     # every argument: "name: type" (+ " %16" when divisibility 16), "name=value"
+    aligned: str = ""       # runtime arguments with the divisibility-16 hint / all runtime arguments
     registers: int = -1
     spill_stores: int = -1  # bytes
     spill_loads: int = -1   # bytes
     stack_frame: int = -1   # bytes
     shared: int = -1        # bytes of dynamic shared memory
     shared_limit: int = 0
+    mma: str = ""           # MMA instruction(s) of the SASS, "none" without any
     seconds: float = 0.0
     error: str = ""
 
@@ -79,15 +114,23 @@ def capability(arch: str) -> int:
     return int(match.group(1))
 
 
+def declaration(module) -> str | None:
+    """'aot_launches' or 'aot_specs': what the report compiles a module from (None: neither)."""
+    for name in ("aot_launches", "aot_specs"):
+        if hasattr(module, name):
+            return name
+    return None
+
+
 def kernel_modules() -> list[str]:
-    """Names of the modules of mvcl_fast.kernels that declare aot_specs()."""
+    """Names of the modules of mvcl_fast.kernels that declare aot_launches() or aot_specs()."""
     package = importlib.import_module(KERNEL_PACKAGE)
     names = []
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if info.name in NOT_KERNEL_MODULES or info.name.startswith("_"):
             continue
         name = f"{KERNEL_PACKAGE}.{info.name}"
-        if hasattr(importlib.import_module(name), "aot_specs"):
+        if declaration(importlib.import_module(name)):
             names.append(name)
     return names
 
@@ -96,32 +139,160 @@ def module_specs(module_name: str) -> list:
     return list(importlib.import_module(module_name).aot_specs())
 
 
-def full_signature(spec) -> tuple[dict, dict]:
-    """(signature over every argument in order, attrs) for triton.compiler.ASTSource.
+# ----------------------------------------------------------------------------- launch capture
 
-    Constexpr arguments are typed "constexpr"; pointer arguments get the
-    16-byte divisibility hint Triton's launcher gives aligned tensors (every
-    fresh torch allocation). Integer arguments get no hint: this is the
-    specialization a launch gets for sizes and strides that are not multiples
-    of 16 (multiples of 16 compile another one, with wider loads).
-    """
-    fn = spec.fn
-    arg_names = list(fn.arg_names)
-    unknown = (set(spec.signature) | set(spec.constexprs)) - set(arg_names)
-    if unknown:
-        raise ValueError(f"{spec.name}: {sorted(unknown)} are not arguments of {fn.__name__}")
-    missing = [a for a in arg_names if a not in spec.signature and a not in spec.constexprs]
-    if missing:
-        raise ValueError(f"{spec.name}: arguments {missing} are neither in signature nor constexprs")
-    signature = {a: ("constexpr" if a in spec.constexprs else spec.signature[a]) for a in arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]]
-             for i, a in enumerate(arg_names) if signature[a].startswith("*")}
-    return signature, attrs
+@dataclass(frozen=True)
+class Specialisation:
+    """One kernel specialisation a launch asked the JIT for, as the JIT serialised it."""
+    kernel_module: str      # the @triton.jit function's module and qualified name
+    kernel: str
+    data: str               # JITFunction's specialisation data (JSON), what preload() takes
 
+
+class _TargetDriver:
+    """The part of Triton's driver the launch and preload paths ask, answering one target."""
+
+    def __init__(self, arch: str):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", capability(arch), 32)
+        self.device = f"aot-{arch}"  # a device of its own: the JIT keeps its caches per device
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def target_driver(arch: str):
+    """Triton (and torch.cuda.get_device_capability) answer `arch` inside the block."""
+    import torch
+    from triton.runtime import driver
+
+    cap = capability(arch)
+    saved_capability = torch.cuda.get_device_capability
+    # The driver in use before, None if none was chosen yet: reset_active() would create the
+    # default driver, which fails on a machine without a GPU.
+    saved_driver = driver._active
+    driver.set_active(_TargetDriver(arch))
+    torch.cuda.get_device_capability = lambda device=None: (cap // 10, cap % 10)
+    try:
+        yield
+    finally:
+        torch.cuda.get_device_capability = saved_capability
+        driver.set_active(saved_driver)
+
+
+def _launch_every_config(self, *args, **kwargs):
+    """Autotuner.run while capturing: launch each config it would benchmark, time none."""
+    self.nargs = dict(zip(self.arg_names, args))
+    try:
+        configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+        for config in configs:
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+    finally:
+        self.nargs = None
+
+
+@contextlib.contextmanager
+def capturing(arch: str):
+    """Inside the block Triton launches compile and run nothing; the list fills with the
+    Specialisation of every launch, for `arch`."""
+    from triton import knobs
+    from triton.runtime.autotuner import Autotuner
+
+    captured: list[Specialisation] = []
+
+    def record(*, fn, compile, **_):
+        jit_fn = fn.jit_function
+        captured.append(Specialisation(jit_fn.fn.__module__, jit_fn.fn.__qualname__,
+                                       compile["specialization_data"]))
+        return True  # the JIT skips the compile and returns before launching
+
+    saved_hook, saved_run = knobs.runtime.jit_cache_hook, Autotuner.run
+    knobs.runtime.jit_cache_hook, Autotuner.run = record, _launch_every_config
+    try:
+        with target_driver(arch):
+            yield captured
+    finally:
+        knobs.runtime.jit_cache_hook, Autotuner.run = saved_hook, saved_run
+
+
+def capture_module(module_name: str, arch: str) -> tuple[dict, list[str]]:
+    """({Specialisation: [launch names]} in first-launch order, errors) of a module's aot_launches()."""
+    try:
+        launches = list(importlib.import_module(module_name).aot_launches())
+    except Exception as exc:
+        return {}, [f"aot_launches() raised {type(exc).__name__}: {exc}"]
+    if not launches:
+        return {}, ["aot_launches() returned no launch"]
+    found: dict[Specialisation, list[str]] = {}
+    errors = []
+    for name, launch in launches:
+        with capturing(arch) as captured:
+            try:
+                launch()
+            except Exception as exc:
+                errors.append(f"launch {name!r} raised {type(exc).__name__}: {_first_line(exc)}")
+                continue
+        if not captured:
+            errors.append(f"launch {name!r} launched no Triton kernel")
+        for specialisation in captured:
+            found.setdefault(specialisation, [])
+            if name not in found[specialisation]:
+                found[specialisation].append(name)
+    return found, errors
+
+
+def _jit_function(module_name: str, qualname: str):
+    """The JITFunction module_name.qualname, unwrapped from autotune / heuristics wrappers."""
+    import triton
+
+    module = importlib.import_module(module_name)
+    for value in vars(module).values():
+        while not isinstance(value, triton.runtime.JITFunction) and hasattr(value, "fn"):
+            value = value.fn
+        if isinstance(value, triton.runtime.JITFunction) and value.fn.__qualname__ == qualname:
+            return value
+    raise LookupError(f"no @triton.jit function {qualname} at the top level of {module_name}")
+
+
+def describe(fn, data: dict) -> tuple[str, str, str]:
+    """(kernel(pointer element types)[user constexprs; integers specialised as 1], full
+    signature, aligned/runtime count) of specialisation data."""
+    constants = {tuple(k)[0]: v for k, v in zip(data["constant_keys"], data["constant_vals"])}
+    attrs = {tuple(k)[0]: v for k, v in zip(data["attrs_keys"], data["attrs_vals"])}
+    declared, equal_one, args = [], [], []
+    runtime = aligned = 0
+    for i, param in enumerate(fn.params):
+        if i in constants:
+            value = constants[i]["constexpr"] if isinstance(constants[i], dict) else constants[i]
+            args.append(f"{param.name}={value}")
+            (declared if param.is_constexpr else equal_one).append(f"{param.name}={value}")
+            continue
+        runtime += 1
+        hinted = any(attr[0] == "tt.divisibility" and attr[1] == 16 for attr in attrs.get(i, []))
+        aligned += hinted
+        args.append(f"{param.name}: {data['signature'][param.name]}{' %16' if hinted else ''}")
+    pointee = ",".join(dict.fromkeys(t[1:] for t in data["signature"].values() if t.startswith("*")))
+    spec = (f"{fn.fn.__name__}({pointee})[{', '.join(declared)}"
+            f"{'; ' if equal_one else ''}{', '.join(equal_one)}]")
+    return spec, ", ".join(args), f"{aligned}/{runtime}"
+
+
+# ----------------------------------------------------------------------------- resources
 
 RESOURCE_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+# HGMMA / IGMMA / QGMMA: sm_90 warpgroup MMA (the shape varies per tile: the family names it);
+# HMMA / IMMA / DMMA: mma.sync, named with its shape (HMMA.16816 fp16/bf16, HMMA.1688 tf32).
+SASS_MMA = re.compile(r"\b(?:([HIQ]GMMA)|([HID]MMA)\.(\w+))\.")
 
 
 def _nvidia_tool(name: str) -> str:
@@ -130,18 +301,23 @@ def _nvidia_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def cubin_resources(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack frame bytes) of the kernel in a cubin, by the bundled cuobjdump."""
+def cubin_resources(cubin: bytes) -> tuple[int, int, str]:
+    """(registers, stack frame bytes, MMA instructions) of the kernel in a cubin, by the
+    bundled cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        out = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", path],
-                             capture_output=True, text=True, check=True).stdout
-    match = RESOURCE_USAGE.search(out)
+        usage, sass = (subprocess.run([_nvidia_tool("cuobjdump"), flag, path], capture_output=True,
+                                      text=True, check=True).stdout
+                       for flag in ("--dump-resource-usage", "--dump-sass"))
+    match = RESOURCE_USAGE.search(usage)
     if match is None:
-        raise RuntimeError(f"could not read cuobjdump --dump-resource-usage output:\n{out}")
-    return int(match.group(1)), int(match.group(2))
+        raise RuntimeError(f"could not read cuobjdump --dump-resource-usage output:\n{usage}")
+    if "Function" not in sass:
+        raise RuntimeError(f"cuobjdump --dump-sass printed no function:\n{sass[:2000]}")
+    mma = sorted({family or f"{sync}.{shape}" for family, sync, shape in SASS_MMA.findall(sass)})
+    return int(match.group(1)), int(match.group(2)), "+".join(mma) or "none"
 
 
 def ptxas_resources(ptx: str, cap: int, fp_fusion: bool) -> tuple[int, int, int, int]:
@@ -165,6 +341,50 @@ def ptxas_resources(ptx: str, cap: int, fp_fusion: bool) -> tuple[int, int, int,
     return int(registers.group(1)), stack, stores, loads
 
 
+def read_resources(result: CompileResult, compiled, cap: int) -> None:
+    """Fill result's shared memory, registers, spills and MMA from a CompiledKernel."""
+    result.num_warps = int(compiled.metadata.num_warps)
+    result.num_stages = int(compiled.metadata.num_stages)
+    result.shared = int(compiled.metadata.shared)
+    result.registers, result.stack_frame, result.mma = cubin_resources(compiled.asm["cubin"])
+    result.spill_stores = result.spill_loads = 0
+    if result.stack_frame:
+        # Spills live in the stack frame: only then is ptxas run again, for the exact bytes.
+        fp_fusion = bool(getattr(compiled.metadata, "enable_fp_fusion", True))
+        (result.registers, result.stack_frame, result.spill_stores,
+         result.spill_loads) = ptxas_resources(compiled.asm["ptx"], cap, fp_fusion)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+# ----------------------------------------------------------------------------- compiling
+
+def full_signature(spec) -> tuple[dict, dict]:
+    """(signature over every argument in order, attrs) of a KernelSpec for ASTSource.
+
+    Constexpr arguments are typed "constexpr"; pointer arguments get the
+    16-byte divisibility hint Triton's launcher gives aligned tensors (every
+    fresh torch allocation). Integer arguments get no hint: this is the
+    specialization a launch gets for sizes and strides that are not multiples
+    of 16 (multiples of 16 compile another one, with wider loads).
+    """
+    fn = spec.fn
+    arg_names = list(fn.arg_names)
+    unknown = (set(spec.signature) | set(spec.constexprs)) - set(arg_names)
+    if unknown:
+        raise ValueError(f"{spec.name}: {sorted(unknown)} are not arguments of {fn.__name__}")
+    missing = [a for a in arg_names if a not in spec.signature and a not in spec.constexprs]
+    if missing:
+        raise ValueError(f"{spec.name}: arguments {missing} are neither in signature nor constexprs")
+    signature = {a: ("constexpr" if a in spec.constexprs else spec.signature[a]) for a in arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]]
+             for i, a in enumerate(arg_names) if signature[a].startswith("*")}
+    return signature, attrs
+
+
 def compile_spec(spec, module_name: str, arch: str) -> CompileResult:
     """Compile one KernelSpec for one architecture and read its resources."""
     import triton
@@ -174,7 +394,8 @@ def compile_spec(spec, module_name: str, arch: str) -> CompileResult:
     cap = capability(arch)
     result = CompileResult(module=module_name, kernel=getattr(spec.fn, "__name__", "?"),
                            spec=spec.name, arch=arch, num_warps=spec.num_warps,
-                           num_stages=spec.num_stages, shared_limit=SHARED_LIMIT_BYTES[cap])
+                           num_stages=spec.num_stages, launches="(aot_specs)",
+                           shared_limit=SHARED_LIMIT_BYTES[cap])
     start = time.perf_counter()
     try:
         if not isinstance(spec.fn, triton.runtime.JITFunction):
@@ -182,42 +403,80 @@ def compile_spec(spec, module_name: str, arch: str) -> CompileResult:
                 f"{spec.name}: fn is {type(spec.fn).__name__}, not a @triton.jit function (was the "
                 "module imported with TRITON_INTERPRET=1? run the report in a fresh process)")
         signature, attrs = full_signature(spec)
+        result.signature = ", ".join(f"{a}: {t}{' %16' if t.startswith('*') else ''}"
+                                     if t != "constexpr" else f"{a}={spec.constexprs[a]}"
+                                     for a, t in signature.items())
         source = ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs),
                            attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", cap, 32),
                                   options={"num_warps": spec.num_warps,
                                            "num_stages": spec.num_stages})
-        result.shared = int(compiled.metadata.shared)
-        result.registers, result.stack_frame = cubin_resources(compiled.asm["cubin"])
-        result.spill_stores = result.spill_loads = 0
-        if result.stack_frame:
-            # Spills live in the stack frame: only then is ptxas run again, for the exact bytes.
-            fp_fusion = bool(getattr(compiled.metadata, "enable_fp_fusion", True))
-            (result.registers, result.stack_frame, result.spill_stores,
-             result.spill_loads) = ptxas_resources(compiled.asm["ptx"], cap, fp_fusion)
+        read_resources(result, compiled, cap)
     except Exception as exc:  # reported per spec; the exit status says it failed
-        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        result.error = f"{type(exc).__name__}: {_first_line(exc)}"
     result.seconds = round(time.perf_counter() - start, 2)
     return result
 
 
-def _compile_task(task: tuple[str, int, str]) -> CompileResult:
-    module_name, index, arch = task
-    spec = module_specs(module_name)[index]
-    return compile_spec(spec, module_name, arch)
+def compile_specialisation(specialisation: Specialisation, module_name: str, arch: str,
+                           launches: list[str]) -> CompileResult:
+    """Compile one captured specialisation for one architecture, as the JIT would, and read
+    its resources."""
+    cap = capability(arch)
+    data = json.loads(specialisation.data)
+    result = CompileResult(module=module_name, kernel=specialisation.kernel,
+                           spec=specialisation.kernel, arch=arch,
+                           num_warps=data["options"]["num_warps"],
+                           num_stages=data["options"]["num_stages"],
+                           launches=", ".join(launches), shared_limit=SHARED_LIMIT_BYTES[cap])
+    start = time.perf_counter()
+    try:
+        fn = _jit_function(specialisation.kernel_module, specialisation.kernel)
+        result.spec, result.signature, result.aligned = describe(fn, data)
+        with target_driver(arch):
+            compiled = fn.preload(specialisation.data)
+        read_resources(result, compiled, cap)
+    except Exception as exc:  # reported per specialisation; the exit status says it failed
+        result.error = f"{type(exc).__name__}: {_first_line(exc)}"
+    result.seconds = round(time.perf_counter() - start, 2)
+    return result
 
 
-def collect(archs=DEFAULT_ARCHS, modules=None, jobs: int = 1, progress=None) -> list[CompileResult]:
-    """Compile every spec of every kernel module for every arch; results in a stable order.
+def _run_task(task: tuple) -> CompileResult:
+    warnings.filterwarnings("ignore", message=FP_FUSION_WARNING)
+    kind, module_name, arch, payload = task
+    if kind == "spec":
+        return compile_spec(module_specs(module_name)[payload], module_name, arch)
+    specialisation, launches = payload
+    return compile_specialisation(specialisation, module_name, arch, launches)
 
-    A module whose aot_specs() is empty (or raises) gives one failed row, so a
-    kernel file that forgets to declare its kernels cannot pass unnoticed.
+
+def _failed(module: str, arch: str, error: str, launches: str = "-") -> CompileResult:
+    return CompileResult(module=module, kernel="-", spec="-", arch=arch, num_warps=0, num_stages=0,
+                         launches=launches, error=error)
+
+
+def plan(archs, modules) -> tuple[list[tuple], list[CompileResult]]:
+    """(compile tasks, failed rows) for every module and arch.
+
+    A module whose declaration is empty or raises, a launch that raises or
+    launches no kernel, each gives a failed row, so a kernel file cannot pass
+    by declaring nothing.
     """
-    for arch in archs:
-        capability(arch)
-    modules = kernel_modules() if modules is None else list(modules)
-    results, tasks = [], []
+    warnings.filterwarnings("ignore", message=FP_FUSION_WARNING)
+    tasks, failed = [], []
     for name in modules:
+        source = declaration(importlib.import_module(name))
+        if source == "aot_launches":
+            for arch in archs:
+                found, errors = capture_module(name, arch)
+                failed.extend(_failed(name, arch, error) for error in errors)
+                tasks.extend(("launch", name, arch, (s, launches)) for s, launches in found.items())
+            continue
+        if source is None:
+            failed.extend(_failed(name, arch, "declares neither aot_launches() nor aot_specs()")
+                          for arch in archs)
+            continue
         try:
             specs = module_specs(name)
         except Exception as exc:
@@ -225,34 +484,45 @@ def collect(archs=DEFAULT_ARCHS, modules=None, jobs: int = 1, progress=None) -> 
         else:
             error = "aot_specs() returned no KernelSpec"
         if not specs:
-            results.extend(CompileResult(module=name, kernel="-", spec="-", arch=a, num_warps=0,
-                                         num_stages=0, error=error) for a in archs)
-        tasks.extend((name, i, arch) for i in range(len(specs)) for arch in archs)
+            failed.extend(_failed(name, arch, error) for arch in archs)
+        tasks.extend(("spec", name, arch, i) for i in range(len(specs)) for arch in archs)
+    return tasks, failed
+
+
+def collect(archs=DEFAULT_ARCHS, modules=None, jobs: int = 1, progress=None) -> list[CompileResult]:
+    """Compile every specialisation (or spec) of every kernel module for every arch;
+    progress(result, number of compiles) is called after each."""
+    for arch in archs:
+        capability(arch)
+    modules = kernel_modules() if modules is None else list(modules)
+    tasks, results = plan(archs, modules)
     if jobs <= 1 or len(tasks) <= 1:
         for task in tasks:
-            results.append(_compile_task(task))
+            results.append(_run_task(task))
             if progress:
-                progress(results[-1])
+                progress(results[-1], len(tasks))
     else:
         # spawn: fresh interpreters, so no worker inherits a Triton imported in interpreter mode.
         # Workers ignore SIGINT and are terminated if the parent stops early, so an interrupted
         # report leaves no compiler processes behind.
         pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_sigint)
         try:
-            for result in pool.imap(_compile_task, tasks):
+            for result in pool.imap(_run_task, tasks):
                 results.append(result)
                 if progress:
-                    progress(result)
+                    progress(result, len(tasks))
             pool.close()
         finally:
             pool.terminate()
             pool.join()
-    return results
+    return sorted(results, key=lambda r: (r.module, r.arch != archs[0], r.kernel, r.spec))
 
 
 def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+
+# ----------------------------------------------------------------------------- output
 
 def problems(r: CompileResult) -> list[str]:
     if r.error:
@@ -261,21 +531,47 @@ def problems(r: CompileResult) -> list[str]:
     return found + (["SMEM>LIMIT"] if r.shared > r.shared_limit else [])
 
 
+def _short_launches(launches: str) -> str:
+    names = launches.split(", ")
+    return names[0] + (f" (+{len(names) - 1})" if len(names) > 1 else "")
+
+
 def format_table(results: list[CompileResult]) -> str:
-    header = ("module", "spec", "arch", "warps", "stages", "regs", "spill B", "stack B",
-              "smem KiB", "limit KiB", "s", "status")
+    header = ("module", "spec", "arch", "warps", "stages", "%16", "regs", "spill B", "stack B",
+              "smem KiB", "limit KiB", "MMA", "first launch", "s", "status")
     rows = []
     for r in results:
         status = "ok" if r.ok else " ".join(problems(r))
         rows.append((r.module.rsplit(".", 1)[-1], r.spec, r.arch, str(r.num_warps), str(r.num_stages),
-                     str(r.registers), str(r.spills), str(r.stack_frame),
+                     r.aligned or "-", str(r.registers), str(r.spills), str(r.stack_frame),
                      f"{r.shared / 1024:.1f}" if r.shared >= 0 else "-",
-                     f"{r.shared_limit / 1024:.0f}", f"{r.seconds:.1f}", status))
+                     f"{r.shared_limit / 1024:.0f}", r.mma or "-", _short_launches(r.launches),
+                     f"{r.seconds:.1f}", status))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def summary(results: list[CompileResult]) -> str:
+    """Counts per arch, then every failure on a line of its own."""
+    lines = []
+    for arch in dict.fromkeys(r.arch for r in results):
+        rows = [r for r in results if r.arch == arch]
+        mma = {}
+        for r in rows:
+            if r.mma:
+                mma[r.mma] = mma.get(r.mma, 0) + 1
+        lines.append(f"{arch}: {len(rows)} compiles, {sum(not r.ok for r in rows)} failed, "
+                     f"{sum(r.spills > 0 for r in rows)} spill; MMA "
+                     + ", ".join(f"{k} x{v}" for k, v in sorted(mma.items())))
+    lines += [f"FAILED {r.arch} {r.module.rsplit('.', 1)[-1]} {r.spec} ({r.launches}): "
+              + " ".join(problems(r))
+              + (f", {r.spill_stores} B spill stores / {r.spill_loads} B loads at {r.registers} registers"
+                 if r.spills else "")
+              for r in results if not r.ok]
     return "\n".join(lines)
 
 
@@ -290,23 +586,40 @@ def main(argv=None) -> int:
     parser.add_argument("--module", nargs="+", metavar="NAME",
                         help="import these modules instead of discovering mvcl_fast.kernels.*")
     args = parser.parse_args(argv)
+    for arch in args.arch:
+        try:
+            capability(arch)
+        except ValueError as exc:
+            parser.error(f"--arch: {exc}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
     import triton
 
+    start = time.perf_counter()
     modules = args.module if args.module else kernel_modules()
+    sources = {name: declaration(importlib.import_module(name)) for name in modules}
     print(f"triton {triton.__version__}; archs {' '.join(args.arch)}; modules: "
-          f"{', '.join(modules) if modules else '(none with aot_specs)'}", flush=True)
-    results = collect(args.arch, modules, jobs=args.jobs)
+          + (", ".join(f"{m} ({s or 'declares nothing'})" for m, s in sources.items()) or "(none)"),
+          flush=True)
+    done = []
+
+    def progress(result, total):  # on stderr, so a slow cold compile shows where it is
+        done.append(result)
+        print(f"[{len(done)}/{total}] {result.arch} {result.spec} {result.seconds:.1f} s"
+              f"{'' if result.ok else ' FAILED'}", file=sys.stderr, flush=True)
+
+    results = collect(args.arch, modules, jobs=args.jobs, progress=progress)
     print(format_table(results))
-    failed = [r for r in results if not r.ok]
-    print(f"\n{len(results)} compiles, {len(failed)} failed"
-          + ("" if not failed else ": " + "; ".join(f"{r.spec} {r.arch}" for r in failed)))
+    print(f"\n{summary(results)}\n{len(results)} compiles in {time.perf_counter() - start:.0f} s "
+          f"({args.jobs} jobs), {sum(not r.ok for r in results)} failed")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "archs": list(args.arch), "modules": modules,
+                       "sources": sources,
                        "results": [dict(asdict(r), spills=r.spills, ok=r.ok) for r in results]},
                       f, indent=1)
-    return 1 if failed or not results else 0
+    return 1 if any(not r.ok for r in results) or not results else 0
 
 
 if __name__ == "__main__":

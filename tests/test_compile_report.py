@@ -1,4 +1,7 @@
-"""The AOT compile report: every kernel config compiles for sm_90a with 0 spills.
+"""The AOT compile report: every kernel specialisation the JIT launches compiles for sm_90a with
+0 spills and shared memory within the limit, under the Triton of this environment and under the
+Python of every other environment named in MVCL_FAST_REPORT_PYTHONS (os.pathsep-separated;
+`make test` names .venv36's, which has triton 3.6.0, the GPU machine's).
 
 The report runs in a subprocess with TRITON_INTERPRET removed from its
 environment: this suite sets it on CPU, and @triton.jit functions created
@@ -17,22 +20,29 @@ import mvcl_fast.kernels
 
 pytest.importorskip("triton")
 
-# sm_90a only here: a cold compile of every spec takes minutes per target on 2 cores (the
-# Triton cache makes reruns fast). `python -m mvcl_fast.kernels.report` compiles sm_90a and sm_80.
+# sm_90a only here: a cold compile of every specialisation takes minutes per target on 2 cores
+# (Triton's cache makes reruns fast). `python -m mvcl_fast.kernels.report` compiles sm_90a and sm_80.
 ARCHS = ["sm_90a"]
 SHARED_LIMIT_KIB = {"sm_90a": 227, "sm_80": 163}  # per-block opt-in maximum of each target
 NOT_KERNEL_FILES = {"aot", "report"}
+OTHER_PYTHONS = [p for p in os.environ.get("MVCL_FAST_REPORT_PYTHONS", "").split(os.pathsep) if p]
+PYTHONS = [pytest.param(sys.executable, id="this-env")] + [
+    pytest.param(p, id=os.path.basename(os.path.dirname(os.path.dirname(p))) or p)
+    for p in OTHER_PYTHONS]
 
 
-def run_report(tmp_path, *args, pythonpath=None):
+def run_report(python, tmp_path, *args, pythonpath=None):
+    if not os.access(python, os.X_OK):
+        pytest.fail(f"MVCL_FAST_REPORT_PYTHONS names {python}, which is not an executable "
+                    "(make install36 builds .venv36)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "mvcl_fast.kernels.report", "--jobs", str(os.cpu_count() or 1),
+        [python, "-m", "mvcl_fast.kernels.report", "--jobs", str(os.cpu_count() or 1),
          "--json", str(out), *args],
-        env=env, capture_output=True, text=True, timeout=900)
+        env=env, capture_output=True, text=True, timeout=1800)
     assert out.exists(), f"the report wrote no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc, json.loads(out.read_text())
 
@@ -42,37 +52,112 @@ def kernel_files():
                   if m.name not in NOT_KERNEL_FILES and not m.name.startswith("_"))
 
 
-def test_every_kernel_config_compiles_without_spills(tmp_path):
+@pytest.mark.parametrize("python", PYTHONS)
+def test_every_launched_specialisation_compiles_without_spills(python, tmp_path):
     files = kernel_files()
     if not files:
         pytest.skip("no kernel files in kernels/ yet")
-    proc, report = run_report(tmp_path, "--arch", *ARCHS)
+    proc, report = run_report(python, tmp_path, "--arch", *ARCHS)
     table = proc.stdout
     assert sorted(m.rsplit(".", 1)[-1] for m in report["modules"]) == files, (
-        f"kernel files without aot_specs(): {sorted(set(files) - {m.rsplit('.', 1)[-1] for m in report['modules']})}")
+        "kernel files without aot_launches() or aot_specs(): "
+        f"{sorted(set(files) - {m.rsplit('.', 1)[-1] for m in report['modules']})}")
     rows = report["results"]
     for module in report["modules"]:
-        specs = {r["spec"] for r in rows if r["module"] == module and r["spec"] != "-"}
-        assert specs, f"{module}.aot_specs() declares no kernel:\n{table}"
         for arch in ARCHS:
-            compiled = {r["spec"] for r in rows if r["module"] == module and r["arch"] == arch}
-            assert compiled == specs, f"{module}: not every spec was compiled for {arch}"
+            compiled = [r for r in rows if r["module"] == module and r["arch"] == arch and r["spec"] != "-"]
+            assert compiled, f"{module} ({report['sources'][module]}) compiled nothing for {arch}:\n{table}"
     problems = []
     for r in rows:
-        where = f"{r['spec']} ({r['module']}, {r['arch']})"
+        where = f"{r['spec']} ({r['module']}, {r['arch']}, launched by {r['launches']})"
         if r["error"]:
-            problems.append(f"{where} failed to compile: {r['error']}")
+            problems.append(f"{where} failed: {r['error']}")
         elif r["spill_stores"] or r["spill_loads"]:
             problems.append(f"{where} spills {r['spill_stores']} B stores / {r['spill_loads']} B loads "
                             f"({r['registers']} registers)")
         elif not 0 <= r["shared"] <= SHARED_LIMIT_KIB[r["arch"]] * 1024:
             problems.append(f"{where} needs {r['shared']} B of shared memory > "
                             f"{SHARED_LIMIT_KIB[r['arch']]} KiB")
-    assert not problems, f"{len(problems)} of {len(rows)} compiles fail:\n" + "\n".join(problems)
+    assert not problems, (f"triton {report['triton']}: {len(problems)} of {len(rows)} compiles fail:\n"
+                          + "\n".join(problems))
     assert proc.returncode == 0, table + proc.stderr
 
 
-PROBE_KERNELS = textwrap.dedent('''
+PROBE_LAUNCHES = textwrap.dedent('''
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy_rows(x_ptr, y_ptr, n, stride, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs * stride, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+    def _small_tiles(configs, named_args, **kwargs):
+        return [c for c in configs if c.kwargs["BM"] <= 128]
+
+    @triton.autotune(configs=[triton.Config({"BM": bm}, num_warps=w) for bm, w in ((64, 4), (128, 8), (256, 8))],
+                     key=["K"], prune_configs_by={"early_config_prune": _small_tiles})
+    @triton.jit
+    def tile_product(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm = tl.arange(0, BM)
+        rn = tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+            b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
+            acc += tl.dot(a, b)
+        tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+
+    def aot_launches():
+        x = torch.empty(65)
+
+        def copies():
+            copy_rows[(1,)](x[:64], x, 64, 1, BLOCK=64)   # aligned, n % 16 == 0, stride == 1
+            copy_rows[(1,)](x[1:], x, 63, 3, BLOCK=64)    # x_ptr 4 bytes off; no integer hints
+
+        def product():
+            a, b = torch.empty(256, 64, dtype=torch.float16), torch.empty(64, 64, dtype=torch.float16)
+            tile_product[(1,)](a, b, torch.empty(256, 64), 64, BN=64, BK=32)
+
+        def broken():
+            raise ValueError("bad shape")
+
+        return [("copies", copies), ("product", product), ("nothing", lambda: None), ("broken", broken)]
+''')
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_report_compiles_the_specialisations_and_configs_launches_ask_for(python, tmp_path):
+    (tmp_path / "probe_launches.py").write_text(PROBE_LAUNCHES)
+    (tmp_path / "probe_no_launch.py").write_text("def aot_launches():\n    return []\n")
+    proc, report = run_report(python, tmp_path, "--arch", "sm_90a", "sm_80",
+                              "--module", "probe_launches", "probe_no_launch", pythonpath=str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert report["sources"] == {"probe_launches": "aot_launches", "probe_no_launch": "aot_launches"}
+    rows = report["results"]
+    for arch in ("sm_90a", "sm_80"):
+        copies = {r["signature"]: r for r in rows if r["kernel"] == "copy_rows" and r["arch"] == arch}
+        assert set(copies) == {
+            "x_ptr: *fp32 %16, y_ptr: *fp32 %16, n: i32 %16, stride=1, BLOCK=64",
+            "x_ptr: *fp32, y_ptr: *fp32 %16, n: i32, stride: i32, BLOCK=64"}, copies
+        assert all(r["ok"] and r["mma"] == "none" and r["launches"] == "copies" for r in copies.values())
+        # the autotuner's pruned configs, each compiled; BM=256 was pruned
+        products = {r["spec"]: r for r in rows if r["kernel"] == "tile_product" and r["arch"] == arch}
+        assert sorted(products) == ["tile_product(fp16,fp32)[BM=128, BN=64, BK=32]",
+                                    "tile_product(fp16,fp32)[BM=64, BN=64, BK=32]"], products
+        assert {r["num_warps"] for r in products.values()} == {4, 8}
+        expected_mma = "HGMMA" if arch == "sm_90a" else "HMMA.16816"
+        assert all(r["ok"] and r["mma"] == expected_mma for r in products.values()), products
+        errors = sorted(r["error"] for r in rows if r["arch"] == arch and r["spec"] == "-")
+        assert errors == ["aot_launches() returned no launch",
+                          "launch 'broken' raised ValueError: bad shape",
+                          "launch 'nothing' launched no Triton kernel"], errors
+    assert "HGMMA" in proc.stdout and "FAILED sm_80 probe_launches - (-): launch 'broken'" in proc.stdout
+
+
+PROBE_SPECS = textwrap.dedent('''
     import triton
     import triton.language as tl
     from mvcl_fast.kernels.aot import KernelSpec
@@ -104,15 +189,16 @@ PROBE_KERNELS = textwrap.dedent('''
 ''')
 
 
-def test_report_flags_spills_shared_memory_and_empty_modules(tmp_path):
-    (tmp_path / "probe_kernels.py").write_text(PROBE_KERNELS)
+@pytest.mark.parametrize("python", PYTHONS)
+def test_report_flags_spills_shared_memory_and_empty_modules(python, tmp_path):
+    (tmp_path / "probe_kernels.py").write_text(PROBE_SPECS)
     (tmp_path / "probe_empty.py").write_text("def aot_specs():\n    return []\n")
-    proc, report = run_report(tmp_path, "--arch", "sm_90a", "--module", "probe_kernels", "probe_empty",
-                              pythonpath=str(tmp_path))
+    proc, report = run_report(python, tmp_path, "--arch", "sm_90a", "--module", "probe_kernels",
+                              "probe_empty", pythonpath=str(tmp_path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = {(r["module"], r["spec"]): r for r in report["results"]}
     fits = rows["probe_kernels", "fits"]
-    assert fits["ok"] and fits["registers"] > 0 and fits["shared"] > 0, fits
+    assert fits["ok"] and fits["registers"] > 0 and fits["shared"] > 0 and fits["mma"] == "HGMMA", fits
     spills = rows["probe_kernels", "spills"]
     assert not spills["ok"] and spills["spill_stores"] > 0, spills
     smem = rows["probe_kernels", "too_much_smem"]

@@ -1,6 +1,5 @@
 """The MIntRec / MIntRec2.0 loader on tiny data sets in the real layout, its
 errors, and the synthetic writer."""
-import csv
 import os
 import pickle
 
@@ -12,15 +11,8 @@ import mvcl_fast.data as data
 import mvcl_fast.synthetic as synthetic
 from mvcl_fast.data import DATASETS, MultimodalDataset, collate, load_split
 
-V, A = DATASETS["mintrec"].video_dim, DATASETS["mintrec"].audio_dim
+V, A = synthetic.VIDEO_DIM, synthetic.AUDIO_DIM
 TV, TA = 6, 5  # padded lengths used in most tests
-
-
-@pytest.fixture(autouse=True)
-def _fresh_feature_cache():
-    data.clear_feature_cache()
-    yield
-    data.clear_feature_cache()
 
 
 def frames(rng, n, dim, *, middle_axis=False, trailing_zeros=0):
@@ -32,12 +24,11 @@ def frames(rng, n, dim, *, middle_axis=False, trailing_zeros=0):
 
 def write_folder(folder, header, rows_by_split, video, audio, *, video_name="video_feats.pkl",
                  audio_name="audio_feats.pkl"):
+    """TSVs as the releases write them: fields joined by tabs, nothing quoted."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in rows_by_split.items():
-        with open(folder / f"{split}.tsv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, delimiter="\t", lineterminator="\n")
-            w.writerow(header)
-            w.writerows(rows)
+        lines = ["\t".join(map(str, row)) for row in [header, *rows]]
+        (folder / f"{split}.tsv").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     for name, feats in ((video_name, video), (audio_name, audio)):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         with open(folder / name, "wb") as f:
@@ -54,7 +45,7 @@ def mintrec_dir(tmp_path):
         "train": [
             ["S04", "E01", "10", "Thank you so much.", "Thank"],
             ["S04", "E01", "11", 'He said "no", really.', "Ask for help"],
-            ["S05", "E12", "3", "Stop!\tNow.", "prevent"],       # tab inside a quoted field; label case
+            ["S05", "E12", "3", '"Stop!" Now.', "prevent"],      # opening quote; label case
             ["S06", "E02", "7", "Okay.", "Complain"],
         ],
         "dev": [["S01", "E01", "1", "Hi there.", "Greet"]],
@@ -84,7 +75,7 @@ def test_loads_mintrec_layout(mintrec_dir):
     s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
     assert len(s) == 4
     assert s.keys == ["S04_E01_10", "S04_E01_11", "S05_E12_3", "S06_E02_7"]
-    assert s.texts == ["Thank you so much.", 'He said "no", really.', "Stop!\tNow.", "Okay."]
+    assert s.texts == ["Thank you so much.", 'He said "no", really.', '"Stop!" Now.', "Okay."]
     names = DATASETS["mintrec"].labels
     assert [names[i] for i in s.labels] == ["Thank", "Ask for help", "Prevent", "Complain"]
     assert s.label_names == names
@@ -109,34 +100,118 @@ def test_default_lengths_are_the_benchmarks(mintrec_dir):
     assert s.video_lengths.tolist() == [1] and s.audio_lengths.tolist() == [2]
 
 
-def test_loads_mintrec2_layout(tmp_path):
+MINTREC2_HEADER = ["Dialogue_id", "Utterance_id", "Text", "Label", "Start_timestamp",
+                   "End_timestamp", "Season", "Speaker"]
+MINTREC2_ROWS = [
+    ["12", "0", "What do you think about it?", "Asking for opinions", "0:00:01", "0:00:03", "S1", "Ross"],
+    ["12", "1", "No idea.", "UNK", "0:00:03", "0:00:04", "S1", "Rachel"],
+    ["7", "3", "Watch out!", "Warn", "0:01:00", "0:01:02", "S2", "Amy"],
+]
+MINTREC2_KEYS = ["dia12_utt0", "dia12_utt1", "dia7_utt3"]
+
+
+def mintrec2_release(root, header=MINTREC2_HEADER):
+    """A MIntRec2.0 single-turn release: in-scope/ with the extractor-named pickles in
+    video_data/ and audio_data/; float64 video, both pickle shapes."""
     rng = np.random.default_rng(1)
-    header = ["Dialogue_id", "Utterance_id", "Text", "Label", "Start_timestamp", "End_timestamp",
-              "Source", "speaker_name"]
-    rows = {"test": [
-        ["12", "0", "What do you think about it?", "Asking for opinions", "0:00:01", "0:00:03", "Friends", "Ross"],
-        ["12", "1", "No idea.", "UNK", "0:00:03", "0:00:04", "Friends", "Rachel"],
-        ["7", "3", "Watch out!", "Warn", "0:01:00", "0:01:02", "Superstore", "Amy"],
-    ]}
-    keys = ["dia12_utt0", "dia12_utt1", "dia7_utt3"]
-    video = {k: frames(rng, n, V, middle_axis=n % 2 == 0) for k, n in zip(keys, (4, 200, 1))}
-    audio = {k: frames(rng, n, A, middle_axis=n % 2 == 1) for k, n in zip(keys, (401, 3, 2))}
-    # The MIntRec2.0 release names its pickles after the extractors, under video_data/ audio_data/.
-    folder = write_folder(tmp_path / "MIntRec2.0", header, rows, video, audio,
-                          video_name="video_data/swin_feats.pkl", audio_name="audio_data/wavlm_feats.pkl")
-    s = load_split(folder, "MIntRec2.0", "test")
+    video = {k: frames(rng, n, V, middle_axis=n % 2 == 0).astype(np.float64)
+             for k, n in zip(MINTREC2_KEYS, (4, 200, 1))}
+    audio = {k: frames(rng, n, A, middle_axis=n % 2 == 1) for k, n in zip(MINTREC2_KEYS, (401, 3, 2))}
+    write_folder(root / "in-scope", header, {"test": MINTREC2_ROWS}, video, audio,
+                 video_name="video_data/swin_roi_binary.pkl",
+                 audio_name="audio_data/wavlm_feats_binary.pkl")
+    return root, video, audio
+
+
+def test_loads_mintrec2_release(tmp_path):
+    root, video, audio = mintrec2_release(tmp_path / "MIntRec2.0")
+    s = load_split(root, "MIntRec2.0", "test")
     info = DATASETS["mintrec2"]
     assert len(info.labels) == 31 and info.labels[-1] == "UNK"
-    assert s.keys == keys
+    assert s.keys == MINTREC2_KEYS
     assert [info.labels[i] for i in s.labels] == ["Asking for opinions", "UNK", "Warn"]
     assert s.video.shape == (3, 180, V) and s.audio.shape == (3, 400, A)
     assert s.video_lengths.tolist() == [4, 180, 1]
     assert s.audio_lengths.tolist() == [400, 3, 2]
+    torch.testing.assert_close(s.video[0][:4], torch.from_numpy(video["dia12_utt0"][:, 0]).float())
+    assert [n.split(":")[0] for n in s.notes] == ["swin_roi_binary.pkl", "wavlm_feats_binary.pkl"]
+    assert all("converted once into the cache" in n for n in s.notes), s.notes
+    # The in-scope folder itself loads the same.
+    again = load_split(root / "in-scope", "mintrec2", "test")
+    assert again.keys == s.keys and again.notes == []   # read from the cache
+    torch.testing.assert_close(again.audio[:], s.audio[:])
     # Header spellings are matched case-insensitively, spaces or underscores.
     header2 = ["dialogue id", "UTTERANCE ID", "text", "label"]
-    write_folder(tmp_path / "lower", header2, {"dev": [r[:4] for r in rows["test"]]}, video, audio)
-    assert load_split(tmp_path / "lower", "mintrec2", "dev", video_len=3, audio_len=3).keys == keys
+    write_folder(tmp_path / "lower", header2, {"dev": [r[:4] for r in MINTREC2_ROWS]}, video, audio)
+    assert load_split(tmp_path / "lower", "mintrec2", "dev", video_len=3, audio_len=3).keys == MINTREC2_KEYS
 
+
+def test_columns_by_position_when_the_header_does_not_name_them(tmp_path):
+    header = ["Dialogue_id", "Utterance_id", "Utterance", "Label", "Start", "End", "Season", "Speaker"]
+    root, _, _ = mintrec2_release(tmp_path / "MIntRec2.0", header)
+    s = load_split(root, "mintrec2", "test", video_len=3, audio_len=3)
+    assert s.keys == MINTREC2_KEYS and s.texts == [r[2] for r in MINTREC2_ROWS]
+    notes = [n for n in s.notes if "by position" in n]
+    assert len(notes) == 1 and "test.tsv" in notes[0] and "text" in notes[0], s.notes
+    # MIntRec's documented positions: season, episode, clip, text, label.
+    rng = np.random.default_rng(2)
+    write_folder(tmp_path / "MIntRec", ["Season", "Episode", "Clip", "Utterance", "Intent"],
+                 {"dev": [["S01", "E02", "3", "Hi.", "Greet"]]},
+                 {"S01_E02_3": frames(rng, 2, V)}, {"S01_E02_3": frames(rng, 2, A)})
+    s = load_split(tmp_path / "MIntRec", "mintrec", "dev", video_len=3, audio_len=3)
+    assert s.keys == ["S01_E02_3"] and s.texts == ["Hi."]
+    assert DATASETS["mintrec"].labels[s.labels[0]] == "Greet"
+    assert any("label = column 5" in n for n in s.notes), s.notes
+
+
+@pytest.mark.parametrize("release,video_name,audio_name,video_dim", [
+    ("thuiar/MIntRec", "video_data/video_feats.pkl", "audio_data/audio_feats.pkl", 256),
+    ("TCL-MAP", "video_feats.pkl", "audio_feats.pkl", 1024),
+    ("MVCL-DAF", "swin_feats.pkl", "wavlm_feats.pkl", 1024),
+])
+def test_loads_each_mintrec_release(tmp_path, release, video_name, audio_name, video_dim):
+    rng = np.random.default_rng(3)
+    keys = ["S01_E01_1", "S01_E01_2"]
+    video = {k: frames(rng, n, video_dim, middle_axis=n == 5) for k, n in zip(keys, (2, 5))}
+    audio = {k: frames(rng, n, A) for k, n in zip(keys, (4, 1))}
+    folder = write_folder(tmp_path / "MIntRec", ["season", "episode", "clip", "text", "label"],
+                          {"train": [["S01", "E01", "1", "Hi.", "Greet"], ["S01", "E01", "2", "Bye.", "Leave"]]},
+                          video, audio, video_name=video_name, audio_name=audio_name)
+    s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    assert s.video.shape == (2, TV, video_dim) and s.video.dim == video_dim and s.audio.dim == A
+    assert s.video_lengths.tolist() == [2, 5] and s.audio_lengths.tolist() == [4, 1]
+    torch.testing.assert_close(s.video[1][:5], torch.from_numpy(video["S01_E01_2"][:, 0]))
+
+
+def test_feature_files_named_explicitly(mintrec_dir, tmp_path):
+    folder, video, audio = mintrec_dir
+    (folder / "feats").mkdir()
+    os.rename(folder / "video_feats.pkl", folder / "feats" / "roi.pkl")
+    os.rename(folder / "audio_feats.pkl", tmp_path / "wav.pkl")
+    s = load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA,
+                   video_feats_path="feats/roi.pkl", audio_feats_path=tmp_path / "wav.pkl")
+    assert s.video_lengths.tolist() == [1] and s.audio_lengths.tolist() == [2]
+    with pytest.raises(FileNotFoundError, match="roi2.pkl"):
+        load_split(folder, "mintrec", "dev", video_feats_path="feats/roi2.pkl",
+                   audio_feats_path=tmp_path / "wav.pkl")
+
+
+def test_quotes_are_part_of_the_text(tmp_path):
+    """An opening quote on row 5 and a closing one on row 9 merge nothing (csv's default
+    quoting made them one field and gave a clip another row's label)."""
+    rng = np.random.default_rng(4)
+    labels = DATASETS["mintrec"].labels
+    rows = [["S01", "E01", str(i), f"Line {i}.", labels[i % 20]] for i in range(40)]
+    rows[5][3] = '"Wait, you mean it?'
+    rows[9][3] = 'I do," she said.'
+    rows[12][3] = '"'
+    feats = {f"S01_E01_{i}": frames(rng, 1, 4) for i in range(40)}
+    folder = write_folder(tmp_path / "q", ["season", "episode", "clip", "text", "label"],
+                          {"train": rows}, feats, feats)
+    s = load_split(folder, "mintrec", "train", video_len=2, audio_len=2)
+    assert s.texts == [r[3] for r in rows]
+    assert [labels[i] for i in s.labels] == [r[4] for r in rows]
+    assert s.keys == [f"S01_E01_{i}" for i in range(40)]
 
 def test_dataset_and_collate(mintrec_dir):
     folder, _, _ = mintrec_dir
@@ -145,7 +220,7 @@ def test_dataset_and_collate(mintrec_dir):
     assert len(ds) == 4
     item = ds[2]
     assert set(item) == {"index", "text", "label", "video", "audio", "video_length", "audio_length"}
-    assert item["index"] == 2 and item["text"] == "Stop!\tNow."
+    assert item["index"] == 2 and item["text"] == '"Stop!" Now.'
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate)
     batches = list(loader)
     b = batches[0]
@@ -159,22 +234,123 @@ def test_dataset_and_collate(mintrec_dir):
     assert batches[1]["video"].shape == (1, TV, V)
 
 
-def test_each_pickle_is_loaded_once(mintrec_dir, monkeypatch):
+def cache_files(folder):
+    return sorted(p.name for p in (folder / data.CACHE_SUBFOLDER).iterdir())
+
+
+def test_each_pickle_is_converted_once(mintrec_dir, monkeypatch):
     folder, video, audio = mintrec_dir
     calls = []
-    real_load = pickle.load
-    monkeypatch.setattr(data.pickle, "load", lambda f: calls.append(f.name) or real_load(f))
-    load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    real_load = data.load_feature_pickle
+    monkeypatch.setattr(data, "load_feature_pickle", lambda p: calls.append(p.name) or real_load(p))
+    first = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
     load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
-    assert len(calls) == 2
-    # A rewritten file is read again.
+    assert calls == ["video_feats.pkl", "audio_feats.pkl"]
+    files = cache_files(folder)
+    assert len(files) == 4 and not [f for f in files if "tmp" in f], files
+    # Later loads (a fresh process would do the same) read the cache: same values.
+    again = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    assert calls == ["video_feats.pkl", "audio_feats.pkl"]
+    torch.testing.assert_close(again.video[:], first.video[:])
+    # A rewritten file is converted again, and its stale cache removed.
     video["S01_E01_1"] = frames(np.random.default_rng(5), 2, V)
-    with open(folder / "video_feats.pkl", "wb") as f:
-        pickle.dump(video, f)
+    repickle(folder, "video_feats.pkl", video)
     st = os.stat(folder / "video_feats.pkl")
     os.utime(folder / "video_feats.pkl", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     assert load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA).video_lengths.tolist() == [2]
-    assert len(calls) == 3
+    assert calls == ["video_feats.pkl", "audio_feats.pkl", "video_feats.pkl"]
+    assert len(cache_files(folder)) == 4 and cache_files(folder) != files
+
+
+def test_cache_dir(mintrec_dir, tmp_path):
+    folder, _, _ = mintrec_dir
+    s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA, cache_dir=tmp_path / "cache")
+    assert not (folder / data.CACHE_SUBFOLDER).exists()
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
+    beside = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    torch.testing.assert_close(s.audio[:], beside.audio[:])
+
+
+KILLED_CONVERSION = """
+import os, signal, sys
+import mvcl_fast.data as data
+real = data._finite_float32
+seen = []
+def dies_on_the_third_key(frames, path, key):
+    seen.append(key)
+    if len(seen) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(frames, path, key)
+data._finite_float32 = dies_on_the_third_key
+data.open_features(sys.argv[1])
+"""
+
+
+def test_a_killed_conversion_leaves_no_cache(mintrec_dir):
+    import subprocess
+    import sys
+
+    folder, _, _ = mintrec_dir
+    source = folder / "video_feats.pkl"
+    proc = subprocess.run([sys.executable, "-c", KILLED_CONVERSION, str(source)], timeout=120)
+    assert proc.returncode == -9
+    left = cache_files(folder)
+    assert left and all(".tmp-" in f for f in left), left     # only the dead writer's temporaries
+    s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    assert s.video_lengths.tolist() == [3, TV, 2, TV]
+    assert not [f for f in cache_files(folder) if ".tmp-" in f]   # cleaned up by the next writer
+
+
+def test_workers_share_the_map(mintrec_dir):
+    folder, _, _ = mintrec_dir
+    s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    ds = MultimodalDataset(s)
+    ds[0]                                   # opens the map in this process
+    blob = pickle.dumps(ds)                 # what a worker receives: no map, no frames
+    assert len(blob) < 20_000 and pickle.loads(blob).split.video.store._frames is None
+    serial = list(torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate))
+    parallel = list(torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate, num_workers=2))
+    for a, b in zip(serial, parallel):
+        torch.testing.assert_close(a["video"], b["video"])
+        torch.testing.assert_close(a["audio"], b["audio"])
+
+
+def test_pickles_of_numpy_1_and_every_protocol_load(tmp_path):
+    feats = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones((1, 1, 3), np.float64)}
+    for protocol in (2, 4, 5):
+        blob = pickle.dumps(feats, protocol=protocol)
+        if protocol == 2:   # the module names numpy 1.x writes (the releases' pickles)
+            blob = blob.replace(b"numpy._core.", b"numpy.core.")
+        (tmp_path / "f.pkl").write_bytes(blob)
+        got = data.load_feature_pickle(tmp_path / "f.pkl")
+        assert got.keys() == feats.keys()
+        for k in feats:
+            np.testing.assert_array_equal(got[k], feats[k])
+
+
+class RunsCode:
+    """A crafted pickle's payload: unpickling it with pickle.load runs os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_pickle_runs_nothing(mintrec_dir, tmp_path):
+    folder, video, _ = mintrec_dir
+    marker = tmp_path / "payload-ran"
+    repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": RunsCode(marker)})
+    with pytest.raises(ValueError) as info:
+        load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
+    message = str(info.value)
+    assert "video_feats.pkl" in message and f"refused global {os.system.__module__}.system" in message
+    assert not marker.exists()
+    # The same payload through pickle.load does run: the test's payload is real.
+    with open(folder / "video_feats.pkl", "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
 
 
 # ------------------------------------------------------------------ clear errors
@@ -203,11 +379,21 @@ HEADER = "season\tepisode\tclip\ttext\tlabel"
     ("long_row", ValueError, ["dev.tsv", "line 2", "6 tab-separated fields"]),
     ("unknown_label", ValueError, ["dev.tsv", "line 3", "'Gossip'", "Complain", "Ask for help"]),
     ("missing_key", ValueError, ["video_feats.pkl", "'S01_E01_2'"]),
-    ("wrong_width", ValueError, ["audio_feats.pkl", "'S01_E01_1'", "width 700", "768"]),
+    ("wrong_width", ValueError, ["audio_feats.pkl", "'S01_E01_1'", "width 700", "'S04_E01_10' has 768"]),
     ("wrong_rank", ValueError, ["video_feats.pkl", "'S01_E01_1'", "(4, 2, 256)"]),
     ("rank_one", ValueError, ["video_feats.pkl", "'S01_E01_1'", "(256,)"]),
     ("not_a_dict", ValueError, ["audio_feats.pkl", "dict"]),
     ("unknown_dataset", ValueError, ["'mintrec3'", "mintrec2"]),
+    ("nan_frame", ValueError, ["video_feats.pkl", "'S01_E01_1'", "frame 2 (of 4)", "nan", "finite"]),
+    ("inf_frame", ValueError, ["audio_feats.pkl", "'S01_E01_1'", "frame 0 ", "inf"]),
+    ("float64_overflow", ValueError, ["video_feats.pkl", "'S01_E01_1'", "frame 1 ", "1e+39",
+                                      "beyond float32's range"]),
+    ("not_utf8", ValueError, ["dev.tsv", "line 3", "not UTF-8", "b'\\xff'"]),
+    ("truncated_pickle", ValueError, ["video_feats.pkl", "cannot read the feature pickle"]),
+    ("not_a_pickle", ValueError, ["audio_feats.pkl", "UnpicklingError"]),
+    ("empty_pickle", ValueError, ["audio_feats.pkl", "EOFError"]),
+    ("strings_not_numbers", ValueError, ["video_feats.pkl", "'S01_E01_1'", "not real numbers"]),
+    ("empty_dict", ValueError, ["audio_feats.pkl", "empty"]),
 ])
 def test_clear_errors(mintrec_dir, tmp_path, case, exc, fragments):
     folder, video, audio = mintrec_dir
@@ -245,6 +431,32 @@ def test_clear_errors(mintrec_dir, tmp_path, case, exc, fragments):
         repickle(folder, "audio_feats.pkl", [np.ones((3, A))])
     elif case == "unknown_dataset":
         dataset = "mintrec3"
+    elif case == "nan_frame":
+        bad = np.ones((4, V), np.float32)
+        bad[2, 7] = np.nan
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": bad})
+    elif case == "inf_frame":
+        bad = np.ones((3, 1, A), np.float32)
+        bad[0, 0, 0] = -np.inf
+        repickle(folder, "audio_feats.pkl", {**audio, "S01_E01_1": bad})
+    elif case == "float64_overflow":
+        bad = np.ones((3, V), np.float64)
+        bad[1, 3] = 1e39
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": bad})
+    elif case == "not_utf8":
+        (folder / "dev.tsv").write_bytes(f"{HEADER}\n{ok_row}\nS01\tE01\t2\tcaf\xe9\tGreet\n"
+                                         .encode("latin-1").replace(b"\xe9", b"\xff"))
+    elif case == "truncated_pickle":
+        blob = (folder / "video_feats.pkl").read_bytes()
+        (folder / "video_feats.pkl").write_bytes(blob[:len(blob) // 2])
+    elif case == "not_a_pickle":
+        (folder / "audio_feats.pkl").write_bytes(b"season\tepisode\n")
+    elif case == "empty_pickle":
+        (folder / "audio_feats.pkl").write_bytes(b"")
+    elif case == "strings_not_numbers":
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": np.array([["a"] * V])})
+    elif case == "empty_dict":
+        repickle(folder, "audio_feats.pkl", {})
     with pytest.raises(exc) as info:
         load_split(target, dataset, split, video_len=TV, audio_len=TA)
     for fragment in fragments:
@@ -317,7 +529,7 @@ def test_synthetic_features_carry_the_class(tmp_path):
 
     def pooled(s):
         mask = torch.arange(s.video.shape[1])[None, :] < s.video_lengths[:, None]
-        return (s.video * mask[..., None]).sum(1) / s.video_lengths[:, None]
+        return (s.video[:] * mask[..., None]).sum(1) / s.video_lengths[:, None]
 
     ztr, zte = pooled(tr), pooled(te)
     means = torch.stack([ztr[tr.labels == c].mean(0) for c in range(20)])

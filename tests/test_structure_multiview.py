@@ -36,7 +36,7 @@ def _structure(symmetric, n=N, num_views=V, dim=D):
     views = torch.randn(num_views, n, dim, generator=gen).bfloat16().requires_grad_()
 
     def step():
-        mvcl_fast.multiview_infonce(anchor, views, 0.1, symmetric, check_finite=False).backward()
+        mvcl_fast.multiview_infonce(anchor, views, 0.1, symmetric, validate=False).backward()
 
     return count_structure(step)
 

@@ -106,20 +106,23 @@ def test_row_and_column_statistics_match_reference(kernel_device):
     anchor, views = _inputs(37, 48, 3, torch.float32, kernel_device)
     for symmetric in (False, True):
         with poisoned_allocations():
-            loss, lse_rows, lse_cols, _, _ = multiview._multiview_infonce(anchor, views, 0.1,
-                                                                          symmetric)
+            loss, lse_rows, lse_cols, _, _, rnorm = multiview._multiview_infonce(anchor, views,
+                                                                                 0.1, symmetric)
         terms, rows_truth, cols_truth, _, _ = reference.multiview_infonce_terms(
             anchor.double(), views.double(), 0.1, symmetric)
         assert loss.dtype == lse_rows.dtype == lse_cols.dtype == torch.float32
         assert lse_rows.shape == (3, 37) and lse_cols.shape == ((3, 37) if symmetric else (3, 0))
         assert rel_err(loss, terms.mean()) < 1e-5
         assert rel_err(lse_rows, rows_truth) < 1e-5
+        rows = torch.cat([views, anchor[None]]).double()
+        assert rel_err(rnorm, 1 / rows.norm(dim=-1)) < 1e-6
         if symmetric:
             assert rel_err(lse_cols, cols_truth) < 1e-5
 
 
 def test_backward_keeps_only_o_n_statistics(kernel_device):
-    """Autograd saves the inputs and [V, N] log-sum-exps and terms: nothing of size N x N."""
+    """Autograd saves the inputs, [V, N] log-sum-exps and terms and the [V + 1, N] inverse
+    norms: nothing of size N x N."""
     n, dim, num_views = 65, 16, 2  # N * N > every input's size
     anchor, views = _inputs(n, dim, num_views, torch.float32, kernel_device)
     anchor.requires_grad_()
@@ -131,7 +134,7 @@ def test_backward_keeps_only_o_n_statistics(kernel_device):
         # Saved inputs are aliases of anchor / views (no copy); the rest must be O(N).
         statistics = [t for t in saved if t.data_ptr() not in (anchor.data_ptr(), views.data_ptr())]
         assert sorted(tuple(t.shape) for t in statistics) == sorted(
-            [(num_views, n), (num_views, n if symmetric else 0)] * 2)
+            [(num_views, n), (num_views, n if symmetric else 0)] * 2 + [(num_views + 1, n)])
         assert all(t.numel() < n * n for t in saved)
         loss.backward()  # the saved statistics are enough to differentiate
 
@@ -252,11 +255,9 @@ def test_aot_specs_cover_every_kernel_and_config():
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
             D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand, PRECISION=precision), cfg), (dtype, dim)
         cfg = kernels._grad_config(dtype, dim)
-        # (own rows in R: anchor, views, symmetric), own rows outside R (a DDP rank's share)
-        for own_lse, other_lse, in_r in ((True, False, True), (False, True, True),
-                                         (True, True, True), (False, True, False)):
+        for symmetric, own_in_r in kernels._grad_variants():
             assert launchable(kernels._grad_kernel, dict(
-                OWN_LSE=own_lse, OTHER_LSE=other_lse, OWN_IN_R=in_r, EPS=kernels.NORM_EPS,
+                SYMMETRIC=symmetric, OWN_IN_R=own_in_r, EPS=kernels.NORM_EPS,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                 BLOCK_DO=cfg.block_do, D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand,
                 PRECISION=precision), cfg), (dtype, dim)

@@ -5,9 +5,11 @@ row range [row_start, row_start + num_rows) whose terms make the loss: all N
 rows, or a DDP rank's own rows of the gathered batch) returns the loss and
 the O(N) statistics its backward needs (per view and row of the range: the
 log-sum-exp and the term lse - S_ii, of the rows and, when symmetric, of the
-columns);
+columns; the inverse norms of every row, so the backward does not compute
+them again); the loss comes in the anchor's dtype, written so by the kernel.
 ``mvcl_fast::multiview_infonce_backward`` recomputes the logits tile by tile
-on the kernel path.
+on the kernel path. Gradients of the statistics are never read, so autograd
+does not materialise them (no zero-filled tensors).
 """
 from __future__ import annotations
 
@@ -26,15 +28,17 @@ KERNELS = "multiview_infonce"
 @torch.library.custom_op("mvcl_fast::multiview_infonce", mutates_args=())
 def _multiview_infonce(anchor: Tensor, views: Tensor, tau: float, symmetric: bool,
                        row_start: int = 0, num_rows: int = -1
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, lse_rows, lse_cols, row_terms, col_terms); see the module docstring."""
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, lse_rows, lse_cols, row_terms, col_terms, rnorm); see the module docstring."""
     num_rows = _rows(anchor, row_start, num_rows)
     if use_triton("multiview_infonce", anchor):
         return kernel_module(KERNELS).multiview_infonce_forward(anchor, views, tau, symmetric,
                                                                 row_start, num_rows)
     terms, *stats = reference.multiview_infonce_terms(anchor, views, tau, symmetric, row_start,
                                                       num_rows)
-    return (terms.mean(), *stats)
+    rows = torch.cat([views, anchor[None]]).float()
+    rnorm = torch.linalg.vector_norm(rows, dim=-1).clamp_min(reference.NORM_EPS).reciprocal()
+    return (terms.mean().to(anchor.dtype), *stats, rnorm)
 
 
 def _rows(anchor: Tensor, row_start: int, num_rows: int) -> int:
@@ -53,30 +57,31 @@ def _(anchor, views, tau, symmetric, row_start=0, num_rows=-1):
     num_views, num_rows = views.shape[0], _rows(anchor, row_start, num_rows)
     rows = anchor.new_empty(num_views, num_rows, dtype=acc)
     cols = anchor.new_empty(num_views, num_rows if symmetric else 0, dtype=acc)
-    return (anchor.new_empty((), dtype=acc), rows, cols, torch.empty_like(rows),
-            torch.empty_like(cols))
+    rnorm = anchor.new_empty(num_views + 1, anchor.shape[0], dtype=torch.float32)
+    return (anchor.new_empty(()), rows, cols, torch.empty_like(rows), torch.empty_like(cols),
+            rnorm)
 
 
 @torch.library.custom_op("mvcl_fast::multiview_infonce_backward", mutates_args=())
 def _multiview_infonce_backward(grad_loss: Tensor, anchor: Tensor, views: Tensor, tau: float,
                                 symmetric: bool, lse_rows: Tensor, lse_cols: Tensor,
-                                row_terms: Tensor, col_terms: Tensor,
+                                row_terms: Tensor, col_terms: Tensor, rnorm: Tensor,
                                 row_start: int) -> tuple[Tensor, Tensor]:
     if use_triton("multiview_infonce", anchor):
         return kernel_module(KERNELS).multiview_infonce_backward(
             grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_terms, col_terms,
-            row_start)
+            rnorm, row_start)
 
     def loss_of(a, k):
         return reference.multiview_infonce_terms(a, k, tau, symmetric, row_start,
-                                                 lse_rows.shape[1])[0].mean()
+                                                 lse_rows.shape[1])[0].mean().to(a.dtype)
 
     grad_anchor, grad_views = reference_vjp(loss_of, (anchor, views), grad_loss)
     return grad_anchor.contiguous(), grad_views.contiguous()
 
 
 @_multiview_infonce_backward.register_fake
-def _(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_terms, col_terms,
+def _(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_terms, col_terms, rnorm,
       row_start):
     # Gradients come back contiguous whatever the inputs' strides.
     return anchor.new_empty(anchor.shape), views.new_empty(views.shape)
@@ -86,6 +91,7 @@ def _setup(ctx, inputs, output):
     anchor, views, tau, symmetric, row_start, _ = inputs
     ctx.save_for_backward(anchor, views, *output[1:])
     ctx.tau, ctx.symmetric, ctx.row_start = tau, symmetric, row_start
+    ctx.set_materialize_grads(False)   # the statistics' gradients are never read
 
 
 def _grad(ctx, grad_loss, *grad_stats):

@@ -1,46 +1,44 @@
-"""Fused Triton kernels for batch prototypes (scatter-mean) and prototype InfoNCE.
+"""Fused Triton kernels for batch prototypes (scatter-mean) and the prototype InfoNCE.
 
-Scatter-mean (SPEC op 1), z [N, D], y [N] -> P [C, D], counts [C]:
-- default: one pass over z, fp32 atomics into a zeroed [C, D] sum buffer and
-  an int32 count buffer, then a small kernel divides and casts (1 memset +
-  2 kernels);
-- deterministic: rows sorted by label (torch.sort, stable; segment bounds by
-  torch.searchsorted, no host sync), then one program per (class, D chunk)
-  sums its segment in row order: no float atomics, bitwise reproducible
-  (a few torch launches + 1 kernel);
-- backward: one gather kernel, dz_i = dP_{y_i} / count_{y_i}.
+Notation: z [V, N, D] (V views of N rows sharing the labels y [N]; row r = v N + n,
+R = V N rows), C classes, tau. Everything is deterministic: no float atomics, every
+sum in a fixed order.
 
-Prototype InfoNCE (SPEC op 2), z [V, N, D] with all views in one launch,
-row r = v * N + n:
-- The L2 normalisation is fused: raw z and raw P tiles go into tl.dot and the
-  products are scaled afterwards, L_rc = (z_r . p_c) / (max(|z_r|, eps)
-  max(|p_c|, eps) tau). Half inputs thus reach the tensor cores unrounded
-  (exact products, fp32 accumulation) and nothing normalised is written.
-- Forward (1 kernel + torch's sum of the partials): one program per row tile,
-  online log-sum-exp in base 2 over class tiles, the squared norms of rows and
-  classes taken from the tiles the dot loads. Writes lse [V, N] and one loss
-  partial per program, summed in a fixed order (no atomics).
-- Backward, no atomics, FlashAttention-style split (the dz kernel owns row
-  tiles, the dP kernel owns class tiles and loops over row tiles):
-  1. norms: |z_r| and |p_c|, so the logits loop below is a plain GEMM loop;
-  then per pass over the rows (one pass unless G would exceed G_PASS_BYTES):
-  2. logit-grad: one program per row tile recomputes the logits once (from
-     the saved lse) and writes G = dLoss/dlogit = (softmax - onehot) grad / (V N)
-     for the pass's rows, [rows, C] fp32, and z_hat . dz_hat = sum_c G L per
-     row. Only G, never the logits, and bounded by G_PASS_BYTES;
-  3. dz (GEMM G P_hat / tau): a program owns (row tile, D-out chunk), loops over
-     class tiles, then applies the normalisation's Jacobian,
-     dz = (dz_hat - z_hat (z_hat . dz_hat)) / max(|z|, eps), the radial term
-     dropped below eps as clamp_min's gradient does;
-  4. dP partials (GEMM G^T z_hat): a program owns (row split, class tile, D-out
-     chunk) and loops over the row tiles of its split; row splits keep the GPU
-     busy when C is small; later passes add to the same blocks in place;
-  5. dP finalize: sums the splits in a fixed order, then the prototype
-     normalisation's Jacobian with p_hat . dp_hat from the summed dp_hat.
-  Launches: 2 + 3 per pass (5 for one pass).
-- Precision: fp32 inputs use input_precision="tf32x3" (~fp32) for every dot.
-  The gradient dots take fp32 operands with tf32x3 for every dtype: a plain
-  tf32 or half dot would round G to 10 mantissa bits.
+Scatter-mean (SPEC op 1), `_class_sums_kernel`: the class sums are a GEMM with a
+one-hot matrix, S^T [D, C] = z^T [D, R] @ onehot(y) [R, C], on the tensor cores
+(bf16/fp16 operands are exact, the one-hot is exact, fp32 accumulation). A program
+owns (class tile, D chunk, row split) and walks the row tiles of its split; when a
+large batch needs row splits to fill the GPU, `_class_sums_reduce_kernel` adds the
+splits in order. The counts come from the same one-hot tiles. Backward
+(`_gather_mean_grad_kernel`): dz_i = dP_{y_i} / count_{y_i}.
+
+Prototype InfoNCE (SPEC op 2) as one op, forward and backward:
+
+- The normalisation is scale-free, so the batch prototypes need only the class
+  sums: norm(P_c) = S_c / max(|S_c|, count_c eps) exactly (|P_c| = |S_c| / count_c).
+  The through-prototype gradient of z_i is dS_{y_i}: the mean's 1/count folds away.
+- The loss is a scalar, so its gradient is grad_loss times the gradient of the
+  loss with grad 1. The forward kernel (`_infonce_fwd_kernel`), once per row tile,
+  has the logits, the lse and so G = softmax - onehot in registers: when a
+  gradient is needed it also accumulates the class-side GEMM dS_hat^T += z_hat^T G,
+  then finalises dS = J_norm(S)^T dS_hat (in place when one program did every row;
+  else `_infonce_finalize_kernel` adds the programs' partials in order). The loss
+  partials are summed the same way. The backward (`_infonce_bwd_kernel`) is then
+  one pass over the rows: recompute the logits from z and S, G from the saved lse,
+  dz_hat = G S_hat / tau, the Jacobian dz = (dz_hat - z_hat (z_hat . dz_hat)) / |z|
+  with z_hat . dz_hat = sum_c G_rc L_rc, plus grad dS_{y_r}; z is read 3 times in all
+  (sums, forward, backward) and dz written once.
+- Launches for a forward + backward: sums (+ reduce for a large batch), forward
+  (+ finalize when several programs share the rows), backward: 3 to 5, no memset,
+  no host sync. Explicit prototypes skip the sums; their gradient dP is scaled by
+  extra programs of the backward launch.
+- Precision: fp32 inputs use tf32x3 for every dot (about fp32). For fp16/bf16 the
+  raw rows enter the tensor cores as they are (exact); the fp32 operands (S_hat, G)
+  are split into a high and a low half (x = hi + lo, about 16 mantissa bits), two or
+  three MMAs per product, fp32 accumulation. Under Triton's interpreter, whose bf16
+  dot is wrong, the same split runs on fp32 operands holding the halves' values.
+- Labels are never trusted for addressing: a row whose label is outside [0, C)
+  adds to no class and gets a NaN loss; nothing is read or written out of bounds.
 """
 from __future__ import annotations
 
@@ -57,39 +55,35 @@ NORM_EPS = tl.constexpr(1e-12)  # as F.normalize
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Scatter-mean tiles.
-SCATTER_ROWS = 32
-SCATTER_COLS = 128
-MEAN_CLASSES = 32
+# Row tile of every kernel: 64 rows are one wgmma M (one warp group of 4 warps).
+ROWS = 64
+NUM_WARPS = 4
+K_CHUNK = 64    # D chunk of the logits dots
+D_OUT = 128     # D chunk of the gradient GEMMs and of the sums
+FINAL_COLS = 256
+# A program walks at most about this many serial tile steps while the GPU has SMs to spare.
+MAX_SERIAL_STEPS = 64
+TARGET_PROGRAMS = 264  # 2 per SM of a 132-SM H100/H200
+LOSS_CHUNK = 256
 
-# InfoNCE tiles: rows per tile, D chunk of the logits loop, D chunk of the
-# gradient GEMMs, class tile of the dP kernel (the others take _class_block(C)).
-# Sized for 0 spills on sm_80 and sm_90a (python -m mvcl_fast.kernels.report).
-ROWS = 32
-K_CHUNK = 32
-D_OUT = 64
-DP_CLASSES = 64
-INFONCE_WARPS = 8
-NORM_ROWS = 16
-NORM_COLS = 256
-FINALIZE_COLS = 256
-# The dP partial kernel splits the rows until it has about this many programs.
-DP_TARGET_PROGRAMS = 256
-# Largest G = dLoss/dlogit buffer ([rows of a pass, C] fp32) the backward holds:
-# one pass covers V * N <= 2**26 / C rows (every row up to C = 341 at N = 65536, V = 3).
-G_PASS_BYTES = 256 * 2**20
+# Dot modes: fp32 (tf32x3), a half dtype on the tensor cores, or the interpreter's fp32 stand-in.
+DOT_FP32, DOT_HALF, DOT_EMULATED = 0, 1, 2
 
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TRITON_HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.bfloat16}
 
 
-def _class_block(num_classes: int) -> int:
-    """32 for the usual intent counts (MIntRec 20, MIntRec2.0 31), else 64."""
-    return 32 if num_classes <= 32 else 64
+def class_block(num_classes: int) -> int:
+    """Class tile: 16, 32 or 64 (the K of the dz GEMM must be a multiple of 16)."""
+    return 16 if num_classes <= 16 else 32 if num_classes <= 32 else 64
 
 
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """Triton's interpreter computes bf16 tl.dot wrongly: feed it fp32 there (exact for bf16)."""
-    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+def _dot_mode(dtype: torch.dtype) -> int:
+    if dtype == torch.float32:
+        return DOT_FP32
+    if dtype == torch.bfloat16 and triton_interpreter_enabled():
+        return DOT_EMULATED
+    return DOT_HALF
 
 
 # ------------------------------------------------------------------ helpers
@@ -97,15 +91,6 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
 def _inv_norm(norm):
     """1 / max(norm, eps): x times this is F.normalize(x)."""
     return 1.0 / tl.maximum(norm, NORM_EPS)
-
-
-@triton.jit
-def _radial(norm):
-    """1.0 where norm >= eps, else 0.0: whether the normalisation's Jacobian has its radial term.
-
-    As clamp_min's gradient: below eps, x / eps is linear in x.
-    """
-    return tl.where(norm >= NORM_EPS, 1.0, 0.0)
 
 
 @triton.jit
@@ -120,328 +105,487 @@ def _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _candidates(mask_ptr, has_mask, cls, cls_ok):
-    """Classes of the tile that enter the softmax: in range and, with a mask, present."""
-    candidate = cls_ok
-    if has_mask != 0:
-        candidate = candidate & (tl.load(mask_ptr + cls, mask=cls_ok, other=1) != 0)
-    return candidate
+def _labels(y_ptr, n, row_ok, C):
+    """(labels, valid): a label outside [0, C) is never used as an address."""
+    labels = tl.load(y_ptr + n, mask=row_ok, other=0)
+    return labels, row_ok & (labels >= 0) & (labels < C)
 
 
 @triton.jit
-def _raw_logits(z_ptr, z_off, row_ok, p_ptr, cls, cls_ok, stride_pc, D,
-                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                UPCAST_DOT: tl.constexpr, NORMS: tl.constexpr):
-    """z_tile @ P_tile^T over all of D, and (NORMS) the squared norms of the rows and classes."""
+def _mma(a, b, acc, MODE: tl.constexpr, HALF: tl.constexpr):
+    """acc + a @ b at about fp32 precision for fp32 a, b (values of magnitude <= ~1).
+
+    fp32 inputs: tf32x3. Half inputs: both operands split hi + lo, three MMAs (lo @ lo dropped).
+    """
+    if MODE == 0:
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        a_hi = a.to(HALF)
+        b_hi = b.to(HALF)
+        a_lo = (a - a_hi.to(tl.float32)).to(HALF)
+        b_lo = (b - b_hi.to(tl.float32)).to(HALF)
+        if MODE == 2:
+            a_hi, a_lo = a_hi.to(tl.float32), a_lo.to(tl.float32)
+            b_hi, b_lo = b_hi.to(tl.float32), b_lo.to(tl.float32)
+        acc = tl.dot(a_hi, b_hi, acc)
+        acc = tl.dot(a_hi, b_lo, acc)
+        acc = tl.dot(a_lo, b_hi, acc)
+    return acc
+
+
+@triton.jit
+def _mma_exact_left(x, b, acc, MODE: tl.constexpr, HALF: tl.constexpr):
+    """acc + x @ b for x in the input dtype (exact on the tensor cores) and fp32 b: b split hi + lo."""
+    if MODE == 0:
+        acc = tl.dot(x, b, acc, input_precision="tf32x3")
+    else:
+        b_hi = b.to(HALF)
+        b_lo = (b - b_hi.to(tl.float32)).to(HALF)
+        if MODE == 2:
+            x = x.to(tl.float32)
+            b_hi, b_lo = b_hi.to(tl.float32), b_lo.to(tl.float32)
+        acc = tl.dot(x, b_hi, acc)
+        acc = tl.dot(x, b_lo, acc)
+    return acc
+
+
+@triton.jit
+def _class_scale(sq, counts, SUMS: tl.constexpr):
+    """(1 / the normaliser, radial) of class rows with squared norms sq.
+
+    SUMS (class sums of the batch): norm(P) = S / max(|S|, count eps), 0 for an absent
+    class; explicit prototypes: P / max(|P|, eps). radial: whether the normalisation's
+    Jacobian has its radial term (not below eps, as clamp_min's gradient).
+    """
+    norm = tl.sqrt(sq)
+    if SUMS:
+        floor = counts.to(tl.float32) * NORM_EPS
+        inv = tl.where(counts > 0, 1.0 / tl.maximum(norm, floor), 0.0)
+        radial = tl.where((counts > 0) & (norm >= floor), 1.0, 0.0)
+    else:
+        inv = 1.0 / tl.maximum(norm, NORM_EPS)
+        radial = tl.where(norm >= NORM_EPS, 1.0, 0.0)
+    return inv, radial
+
+
+@triton.jit
+def _class_rows(s_ptr, counts_ptr, cls, cls_ok, stride_sc, D, SUMS: tl.constexpr,
+                HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(inv, radial, candidate) of a class tile: its norms over all of D, and which classes compete."""
+    counts = tl.zeros([BLOCK_C], dtype=tl.int64) + 1
+    if HAS_COUNTS:
+        counts = tl.load(counts_ptr + cls, mask=cls_ok, other=0)
+    sq = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        s = tl.load(s_ptr + cls.to(tl.int64)[:, None] * stride_sc + cols[None, :],
+                    mask=cls_ok[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+        sq += tl.sum(s * s, axis=1)
+    inv, radial = _class_scale(sq, counts, SUMS)
+    return inv, radial, cls_ok & (counts > 0)
+
+
+@triton.jit
+def _tile_logits(z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2,
+                 SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, MODE: tl.constexpr,
+                 HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Logits of a (row tile, class tile), times scale2 (log2(e) / tau: base 2), -inf where a
+    class does not compete; with inv_s, the candidates and the rows' norms.
+
+    Raw z rows enter the dot (exact for half inputs) and are scaled by 1 / |z| after it;
+    S_hat = S inv_s is split hi + lo. The rows' squared norms come from the same tiles.
+    """
+    cls_ok = cls < C
+    inv_s, _, candidate = _class_rows(s_ptr, counts_ptr, cls, cls_ok, stride_sc, D, SUMS,
+                                      HAS_COUNTS, BLOCK_C, BLOCK_DO)
     dots = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     sq_z = tl.zeros([BLOCK_M], dtype=tl.float32)
-    sq_p = tl.zeros([BLOCK_C], dtype=tl.float32)
-    p_off = cls.to(tl.int64) * stride_pc
+    s_off = cls.to(tl.int64) * stride_sc
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
         z = tl.load(z_ptr + z_off[:, None] + ks[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        # P loaded transposed, [BLOCK_K, BLOCK_C], ready for the dot.
-        p = tl.load(p_ptr + p_off[None, :] + ks[:, None],
-                    mask=cls_ok[None, :] & k_ok[:, None], other=0.0)
-        if NORMS:
-            zf = z.to(tl.float32)
-            pf = p.to(tl.float32)
-            sq_z += tl.sum(zf * zf, axis=1)
-            sq_p += tl.sum(pf * pf, axis=0)
-        if z.dtype == tl.float32:
-            dots = tl.dot(z, p, dots, input_precision="tf32x3")
-        elif UPCAST_DOT:
-            dots = tl.dot(z.to(tl.float32), p.to(tl.float32), dots)
-        else:
-            dots = tl.dot(z, p, dots)
-    return dots, sq_z, sq_p
+        zf = z.to(tl.float32)
+        sq_z += tl.sum(zf * zf, axis=1)
+        # S loaded transposed, [BLOCK_K, BLOCK_C], ready for the dot.
+        s_hat = tl.load(s_ptr + s_off[None, :] + ks[:, None],
+                        mask=cls_ok[None, :] & k_ok[:, None],
+                        other=0.0).to(tl.float32) * inv_s[None, :]
+        dots = _mma_exact_left(z, s_hat, dots, MODE, HALF)
+    z_norm = tl.sqrt(sq_z)
+    logits2 = dots * (_inv_norm(z_norm) * scale2)[:, None]
+    return tl.where(candidate[None, :], logits2, float("-inf")), inv_s, candidate, z_norm
 
 
 @triton.jit
-def _logit_grad(logits, lse2, labels, row_ok, cls, candidate, grad_scale):
-    """dLoss/dlogit = (softmax - onehot) * grad / (V N); 0 for masked classes and padded rows."""
-    prob = tl.where(candidate[None, :], tl.exp2(logits * LOG2E - lse2[:, None]), 0.0)
+def _logit_grad(logits2, lse2, labels, row_ok, cls):
+    """G = softmax - onehot (dLoss/dlogit for grad_loss = R); 0 for rows out of range."""
+    prob = tl.exp2(logits2 - lse2[:, None])
     onehot = tl.where(cls[None, :] == labels[:, None], 1.0, 0.0)
-    return tl.where(row_ok[:, None], (prob - onehot) * grad_scale, 0.0)
+    return tl.where(row_ok[:, None], prob - onehot, 0.0)
 
 
 @triton.jit
-def _norms_of(x_ptr, offs, ok, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """L2 norms of the rows starting at x_ptr + offs."""
-    sq = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+def _dz_hat_tile(s_ptr, cls, inv_s, g, cols, stride_sc, C, D, acc, MODE: tl.constexpr,
+                 HALF: tl.constexpr):
+    """acc + G @ S_hat[cls, cols]: one class tile's share of dz_hat for a D chunk."""
+    s_hat = tl.load(s_ptr + cls.to(tl.int64)[:, None] * stride_sc + cols[None, :],
+                    mask=(cls < C)[:, None] & (cols < D)[None, :],
+                    other=0.0).to(tl.float32) * inv_s[:, None]
+    return _mma(g, s_hat, acc, MODE, HALF)
+
+
+@triton.jit
+def _ds_hat_chunk(z_ptr, z_off, row_ok, inv_z, g, cols, D, acc, MODE: tl.constexpr,
+                  HALF: tl.constexpr):
+    """acc + z_hat[:, cols]^T @ G: a row tile's share of dS_hat^T for one D chunk."""
+    z_hat = tl.load(z_ptr + z_off[:, None] + cols[None, :],
+                    mask=row_ok[:, None] & (cols < D)[None, :],
+                    other=0.0).to(tl.float32) * inv_z[:, None]
+    return _mma(tl.trans(z_hat), g, acc, MODE, HALF)
+
+
+@triton.jit
+def _accumulate_ds(part_ptr, pid, fresh, z_ptr, z_off, row_ok, inv_z, g, cls, C, D, scale,
+                   MODE: tl.constexpr, HALF: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_DO: tl.constexpr):
+    """part[pid, cls, :] (fresh: =, else +=) scale * z_hat^T G over every D chunk (stored as [C, D])."""
+    for d0 in range(0, D, BLOCK_DO):
+        cols = d0 + tl.arange(0, BLOCK_DO)
+        ds_hat = _ds_hat_chunk(z_ptr, z_off, row_ok, inv_z, g, cols, D,
+                               tl.zeros([BLOCK_DO, BLOCK_C], dtype=tl.float32), MODE, HALF) * scale
+        block = part_ptr + (pid.to(tl.int64) * C + cls)[None, :] * D + cols[:, None]
+        ok = (cols < D)[:, None] & (cls < C)[None, :]
+        if not fresh:
+            ds_hat += tl.load(block, mask=ok, other=0.0)
+        tl.store(block, ds_hat, mask=ok)
+
+
+@triton.jit
+def _finalize_ds(part_ptr, num_parts, s_ptr, counts_ptr, ds_ptr, cls, cls_ok, stride_sc, C, D,
+                 SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """dS = (dS_hat - radial S_hat (S_hat . dS_hat)) inv_s for a class tile, dS_hat = sum of parts.
+
+    Two passes over D: S_hat . dS_hat needs all of dS_hat before any of dS is written. The parts
+    are added in order (deterministic); ds may be part 0 itself (each element is read before
+    it is written, by the same thread).
+    """
+    inv_s, radial, _ = _class_rows(s_ptr, counts_ptr, cls, cls_ok, stride_sc, D, SUMS, HAS_COUNTS,
+                                   BLOCK_C, BLOCK_D)
+    dot = tl.zeros([BLOCK_C], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + offs[:, None] + cols[None, :], mask=ok[:, None] & (cols < D)[None, :],
-                    other=0.0).to(tl.float32)
-        sq += x * x
-    return tl.sqrt(tl.sum(sq, axis=1))
+        ds_hat, s, offs, ok = _ds_hat_parts(part_ptr, num_parts, s_ptr, cls, cls_ok, d0, stride_sc,
+                                            C, D, BLOCK_C, BLOCK_D)
+        dot += tl.sum(ds_hat * s, axis=1)
+    coef = radial * inv_s * inv_s * dot
+    for d0 in range(0, D, BLOCK_D):
+        ds_hat, s, offs, ok = _ds_hat_parts(part_ptr, num_parts, s_ptr, cls, cls_ok, d0, stride_sc,
+                                            C, D, BLOCK_C, BLOCK_D)
+        tl.store(ds_ptr + offs, inv_s[:, None] * (ds_hat - coef[:, None] * s), mask=ok)
 
 
 @triton.jit
-def _dp_hat_chunk(p_ptr, part_ptr, c, cols, C, D, num_splits, stride_pc, inv_tau,
-                  BLOCK_D: tl.constexpr):
-    """(dp_hat = sum over splits / tau, raw p) of one D chunk of class c."""
-    col_ok = cols < D
-    dp_hat = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for split in range(0, num_splits):
-        dp_hat += tl.load(part_ptr + (split * C + c) * D + cols, mask=col_ok, other=0.0)
-    p = tl.load(p_ptr + c * stride_pc + cols, mask=col_ok, other=0.0).to(tl.float32)
-    return dp_hat * inv_tau, p
+def _ds_hat_parts(part_ptr, num_parts, s_ptr, cls, cls_ok, d0, stride_sc, C, D,
+                  BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(dS_hat = the parts' sum in order, S as fp32, offsets in [C, D], mask) of one D chunk."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    ok = cls_ok[:, None] & (cols < D)[None, :]
+    offs = cls.to(tl.int64)[:, None] * D + cols[None, :]
+    ds_hat = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    for p in range(0, num_parts):
+        ds_hat += tl.load(part_ptr + p * C * D + offs, mask=ok, other=0.0)
+    s = tl.load(s_ptr + cls.to(tl.int64)[:, None] * stride_sc + cols[None, :], mask=ok,
+                other=0.0).to(tl.float32)
+    return ds_hat, s, offs, ok
 
 
 # ------------------------------------------------------------ scatter-mean
 @triton.jit
-def _scatter_add_kernel(z_ptr, y_ptr, sums_ptr, counts_ptr, N, D, stride_zn,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """sums[y_i] += z_i (fp32 atomics); counts[y_i] += 1 from the first D chunk."""
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    ok = row_ok[:, None] & (cols < D)[None, :]
-    labels = tl.load(y_ptr + rows, mask=row_ok, other=0)
-    z = tl.load(z_ptr + rows.to(tl.int64)[:, None] * stride_zn + cols[None, :], mask=ok, other=0.0)
-    tl.atomic_add(sums_ptr + labels[:, None] * D + cols[None, :], z.to(tl.float32), mask=ok,
-                  sem="relaxed")
-    if pid_d == 0:
-        ones = tl.full([BLOCK_N], 1, dtype=tl.int32)
-        tl.atomic_add(counts_ptr + labels, ones, mask=row_ok, sem="relaxed")
+def _class_sums_kernel(z_ptr, y_ptr, out_ptr, counts_ptr, R, N, D, C, stride_zv, stride_zn,
+                       num_splits, MEAN: tl.constexpr, FINAL: tl.constexpr, MODE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """S^T chunk = z^T @ onehot(y) over the row tiles of one split; counts from the one-hot.
+
+    FINAL: writes the result (MEAN: S / count in out's dtype, else fp32 sums) and int64
+    counts; otherwise this split's fp32 partial sums and counts, reduced in order later.
+    """
+    pid = tl.program_id(0)
+    d_chunks = tl.cdiv(D, BLOCK_D)
+    class_tiles = tl.cdiv(C, BLOCK_C)
+    cols = (pid % d_chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cls = ((pid // d_chunks) % class_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = pid // (d_chunks * class_tiles)
+    col_ok = cols < D
+    cls_ok = cls < C
+    acc = tl.zeros([BLOCK_D, BLOCK_C], dtype=tl.float32)
+    counts = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for tile in range(split, tl.cdiv(R, BLOCK_M), num_splits):
+        rows, row_ok, n, z_off = _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M)
+        labels = tl.load(y_ptr + n, mask=row_ok, other=-1)
+        hit = (labels[:, None] == cls[None, :]) & row_ok[:, None]
+        z = tl.load(z_ptr + z_off[:, None] + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        if MODE == 0:
+            acc = tl.dot(tl.trans(z), hit.to(tl.float32), acc, input_precision="tf32x3")
+        elif MODE == 2:
+            acc = tl.dot(tl.trans(z.to(tl.float32)), hit.to(tl.float32), acc)
+        else:
+            acc = tl.dot(tl.trans(z), hit.to(z.dtype), acc)
+        counts += tl.sum(hit.to(tl.int32), axis=0)
+    ok = col_ok[:, None] & cls_ok[None, :]
+    if FINAL:
+        offs = cls.to(tl.int64)[None, :] * D + cols[:, None]
+        if MEAN:
+            acc = acc / tl.maximum(counts, 1).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        if pid % d_chunks == 0:
+            tl.store(counts_ptr + cls, counts.to(tl.int64), mask=cls_ok)
+    else:
+        offs = (split.to(tl.int64) * C + cls)[None, :] * D + cols[:, None]
+        tl.store(out_ptr + offs, acc, mask=ok)
+        if pid % d_chunks == 0:
+            tl.store(counts_ptr + split * C + cls, counts, mask=cls_ok)
 
 
 @triton.jit
-def _scatter_mean_kernel(sums_ptr, counts_ptr, proto_ptr, counts_out_ptr, C, D,
-                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """P = sums / max(count, 1) in the output dtype; counts widened to int64."""
-    pid_c = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    cls = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+def _class_sums_reduce_kernel(part_ptr, part_counts_ptr, out_ptr, counts_ptr, C, D, num_splits,
+                              MEAN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Adds the splits' partial sums and counts in split order; MEAN divides."""
+    pid = tl.program_id(0)
+    d_chunks = tl.cdiv(D, BLOCK_D)
+    cols = (pid % d_chunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cls = (pid // d_chunks) * BLOCK_C + tl.arange(0, BLOCK_C)
     cls_ok = cls < C
     ok = cls_ok[:, None] & (cols < D)[None, :]
-    counts = tl.load(counts_ptr + cls, mask=cls_ok, other=0)
     offs = cls.to(tl.int64)[:, None] * D + cols[None, :]
-    sums = tl.load(sums_ptr + offs, mask=ok, other=0.0)
-    means = sums / tl.maximum(counts, 1).to(tl.float32)[:, None]
-    tl.store(proto_ptr + offs, means.to(proto_ptr.dtype.element_ty), mask=ok)
-    if pid_d == 0:
-        tl.store(counts_out_ptr + cls, counts.to(tl.int64), mask=cls_ok)
+    acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    counts = tl.zeros([BLOCK_C], dtype=tl.int32)
+    for split in range(0, num_splits):
+        acc += tl.load(part_ptr + split * C * D + offs, mask=ok, other=0.0)
+        counts += tl.load(part_counts_ptr + split * C + cls, mask=cls_ok, other=0)
+    if MEAN:
+        acc = acc / tl.maximum(counts, 1).to(tl.float32)[:, None]
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    if pid % d_chunks == 0:
+        tl.store(counts_ptr + cls, counts.to(tl.int64), mask=cls_ok)
 
 
 @triton.jit
-def _segment_mean_kernel(z_ptr, order_ptr, starts_ptr, counts_ptr, proto_ptr, D, stride_zn,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One class, one D chunk: the mean of its rows (a sorted segment), summed in row order."""
-    c = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    start = tl.load(starts_ptr + c)
-    count = tl.load(counts_ptr + c)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for j in range(0, count, BLOCK_N):
-        pos = j + tl.arange(0, BLOCK_N)
-        pos_ok = pos < count
-        rows = tl.load(order_ptr + start + pos, mask=pos_ok, other=0)
-        acc += tl.load(z_ptr + rows[:, None] * stride_zn + cols[None, :],
-                       mask=pos_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    means = tl.sum(acc, axis=0) / tl.maximum(count, 1).to(tl.float32)
-    tl.store(proto_ptr + c.to(tl.int64) * D + cols, means.to(proto_ptr.dtype.element_ty),
-             mask=col_ok)
-
-
-@triton.jit
-def _gather_mean_grad_kernel(grad_ptr, y_ptr, counts_ptr, dz_ptr, N, D, stride_gc,
+def _gather_mean_grad_kernel(grad_ptr, y_ptr, counts_ptr, dz_ptr, N, D, C, stride_gc,
                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dz_i = dP_{y_i} / max(count_{y_i}, 1)."""
+    """dz_i = dP_{y_i} / max(count_{y_i}, 1); 0 for a row whose label is out of range."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    ok = row_ok[:, None] & (cols < D)[None, :]
-    labels = tl.load(y_ptr + rows, mask=row_ok, other=0)
-    scale = 1.0 / tl.maximum(tl.load(counts_ptr + labels, mask=row_ok, other=1), 1).to(tl.float32)
-    grad = tl.load(grad_ptr + labels[:, None] * stride_gc + cols[None, :], mask=ok,
+    labels, valid = _labels(y_ptr, rows, rows < N, C)
+    ok = valid[:, None] & (cols < D)[None, :]
+    scale = 1.0 / tl.maximum(tl.load(counts_ptr + labels, mask=valid, other=1), 1).to(tl.float32)
+    grad = tl.load(grad_ptr + labels.to(tl.int64)[:, None] * stride_gc + cols[None, :], mask=ok,
                    other=0.0).to(tl.float32)
     tl.store(dz_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-             (grad * scale[:, None]).to(dz_ptr.dtype.element_ty), mask=ok)
+             (grad * scale[:, None]).to(dz_ptr.dtype.element_ty),
+             mask=(rows < N)[:, None] & (cols < D)[None, :])
 
 
 # ------------------------------------------------------- prototype InfoNCE
 @triton.jit
-def _infonce_fwd_kernel(z_ptr, y_ptr, p_ptr, mask_ptr, lse_ptr, partial_ptr,
-                        R, N, D, C, has_mask, stride_zv, stride_zn, stride_pc, inv_tau, inv_rows,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                        UPCAST_DOT: tl.constexpr):
-    """One row tile against every class tile: lse (online, base 2) and the tile's loss sum."""
-    tile = tl.program_id(0)
-    rows, row_ok, n, z_off = _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M)
-    labels = tl.load(y_ptr + n, mask=row_ok, other=0)
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    target = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cls_ok = cls < C
-        candidate = _candidates(mask_ptr, has_mask, cls, cls_ok)
-        dots, sq_z, sq_p = _raw_logits(z_ptr, z_off, row_ok, p_ptr, cls, cls_ok, stride_pc, D,
-                                       BLOCK_M, BLOCK_C, BLOCK_K, UPCAST_DOT, True)
-        inv_z = _inv_norm(tl.sqrt(sq_z))
-        inv_p = _inv_norm(tl.sqrt(sq_p))
-        logits2 = dots * inv_z[:, None] * (inv_p * (inv_tau * LOG2E))[None, :]
-        logits2 = tl.where(candidate[None, :], logits2, float("-inf"))
-        target += tl.sum(tl.where(cls[None, :] == labels[:, None], logits2, 0.0), axis=1)
-        m_new = tl.maximum(m, tl.max(logits2, axis=1))
-        # A row whose classes so far are all masked keeps m = -inf: shift by 0 instead.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(logits2 - shift[:, None]), axis=1)
-        m = m_new
-    lse2 = m + tl.log2(l)
-    tl.store(lse_ptr + rows, lse2 * LN2, mask=row_ok)
-    loss = tl.where(row_ok, (lse2 - target) * LN2, 0.0)
-    tl.store(partial_ptr + tile, tl.sum(loss, axis=0) * inv_rows)
+def _infonce_fwd_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, loss_ptr, part_ptr,
+                        R, N, D, C, stride_zv, stride_zn, stride_sc, inv_tau, inv_rows,
+                        tiles_per_program,
+                        SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, NEED_DS: tl.constexpr,
+                        SINGLE: tl.constexpr, ONE_TILE: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                        MODE: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """The row tiles of one program: lse (base 2, online over class tiles), the loss, and
+    (NEED_DS) the class-side gradient GEMM for grad_loss = 1, dS_hat^T += z_hat^T G / (R tau).
 
-
-@triton.jit
-def _infonce_norms_kernel(z_ptr, p_ptr, z_norms_ptr, p_norms_ptr, R, N, C, D,
-                          stride_zv, stride_zn, stride_pc,
-                          BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """|z_r| for every row (first programs), then |p_c| for every prototype."""
+    Writes lse [R] and part [program, C, D] fp32. SINGLE (one program did every row): the loss
+    in the output dtype, and dS finalised in place in part; otherwise this program's loss partial.
+    ONE_TILE (C <= BLOCK_C): the logits of the forward feed G directly, no recompute; with
+    ONE_CHUNK (D <= BLOCK_DO) too, dS_hat^T stays in registers across the row tiles.
+    """
     pid = tl.program_id(0)
-    z_tiles = tl.cdiv(R, BLOCK_R)
-    if pid < z_tiles:
-        rows, row_ok, n, z_off = _row_offsets(pid, R, N, stride_zv, stride_zn, BLOCK_R)
-        tl.store(z_norms_ptr + rows, _norms_of(z_ptr, z_off, row_ok, D, BLOCK_R, BLOCK_D),
-                 mask=row_ok)
+    first = pid * tiles_per_program
+    scale2 = inv_tau * LOG2E
+    ds_scale = inv_rows * inv_tau
+    loss_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ds_acc = tl.zeros([BLOCK_DO, BLOCK_C], dtype=tl.float32)
+    for tile in range(first, tl.minimum(first + tiles_per_program, tl.cdiv(R, BLOCK_M))):
+        rows, row_ok, n, z_off = _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M)
+        labels, valid = _labels(y_ptr, n, row_ok, C)
+        if ONE_TILE:
+            cls = tl.arange(0, BLOCK_C)
+            logits2, inv_s, candidate, z_norm = _tile_logits(
+                z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
+                HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+            m = tl.max(logits2, axis=1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            lse2 = m + tl.log2(tl.sum(tl.exp2(logits2 - m[:, None]), axis=1))
+            target = tl.sum(tl.where(cls[None, :] == labels[:, None], logits2, 0.0), axis=1)
+        else:
+            m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l = tl.zeros([BLOCK_M], dtype=tl.float32)
+            target = tl.zeros([BLOCK_M], dtype=tl.float32)
+            z_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cls = c0 + tl.arange(0, BLOCK_C)
+                logits2, inv_s, candidate, z_norm = _tile_logits(
+                    z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
+                    HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+                target += tl.sum(tl.where(cls[None, :] == labels[:, None], logits2, 0.0), axis=1)
+                m_new = tl.maximum(m, tl.max(logits2, axis=1))
+                # A row whose classes so far are all masked keeps m = -inf: shift by 0 instead.
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(logits2 - shift[:, None]), axis=1)
+                m = m_new
+            lse2 = m + tl.log2(l)
+        tl.store(lse_ptr + rows, lse2 * LN2, mask=row_ok)
+        loss = tl.where(valid, (lse2 - target) * LN2, float("nan"))
+        loss_sum += tl.where(row_ok, loss, 0.0)
+        if NEED_DS:
+            inv_z = _inv_norm(z_norm)
+            if ONE_CHUNK:
+                g = _logit_grad(logits2, lse2, labels, row_ok, cls)
+                ds_acc = _ds_hat_chunk(z_ptr, z_off, row_ok, inv_z, g, tl.arange(0, BLOCK_DO), D,
+                                       ds_acc, MODE, HALF)
+            elif ONE_TILE:
+                g = _logit_grad(logits2, lse2, labels, row_ok, cls)
+                _accumulate_ds(part_ptr, pid, tile == first, z_ptr, z_off, row_ok, inv_z, g, cls,
+                               C, D, ds_scale, MODE, HALF, BLOCK_C, BLOCK_DO)
+            else:
+                for c0 in range(0, C, BLOCK_C):
+                    cls = c0 + tl.arange(0, BLOCK_C)
+                    logits2, inv_s, candidate, z_norm_c = _tile_logits(
+                        z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2,
+                        SUMS, HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+                    g = _logit_grad(logits2, lse2, labels, row_ok, cls)
+                    _accumulate_ds(part_ptr, pid, tile == first, z_ptr, z_off, row_ok, inv_z, g,
+                                   cls, C, D, ds_scale, MODE, HALF, BLOCK_C, BLOCK_DO)
+    if ONE_CHUNK and NEED_DS:  # dS_hat^T is whole in registers: finalise it there if SINGLE
+        cls = tl.arange(0, BLOCK_C)
+        cols = tl.arange(0, BLOCK_DO)
+        ds_hat = tl.trans(ds_acc) * ds_scale
+        if SINGLE:
+            inv_s, radial, _ = _class_rows(s_ptr, counts_ptr, cls, cls < C, stride_sc, D, SUMS,
+                                           HAS_COUNTS, BLOCK_C, BLOCK_DO)
+            s = tl.load(s_ptr + cls.to(tl.int64)[:, None] * stride_sc + cols[None, :],
+                        mask=(cls < C)[:, None] & (cols < D)[None, :], other=0.0).to(tl.float32)
+            coef = radial * inv_s * inv_s * tl.sum(ds_hat * s, axis=1)
+            ds_hat = inv_s[:, None] * (ds_hat - coef[:, None] * s)
+        tl.store(part_ptr + (pid.to(tl.int64) * C + cls)[:, None] * D + cols[None, :], ds_hat,
+                 mask=(cls < C)[:, None] & (cols < D)[None, :])
+    if SINGLE:
+        tl.store(loss_ptr, (tl.sum(loss_sum, axis=0) * inv_rows).to(loss_ptr.dtype.element_ty))
+        if NEED_DS and not ONE_CHUNK:
+            tl.debug_barrier()  # every thread's part stores land before the finalize reads them
+            for c0 in range(0, C, BLOCK_C):
+                cls = c0 + tl.arange(0, BLOCK_C)
+                _finalize_ds(part_ptr, 1, s_ptr, counts_ptr, part_ptr, cls, cls < C, stride_sc,
+                             C, D, SUMS, HAS_COUNTS, BLOCK_C, BLOCK_DO)
     else:
-        cls = (pid - z_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cls_ok = cls < C
-        norms = _norms_of(p_ptr, cls.to(tl.int64) * stride_pc, cls_ok, D, BLOCK_R, BLOCK_D)
-        tl.store(p_norms_ptr + cls, norms, mask=cls_ok)
+        tl.store(loss_ptr + pid, tl.sum(loss_sum, axis=0) * inv_rows)
 
 
 @triton.jit
-def _infonce_logit_grad_kernel(z_ptr, y_ptr, p_ptr, mask_ptr, lse_ptr, grad_ptr, z_norms_ptr,
-                               p_norms_ptr, g_ptr, row_radial_ptr, row_start, row_end, N, D, C,
-                               has_mask, stride_zv, stride_zn, stride_pc, inv_tau, inv_rows,
-                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                               BLOCK_K: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """One row tile of the pass: G = dLoss/dlogit into g [pass rows, C], sum_c G L per row."""
-    tile = row_start // BLOCK_M + tl.program_id(0)
-    rows, row_ok, n, z_off = _row_offsets(tile, row_end, N, stride_zv, stride_zn, BLOCK_M)
-    labels = tl.load(y_ptr + n, mask=row_ok, other=0)
-    lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
-    inv_z = _inv_norm(tl.load(z_norms_ptr + rows, mask=row_ok, other=1.0))
-    grad_scale = tl.load(grad_ptr).to(tl.float32) * inv_rows
-    g_rows = g_ptr + (rows - row_start).to(tl.int64)[:, None] * C
-    row_radial = tl.zeros([BLOCK_M], dtype=tl.float32)  # z_hat . dz_hat = sum_c G_rc L_rc
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cls_ok = cls < C
-        candidate = _candidates(mask_ptr, has_mask, cls, cls_ok)
-        inv_p = _inv_norm(tl.load(p_norms_ptr + cls, mask=cls_ok, other=1.0))
-        dots, sq_z, sq_p = _raw_logits(z_ptr, z_off, row_ok, p_ptr, cls, cls_ok, stride_pc, D,
-                                 BLOCK_M, BLOCK_C, BLOCK_K, UPCAST_DOT, False)
-        logits = dots * inv_z[:, None] * (inv_p * inv_tau)[None, :]
-        g = _logit_grad(logits, lse2, labels, row_ok, cls, candidate, grad_scale)
-        row_radial += tl.sum(g * logits, axis=1)
-        tl.store(g_rows + cls[None, :], g, mask=row_ok[:, None] & cls_ok[None, :])
-    tl.store(row_radial_ptr + rows, row_radial, mask=row_ok)
+def _infonce_finalize_kernel(part_ptr, num_parts, s_ptr, counts_ptr, ds_ptr, loss_part_ptr,
+                             loss_ptr, C, D, stride_sc,
+                             SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, NEED_DS: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                             LOSS_BLOCK: tl.constexpr):
+    """Program 0: the loss, the forward programs' partials summed in order. Programs 1...: dS of
+    a class tile from the programs' parts (NEED_DS)."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        total = tl.zeros([LOSS_BLOCK], dtype=tl.float32)
+        for p0 in range(0, num_parts, LOSS_BLOCK):
+            ps = p0 + tl.arange(0, LOSS_BLOCK)
+            total += tl.load(loss_part_ptr + ps, mask=ps < num_parts, other=0.0)
+        tl.store(loss_ptr, tl.sum(total, axis=0).to(loss_ptr.dtype.element_ty))
+    elif NEED_DS:
+        cls = (pid - 1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        _finalize_ds(part_ptr, num_parts, s_ptr, counts_ptr, ds_ptr, cls, cls < C, stride_sc, C, D,
+                     SUMS, HAS_COUNTS, BLOCK_C, BLOCK_D)
 
 
 @triton.jit
-def _infonce_dz_kernel(z_ptr, p_ptr, z_norms_ptr, p_norms_ptr, g_ptr, row_radial_ptr, dz_ptr,
-                       row_start, row_end, N, D, C, stride_zv, stride_zn, stride_pc, inv_tau,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DO: tl.constexpr):
-    """dz of one row tile and D-out chunk of the pass.
+def _infonce_bwd_kernel(grad_ptr, z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, ds_ptr, dz_ptr, dp_ptr,
+                        R, N, D, C, stride_zv, stride_zn, stride_sc, inv_tau, inv_rows, d_split,
+                        SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, THROUGH: tl.constexpr,
+                        NEED_DP: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr,
+                        HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr, DP_BLOCK: tl.constexpr):
+    """dz of a row tile (the D chunks of its share), and (NEED_DP) dP = grad * dS_unit.
 
-    dz_hat = G P_hat / tau over every class tile, then the normalisation's Jacobian:
-    dz = (dz_hat - radial z_hat (z_hat . dz_hat)) / max(|z|, eps), z_hat . dz_hat = sum_c G L.
+    Programs [0, row tiles * d_split) own (row tile, D share); the rest scale dP. With
+    dLoss/dL = grad / R (softmax - onehot) = grad / R G:
+    dz = grad / R inv_z (G S_hat / tau - radial z_hat sum_c G L) + grad dS_{y} (THROUGH).
     """
     pid = tl.program_id(0)
-    d_chunks = tl.cdiv(D, BLOCK_DO)
-    # The D chunks of a row tile are neighbours in launch order: its G tiles stay in L2.
-    tile = row_start // BLOCK_M + pid // d_chunks
-    cols = (pid % d_chunks) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    col_ok = cols < D
-    rows, row_ok, n, z_off = _row_offsets(tile, row_end, N, stride_zv, stride_zn, BLOCK_M)
-    g_rows = g_ptr + (rows - row_start).to(tl.int64)[:, None] * C
-    dz_hat = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cls = c0 + tl.arange(0, BLOCK_C)
-        cls_ok = cls < C
-        inv_p = _inv_norm(tl.load(p_norms_ptr + cls, mask=cls_ok, other=1.0))
-        g = tl.load(g_rows + cls[None, :], mask=row_ok[:, None] & cls_ok[None, :], other=0.0)
-        p = tl.load(p_ptr + cls.to(tl.int64)[:, None] * stride_pc + cols[None, :],
-                    mask=cls_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        dz_hat = tl.dot(g * (inv_p * inv_tau)[None, :], p, dz_hat, input_precision="tf32x3")
-    z_norm = tl.load(z_norms_ptr + rows, mask=row_ok, other=1.0)
-    inv_z = _inv_norm(z_norm)
-    row_radial = tl.load(row_radial_ptr + rows, mask=row_ok, other=0.0)
-    z = tl.load(z_ptr + z_off[:, None] + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    dz = inv_z[:, None] * (dz_hat - (_radial(z_norm) * inv_z * row_radial)[:, None] * z)
-    tl.store(dz_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
-             dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _infonce_dp_partial_kernel(z_ptr, z_norms_ptr, g_ptr, part_ptr, row_start, row_end, N, D, C,
-                               stride_zv, stride_zn, num_splits, accumulate,
-                               BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                               BLOCK_DO: tl.constexpr):
-    """part[split] (+)= sum_r G_rc z_hat_r over the row tiles of this split of the pass.
-
-    A program owns (split, class tile, D-out chunk); with accumulate it adds to what the
-    previous pass left in its block of part, so the sum over passes keeps a fixed order.
-    """
-    pid = tl.program_id(0)
-    d_chunks = tl.cdiv(D, BLOCK_DO)
-    class_tiles = tl.cdiv(C, BLOCK_C)
-    cols = (pid % d_chunks) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    cls = ((pid // d_chunks) % class_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = pid // (d_chunks * class_tiles)
-    cls_ok = cls < C
-    col_ok = cols < D
-    block = part_ptr + (split.to(tl.int64) * C + cls)[:, None] * D + cols[None, :]
-    block_ok = cls_ok[:, None] & col_ok[None, :]
-    acc = tl.zeros([BLOCK_C, BLOCK_DO], dtype=tl.float32)
-    if accumulate != 0:
-        acc = tl.load(block, mask=block_ok, other=0.0)
-    for tile in range(row_start // BLOCK_M + split, tl.cdiv(row_end, BLOCK_M), num_splits):
-        rows, row_ok, n, z_off = _row_offsets(tile, row_end, N, stride_zv, stride_zn, BLOCK_M)
-        inv_z = _inv_norm(tl.load(z_norms_ptr + rows, mask=row_ok, other=1.0))
-        g = tl.load(g_ptr + (rows - row_start).to(tl.int64)[:, None] * C + cls[None, :],
-                    mask=row_ok[:, None] & cls_ok[None, :], other=0.0)
-        z = tl.load(z_ptr + z_off[:, None] + cols[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(tl.trans(g * inv_z[:, None]), z, acc, input_precision="tf32x3")
-    tl.store(block, acc, mask=block_ok)
-
-
-@triton.jit
-def _infonce_dp_finalize_kernel(p_ptr, p_norms_ptr, part_ptr, dp_ptr, C, D, num_splits,
-                                stride_pc, inv_tau, BLOCK_D: tl.constexpr):
-    """dP_c = (dp_hat - radial p_hat (p_hat . dp_hat)) / max(|p_c|, eps), splits summed in order.
-
-    Two passes over D: p_hat . dp_hat needs all of dp_hat before any of dP is written.
-    """
-    c = tl.program_id(0).to(tl.int64)
-    p_norm = tl.load(p_norms_ptr + c)
-    inv_p = _inv_norm(p_norm)
-    radial_dot = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        dp_hat, p = _dp_hat_chunk(p_ptr, part_ptr, c, cols, C, D, num_splits, stride_pc, inv_tau,
-                                  BLOCK_D)
-        radial_dot += dp_hat * p
-    radial = _radial(p_norm) * inv_p * inv_p * tl.sum(radial_dot, axis=0)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        dp_hat, p = _dp_hat_chunk(p_ptr, part_ptr, c, cols, C, D, num_splits, stride_pc, inv_tau,
-                                  BLOCK_D)
-        tl.store(dp_ptr + c * D + cols, (inv_p * (dp_hat - radial * p)).to(dp_ptr.dtype.element_ty),
-                 mask=cols < D)
+    row_programs = tl.cdiv(R, BLOCK_M) * d_split
+    grad = tl.load(grad_ptr).to(tl.float32)
+    if pid >= row_programs:
+        if NEED_DP:
+            offs = (pid - row_programs).to(tl.int64) * DP_BLOCK + tl.arange(0, DP_BLOCK)
+            ok = offs < C * D
+            dp = tl.load(ds_ptr + offs, mask=ok, other=0.0) * grad
+            tl.store(dp_ptr + offs, dp.to(dp_ptr.dtype.element_ty), mask=ok)
+    else:
+        tile = pid // d_split
+        share = pid % d_split
+        d_chunks = tl.cdiv(D, BLOCK_DO)
+        per_share = tl.cdiv(d_chunks, d_split)
+        rows, row_ok, n, z_off = _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M)
+        labels, valid = _labels(y_ptr, n, row_ok, C)
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+        scale2 = inv_tau * LOG2E
+        # z_hat . dz_hat / (grad / R) = sum_c G_rc L_rc: the Jacobian's radial term, every class.
+        if ONE_TILE:
+            cls = tl.arange(0, BLOCK_C)
+            logits2, inv_s, candidate, z_norm = _tile_logits(
+                z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
+                HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+            g = _logit_grad(logits2, lse2, labels, row_ok, cls)
+            g_dot_l = tl.sum(tl.where(candidate[None, :], g * logits2 * LN2, 0.0), axis=1)
+        else:
+            g_dot_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+            z_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cls = c0 + tl.arange(0, BLOCK_C)
+                logits2, inv_s, candidate, z_norm = _tile_logits(
+                    z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
+                    HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+                g = _logit_grad(logits2, lse2, labels, row_ok, cls)
+                g_dot_l += tl.sum(tl.where(candidate[None, :], g * logits2 * LN2, 0.0), axis=1)
+        inv_z = _inv_norm(z_norm)
+        radial = tl.where(z_norm >= NORM_EPS, g_dot_l, 0.0)
+        row_scale = grad * inv_rows * inv_z
+        for chunk in range(share * per_share, tl.minimum((share + 1) * per_share, d_chunks)):
+            cols = chunk * BLOCK_DO + tl.arange(0, BLOCK_DO)
+            col_ok = cols < D
+            dz_hat = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+            if ONE_TILE:
+                dz_hat = _dz_hat_tile(s_ptr, cls, inv_s, g, cols, stride_sc, C, D, dz_hat, MODE,
+                                      HALF)
+            else:
+                for c0 in range(0, C, BLOCK_C):  # G of each class tile again: logits recomputed
+                    cls = c0 + tl.arange(0, BLOCK_C)
+                    logits2, inv_s, candidate, z_norm_c = _tile_logits(
+                        z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2,
+                        SUMS, HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+                    g = _logit_grad(logits2, lse2, labels, row_ok, cls)
+                    dz_hat = _dz_hat_tile(s_ptr, cls, inv_s, g, cols, stride_sc, C, D, dz_hat,
+                                          MODE, HALF)
+            z_hat = tl.load(z_ptr + z_off[:, None] + cols[None, :],
+                            mask=row_ok[:, None] & col_ok[None, :],
+                            other=0.0).to(tl.float32) * inv_z[:, None]
+            dz = row_scale[:, None] * (dz_hat * inv_tau - z_hat * radial[:, None])
+            if THROUGH:
+                dz += grad * tl.load(ds_ptr + labels.to(tl.int64)[:, None] * D + cols[None, :],
+                                     mask=valid[:, None] & col_ok[None, :], other=0.0)
+            tl.store(dz_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+                     dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # --------------------------------------------------------------- launchers
@@ -450,187 +594,213 @@ def _unit_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def batch_prototypes_forward(z: torch.Tensor, y: torch.Tensor, num_classes: int,
-                             deterministic: bool):
-    """(prototypes [C, D] in z.dtype, counts [C] int64) of z [N, D] by labels y [N]."""
-    z, y = _unit_stride(z), y.contiguous()
-    n, dim = z.shape
-    prototypes = torch.empty((num_classes, dim), dtype=z.dtype, device=z.device)
-    col_chunks = triton.cdiv(dim, SCATTER_COLS)
-    if deterministic:
-        # Segments of the stably sorted labels; searchsorted (unlike bincount) needs no host sync.
-        sorted_y, order = torch.sort(y, stable=True)
-        bounds = torch.searchsorted(sorted_y, torch.arange(num_classes + 1, device=y.device))
-        starts, counts = bounds[:-1], bounds[1:] - bounds[:-1]
-        _segment_mean_kernel[(num_classes, col_chunks)](
-            z, order, starts, counts, prototypes, dim, z.stride(0),
-            BLOCK_N=SCATTER_ROWS, BLOCK_D=SCATTER_COLS)
-        return prototypes, counts
-    # One zeroed buffer (one memset) holds the fp32 sums and, bit-cast, the int32 counts.
-    scratch = torch.zeros(num_classes * dim + num_classes, dtype=torch.float32, device=z.device)
-    sums = scratch[:num_classes * dim]
-    counts32 = scratch[num_classes * dim:].view(torch.int32)
-    _scatter_add_kernel[(triton.cdiv(n, SCATTER_ROWS), col_chunks)](
-        z, y, sums, counts32, n, dim, z.stride(0), BLOCK_N=SCATTER_ROWS, BLOCK_D=SCATTER_COLS)
+def _dot_meta(dtype: torch.dtype) -> dict:
+    return dict(MODE=_dot_mode(dtype), HALF=TRITON_HALF[dtype])
+
+
+def _sum_splits(rows: int, dim: int, num_classes: int) -> int:
+    """Row splits of the sums: one unless a program would walk too many row tiles on an idle GPU."""
+    row_tiles = triton.cdiv(rows, ROWS)
+    programs = triton.cdiv(num_classes, class_block(num_classes)) * triton.cdiv(dim, D_OUT)
+    if row_tiles <= MAX_SERIAL_STEPS or 2 * programs >= TARGET_PROGRAMS:
+        return 1
+    return min(triton.cdiv(row_tiles, MAX_SERIAL_STEPS), triton.cdiv(TARGET_PROGRAMS, programs))
+
+
+def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
+    """(per-class sums in fp32, or means in z.dtype; counts [C] int64) of the rows of z [V, N, D].
+
+    Rows of every view count (label y[n] for z[v, n]); a label outside [0, C) counts nowhere.
+    One launch, or two when the rows are split (added in split order: deterministic).
+    """
+    views, n, dim = z.shape
+    rows = views * n
+    block_c = class_block(num_classes)
+    out_dtype = z.dtype if mean else torch.float32
+    out = torch.empty((num_classes, dim), dtype=out_dtype, device=z.device)
     counts = torch.empty(num_classes, dtype=torch.int64, device=z.device)
-    _scatter_mean_kernel[(triton.cdiv(num_classes, MEAN_CLASSES), col_chunks)](
-        sums, counts32, prototypes, counts, num_classes, dim,
-        BLOCK_C=MEAN_CLASSES, BLOCK_D=SCATTER_COLS)
-    return prototypes, counts
+    splits = _sum_splits(rows, dim, num_classes)
+    grid = triton.cdiv(num_classes, block_c) * triton.cdiv(dim, D_OUT)
+    args = dict(R=rows, N=n, D=dim, C=num_classes, stride_zv=z.stride(0), stride_zn=z.stride(1),
+                num_splits=splits, MEAN=mean, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_D=D_OUT,
+                MODE=_dot_mode(z.dtype), num_warps=NUM_WARPS)
+    if splits == 1:
+        _class_sums_kernel[(grid,)](z, y, out, counts, FINAL=True, **args)
+        return out, counts
+    part = torch.empty((splits, num_classes, dim), dtype=torch.float32, device=z.device)
+    part_counts = torch.empty((splits, num_classes), dtype=torch.int32, device=z.device)
+    _class_sums_kernel[(grid * splits,)](z, y, part, part_counts, FINAL=False, **args)
+    _class_sums_reduce_kernel[(grid,)](part, part_counts, out, counts, num_classes, dim, splits,
+                                       MEAN=mean, BLOCK_C=block_c, BLOCK_D=D_OUT,
+                                       num_warps=NUM_WARPS)
+    return out, counts
+
+
+def batch_prototypes_forward(z: torch.Tensor, y: torch.Tensor, num_classes: int):
+    """(prototypes [C, D] in z.dtype, counts [C] int64) of z [N, D] by labels y [N]."""
+    return class_sums(_unit_stride(z).unsqueeze(0), y.contiguous(), num_classes, mean=True)
 
 
 def batch_prototypes_backward(grad_prototypes: torch.Tensor, y: torch.Tensor,
                               counts: torch.Tensor) -> torch.Tensor:
     """dz [N, D] in the gradient's dtype: dz_i = dP_{y_i} / count_{y_i}."""
     grad_prototypes = _unit_stride(grad_prototypes)
-    n, dim = y.shape[0], grad_prototypes.shape[1]
+    (num_classes, dim), n = grad_prototypes.shape, y.shape[0]
     dz = torch.empty((n, dim), dtype=grad_prototypes.dtype, device=grad_prototypes.device)
-    _gather_mean_grad_kernel[(triton.cdiv(n, SCATTER_ROWS), triton.cdiv(dim, SCATTER_COLS))](
-        grad_prototypes, y.contiguous(), counts.contiguous(), dz, n, dim,
-        grad_prototypes.stride(0), BLOCK_N=SCATTER_ROWS, BLOCK_D=SCATTER_COLS)
+    _gather_mean_grad_kernel[(triton.cdiv(n, ROWS), triton.cdiv(dim, D_OUT))](
+        grad_prototypes, y.contiguous(), counts, dz, n, dim, num_classes,
+        grad_prototypes.stride(0), BLOCK_N=ROWS, BLOCK_D=D_OUT, num_warps=NUM_WARPS)
     return dz
 
 
-def _infonce_args(z, y, prototypes, class_mask, tau):
-    """(z, P, y, class mask) ready for the kernels, the scalar arguments they share, constexprs."""
-    z, prototypes, y = _unit_stride(z), _unit_stride(prototypes), y.contiguous()
+def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool) -> tuple[int, int]:
+    """(programs, row tiles per program) of the forward kernel.
+
+    A program takes as many row tiles as fit in MAX_SERIAL_STEPS tile steps (fewer
+    programs: fewer dS partials to write and add), but never so few programs that a
+    large batch leaves SMs idle.
+    """
+    row_tiles = triton.cdiv(rows, ROWS)
+    class_tiles = triton.cdiv(num_classes, class_block(num_classes))
+    logit_steps = triton.cdiv(dim, K_CHUNK) * class_tiles
+    steps = logit_steps
+    if need_ds:
+        steps += triton.cdiv(dim, D_OUT) * class_tiles + (logit_steps if class_tiles > 1 else 0)
+    per_program = max(1, MAX_SERIAL_STEPS // steps, triton.cdiv(row_tiles, TARGET_PROGRAMS))
+    per_program = min(per_program, row_tiles)
+    return triton.cdiv(row_tiles, per_program), per_program
+
+
+def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Optional[torch.Tensor],
+                              counts: Optional[torch.Tensor], num_classes: int, tau: float,
+                              need_ds: bool):
+    """The loss of z [V, N, D] against the batch's class sums (prototypes None) or prototypes.
+
+    Returns (loss 0-dim in z.dtype, lse [V, N] fp32, S [C, D] (fp32 sums, or the prototypes),
+    counts [C] int64 (empty without), dS_unit [C, D] fp32: the gradient of the loss for grad 1
+    reaching S (empty unless need_ds)). counts with explicit prototypes masks absent classes.
+    """
+    z, y = _unit_stride(z), y.contiguous()
     views, n, dim = z.shape
-    num_classes = prototypes.shape[0]
-    if class_mask is None:  # has_mask = 0: the placeholder is never read
-        mask, has_mask = torch.empty(1, dtype=torch.int8, device=z.device), 0
+    rows, device = views * n, z.device
+    sums = prototypes is None
+    if sums:
+        s, counts = class_sums(z, y, num_classes, mean=False)
     else:
-        mask, has_mask = class_mask.contiguous().view(torch.int8), 1
-    scalars = dict(N=n, D=dim, C=num_classes, has_mask=has_mask,
-                   stride_zv=z.stride(0), stride_zn=z.stride(1), stride_pc=prototypes.stride(0),
-                   inv_tau=1.0 / tau, inv_rows=1.0 / (views * n))
-    meta = dict(BLOCK_M=ROWS, BLOCK_C=_class_block(num_classes), BLOCK_K=K_CHUNK,
-                UPCAST_DOT=_upcast_dot(z.dtype), num_warps=INFONCE_WARPS)
-    return z, prototypes, y, mask, scalars, meta
-
-
-def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tensor,
-                              class_mask: Optional[torch.Tensor], tau: float):
-    """(loss: 0-dim fp32, lse [V, N] fp32) of the prototype InfoNCE over views z [V, N, D]."""
-    z, prototypes, y, mask, scalars, meta = _infonce_args(z, y, prototypes, class_mask, tau)
-    views, n, _ = z.shape
-    row_tiles = triton.cdiv(views * n, ROWS)
-    lse = torch.empty((views, n), dtype=torch.float32, device=z.device)
-    partials = torch.empty(row_tiles, dtype=torch.float32, device=z.device)
-    _infonce_fwd_kernel[(row_tiles,)](z, y, prototypes, mask, lse, partials, R=views * n,
-                                      **scalars, **meta)
-    return partials.sum(), lse
+        s = _unit_stride(prototypes)
+    has_counts = counts is not None
+    if not has_counts:
+        counts = torch.empty(0, dtype=torch.int64, device=device)
+    block_c = class_block(num_classes)
+    programs, per_program = _forward_plan(rows, dim, num_classes, need_ds)
+    single = programs == 1
+    lse = torch.empty((views, n), dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=z.dtype, device=device)
+    loss_out = loss if single else torch.empty(programs, dtype=torch.float32, device=device)
+    part = torch.empty((programs if need_ds else 0, num_classes, dim), dtype=torch.float32,
+                       device=device)
+    flags = dict(SUMS=sums, HAS_COUNTS=has_counts, NEED_DS=need_ds)
+    _infonce_fwd_kernel[(programs,)](
+        z, y, s, counts, lse, loss_out, part, rows, n, dim, num_classes, z.stride(0), z.stride(1),
+        s.stride(0), 1.0 / tau, 1.0 / rows, per_program, SINGLE=single,
+        ONE_TILE=num_classes <= block_c, ONE_CHUNK=num_classes <= block_c and dim <= D_OUT,
+        BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK,
+        BLOCK_DO=D_OUT, num_warps=NUM_WARPS, **flags, **_dot_meta(z.dtype))
+    if single:
+        ds = part[0] if need_ds else part
+    else:
+        ds = torch.empty((num_classes, dim) if need_ds else 0, dtype=torch.float32, device=device)
+        finalize_programs = 1 + (triton.cdiv(num_classes, block_c) if need_ds else 0)
+        _infonce_finalize_kernel[(finalize_programs,)](
+            part, programs, s, counts, ds, loss_out, loss, num_classes, dim, s.stride(0),
+            BLOCK_C=block_c, BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS, **flags)
+    return loss, lse, s, counts, ds
 
 
 def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torch.Tensor,
-                               prototypes: torch.Tensor, class_mask: Optional[torch.Tensor],
-                               tau: float, lse: torch.Tensor):
-    """(dz [V, N, D] in z.dtype, dP [C, D] in prototypes.dtype) from the saved lse."""
-    z, prototypes, y, mask, scalars, meta = _infonce_args(z, y, prototypes, class_mask, tau)
+                               s: torch.Tensor, counts: torch.Tensor, lse: torch.Tensor,
+                               ds: torch.Tensor, tau: float, sums: bool, through: bool,
+                               need_dp: bool):
+    """(dz [V, N, D] in z.dtype, dP [C, D] in the prototypes' dtype or empty) in one launch.
+
+    through: the batch prototypes' path (dz += grad dS_{y}); need_dp: explicit prototypes
+    that want their gradient (grad dS_unit).
+    """
+    z, y = _unit_stride(z), y.contiguous()
     views, n, dim = z.shape
-    rows, num_classes = views * n, prototypes.shape[0]
-    device = z.device
-    f32 = dict(dtype=torch.float32, device=device)
-    grad_loss = grad_loss.to(torch.float32).contiguous()
-    lse = lse.contiguous()
-    strides = dict(stride_zv=z.stride(0), stride_zn=z.stride(1))
-
-    z_norms, p_norms = torch.empty(rows, **f32), torch.empty(num_classes, **f32)
-    norm_programs = triton.cdiv(rows, NORM_ROWS) + triton.cdiv(num_classes, NORM_ROWS)
-    _infonce_norms_kernel[(norm_programs,)](
-        z, prototypes, z_norms, p_norms, rows, n, num_classes, dim, **strides,
-        stride_pc=prototypes.stride(0), BLOCK_R=NORM_ROWS, BLOCK_D=NORM_COLS)
-
-    pass_rows = min(rows, max(ROWS, G_PASS_BYTES // (4 * num_classes) // ROWS * ROWS))
-    pass_tiles = triton.cdiv(pass_rows, ROWS)
+    rows, num_classes = views * n, s.shape[0]
+    block_c = class_block(num_classes)
+    row_tiles = triton.cdiv(rows, ROWS)
     d_chunks = triton.cdiv(dim, D_OUT)
-    class_tiles = triton.cdiv(num_classes, DP_CLASSES)
-    splits = max(1, min(pass_tiles, triton.cdiv(DP_TARGET_PROGRAMS, class_tiles * d_chunks)))
-    g = torch.empty((pass_rows, num_classes), **f32)
-    row_radial = torch.empty(rows, **f32)
-    part = torch.empty((splits, num_classes, dim), **f32)
-    dz = torch.empty((views, n, dim), dtype=z.dtype, device=device)
-    gemm = dict(BLOCK_M=ROWS, BLOCK_DO=D_OUT, num_warps=INFONCE_WARPS)
-    for row_start in range(0, rows, pass_rows):
-        bounds = dict(row_start=row_start, row_end=min(row_start + pass_rows, rows))
-        tiles = triton.cdiv(bounds["row_end"] - row_start, ROWS)
-        _infonce_logit_grad_kernel[(tiles,)](
-            z, y, prototypes, mask, lse, grad_loss, z_norms, p_norms, g, row_radial,
-            **scalars, **bounds, **meta)
-        _infonce_dz_kernel[(tiles * d_chunks,)](
-            z, prototypes, z_norms, p_norms, g, row_radial, dz, **bounds, N=n, D=dim,
-            C=num_classes, **strides, stride_pc=prototypes.stride(0), inv_tau=1.0 / tau,
-            BLOCK_C=meta["BLOCK_C"], **gemm)
-        _infonce_dp_partial_kernel[(splits * class_tiles * d_chunks,)](
-            z, z_norms, g, part, **bounds, N=n, D=dim, C=num_classes, **strides,
-            num_splits=splits, accumulate=int(row_start > 0), BLOCK_C=DP_CLASSES, **gemm)
-    dp = torch.empty((num_classes, dim), dtype=prototypes.dtype, device=device)
-    _infonce_dp_finalize_kernel[(num_classes,)](
-        prototypes, p_norms, part, dp, num_classes, dim, splits, prototypes.stride(0), 1.0 / tau,
-        BLOCK_D=FINALIZE_COLS)
+    # Split a row tile's D chunks over programs while there are too few row tiles to fill the GPU.
+    d_split = max(1, min(d_chunks, TARGET_PROGRAMS // 2 // row_tiles))
+    dz = torch.empty((views, n, dim), dtype=z.dtype, device=z.device)
+    dp = torch.empty((num_classes, dim) if need_dp else 0, dtype=s.dtype, device=z.device)
+    dp_programs = triton.cdiv(num_classes * dim, FINAL_COLS * 4) if need_dp else 0
+    _infonce_bwd_kernel[(row_tiles * d_split + dp_programs,)](
+        grad_loss, z, y, s, counts, lse, ds, dz, dp, rows, n, dim, num_classes, z.stride(0),
+        z.stride(1), s.stride(0), 1.0 / tau, 1.0 / rows, d_split, SUMS=sums,
+        HAS_COUNTS=counts.numel() > 0, THROUGH=through, NEED_DP=need_dp,
+        ONE_TILE=num_classes <= block_c, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK,
+        BLOCK_DO=D_OUT, DP_BLOCK=FINAL_COLS * 4, num_warps=NUM_WARPS, **_dot_meta(z.dtype))
     return dz, dp
 
 
 # ------------------------------------------------------------ AOT declaration
 def aot_specs() -> list[KernelSpec]:
-    """Every kernel with every config it launches with on a GPU (per dtype, per class tile)."""
+    """Every kernel in every config it launches with (per dtype, class tile and mode flags)."""
     specs = []
-    scatter = dict(BLOCK_N=SCATTER_ROWS, BLOCK_D=SCATTER_COLS)
-    for t in TORCH_TO_TRITON.values():
-        specs += [
-            KernelSpec(f"scatter_add[{t}]", _scatter_add_kernel,
-                       {"z_ptr": f"*{t}", "y_ptr": "*i64", "sums_ptr": "*fp32",
-                        "counts_ptr": "*i32", "N": "i32", "D": "i32", "stride_zn": "i32"},
-                       scatter),
-            KernelSpec(f"scatter_mean[{t}]", _scatter_mean_kernel,
-                       {"sums_ptr": "*fp32", "counts_ptr": "*i32", "proto_ptr": f"*{t}",
-                        "counts_out_ptr": "*i64", "C": "i32", "D": "i32"},
-                       dict(BLOCK_C=MEAN_CLASSES, BLOCK_D=SCATTER_COLS)),
-            KernelSpec(f"segment_mean[{t}]", _segment_mean_kernel,
-                       {"z_ptr": f"*{t}", "order_ptr": "*i64", "starts_ptr": "*i64",
-                        "counts_ptr": "*i64", "proto_ptr": f"*{t}", "D": "i32",
-                        "stride_zn": "i32"}, scatter),
-            KernelSpec(f"gather_mean_grad[{t}]", _gather_mean_grad_kernel,
-                       {"grad_ptr": f"*{t}", "y_ptr": "*i64", "counts_ptr": "*i64",
-                        "dz_ptr": f"*{t}", "N": "i32", "D": "i32", "stride_gc": "i32"}, scatter),
-            KernelSpec(f"infonce_norms[{t}]", _infonce_norms_kernel,
-                       {"z_ptr": f"*{t}", "p_ptr": f"*{t}", "z_norms_ptr": "*fp32",
-                        "p_norms_ptr": "*fp32", "R": "i32", "N": "i32", "C": "i32", "D": "i32",
-                        "stride_zv": "i32", "stride_zn": "i32", "stride_pc": "i32"},
-                       dict(BLOCK_R=NORM_ROWS, BLOCK_D=NORM_COLS)),
-            KernelSpec(f"infonce_dp_finalize[{t}]", _infonce_dp_finalize_kernel,
-                       {"p_ptr": f"*{t}", "p_norms_ptr": "*fp32", "part_ptr": "*fp32",
-                        "dp_ptr": f"*{t}", "C": "i32", "D": "i32", "num_splits": "i32",
-                        "stride_pc": "i32", "inv_tau": "fp32"},
-                       dict(BLOCK_D=FINALIZE_COLS)),
-        ]
-        shared = {"z_ptr": f"*{t}", "y_ptr": "*i64", "p_ptr": f"*{t}", "mask_ptr": "*i8",
-                  "lse_ptr": "*fp32", "N": "i32", "D": "i32", "C": "i32",
-                  "has_mask": "i32", "stride_zv": "i32", "stride_zn": "i32", "stride_pc": "i32",
-                  "inv_tau": "fp32", "inv_rows": "fp32"}
-        rows_pass = {"row_start": "i32", "row_end": "i32", "N": "i32", "D": "i32", "C": "i32",
-                     "stride_zv": "i32", "stride_zn": "i32"}
-        for block_c in sorted({_class_block(1), _class_block(4096)}):
-            meta = dict(BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK, UPCAST_DOT=False)
-            tag = f"{t},BLOCK_C={block_c}"
-            specs += [
-                KernelSpec(f"infonce_fwd[{tag}]", _infonce_fwd_kernel,
-                           {**shared, "R": "i32", "partial_ptr": "*fp32"}, meta,
-                           num_warps=INFONCE_WARPS),
-                KernelSpec(f"infonce_logit_grad[{tag}]", _infonce_logit_grad_kernel,
-                           {**shared, **rows_pass, "grad_ptr": "*fp32", "z_norms_ptr": "*fp32",
-                            "p_norms_ptr": "*fp32", "g_ptr": "*fp32", "row_radial_ptr": "*fp32"},
-                           meta, num_warps=INFONCE_WARPS),
-                KernelSpec(f"infonce_dz[{tag}]", _infonce_dz_kernel,
-                           {**rows_pass, "z_ptr": f"*{t}", "p_ptr": f"*{t}",
-                            "z_norms_ptr": "*fp32", "p_norms_ptr": "*fp32", "g_ptr": "*fp32",
-                            "row_radial_ptr": "*fp32", "dz_ptr": f"*{t}", "stride_pc": "i32",
-                            "inv_tau": "fp32"},
-                           dict(BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_DO=D_OUT),
-                           num_warps=INFONCE_WARPS),
-            ]
+    for torch_dtype, t in TORCH_TO_TRITON.items():
+        dot = dict(MODE=DOT_FP32 if t == "fp32" else DOT_HALF, HALF=TRITON_HALF[torch_dtype])
+        z = {"z_ptr": f"*{t}", "y_ptr": "*i64", "R": "i32", "N": "i32", "D": "i32", "C": "i32",
+             "stride_zv": "i32", "stride_zn": "i32"}
+        for mean in (True, False):
+            for final in (True, False):
+                specs.append(KernelSpec(
+                    f"class_sums[{t},MEAN={mean},FINAL={final}]", _class_sums_kernel,
+                    {**z, "out_ptr": f"*{t}" if mean and final else "*fp32",
+                     "counts_ptr": "*i64" if final else "*i32", "num_splits": "i32"},
+                    dict(MEAN=mean, FINAL=final, MODE=dot["MODE"], BLOCK_M=ROWS, BLOCK_C=32,
+                         BLOCK_D=D_OUT), num_warps=NUM_WARPS))
+            specs.append(KernelSpec(
+                f"class_sums_reduce[{t},MEAN={mean}]", _class_sums_reduce_kernel,
+                {"part_ptr": "*fp32", "part_counts_ptr": "*i32",
+                 "out_ptr": f"*{t}" if mean else "*fp32", "counts_ptr": "*i64", "C": "i32",
+                 "D": "i32", "num_splits": "i32"},
+                dict(MEAN=mean, BLOCK_C=32, BLOCK_D=D_OUT), num_warps=NUM_WARPS))
         specs.append(KernelSpec(
-            f"infonce_dp_partial[{t}]", _infonce_dp_partial_kernel,
-            {**rows_pass, "z_ptr": f"*{t}", "z_norms_ptr": "*fp32", "g_ptr": "*fp32",
-             "part_ptr": "*fp32", "num_splits": "i32", "accumulate": "i32"},
-            dict(BLOCK_M=ROWS, BLOCK_C=DP_CLASSES, BLOCK_DO=D_OUT), num_warps=INFONCE_WARPS))
+            f"gather_mean_grad[{t}]", _gather_mean_grad_kernel,
+            {"grad_ptr": f"*{t}", "y_ptr": "*i64", "counts_ptr": "*i64", "dz_ptr": f"*{t}",
+             "N": "i32", "D": "i32", "C": "i32", "stride_gc": "i32"},
+            dict(BLOCK_N=ROWS, BLOCK_D=D_OUT), num_warps=NUM_WARPS))
+        for block_c, one_tile in ((32, True), (64, False)):
+            for sums in (True, False):
+                s_type = "*fp32" if sums else f"*{t}"
+                shared = {**z, "s_ptr": s_type, "counts_ptr": "*i64", "lse_ptr": "*fp32",
+                          "stride_sc": "i32", "inv_tau": "fp32", "inv_rows": "fp32"}
+                flags = dict(SUMS=sums, HAS_COUNTS=sums, ONE_TILE=one_tile, BLOCK_M=ROWS,
+                             BLOCK_C=block_c, BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, **dot)
+                tag = f"{t},BLOCK_C={block_c},SUMS={sums}"
+                for single in (True, False):
+                    for one_chunk in ((True, False) if one_tile else (False,)):
+                        specs.append(KernelSpec(
+                            f"infonce_fwd[{tag},SINGLE={single},ONE_CHUNK={one_chunk}]",
+                            _infonce_fwd_kernel,
+                            {**shared, "loss_ptr": f"*{t}" if single else "*fp32",
+                             "part_ptr": "*fp32", "tiles_per_program": "i32"},
+                            dict(flags, NEED_DS=True, SINGLE=single, ONE_CHUNK=one_chunk),
+                            num_warps=NUM_WARPS))
+                specs.append(KernelSpec(
+                    f"infonce_finalize[{tag}]", _infonce_finalize_kernel,
+                    {"part_ptr": "*fp32", "num_parts": "i32", "s_ptr": s_type,
+                     "counts_ptr": "*i64", "ds_ptr": "*fp32", "loss_part_ptr": "*fp32",
+                     "loss_ptr": f"*{t}", "C": "i32", "D": "i32", "stride_sc": "i32"},
+                    dict(SUMS=sums, HAS_COUNTS=sums, NEED_DS=True, BLOCK_C=block_c,
+                         BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK), num_warps=NUM_WARPS))
+                specs.append(KernelSpec(
+                    f"infonce_bwd[{tag}]", _infonce_bwd_kernel,
+                    {**shared, "grad_ptr": f"*{t}", "ds_ptr": "*fp32", "dz_ptr": f"*{t}",
+                     "dp_ptr": f"*{t}", "d_split": "i32"},
+                    dict(flags, THROUGH=sums, NEED_DP=not sums, DP_BLOCK=FINAL_COLS * 4),
+                    num_warps=NUM_WARPS))
     return specs

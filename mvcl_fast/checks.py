@@ -1,11 +1,10 @@
 """Input validation shared by the public ops: clear errors that name the argument.
 
-Shape, dtype and device checks are static (free, and traceable by
-torch.compile). Value checks need to read the data: label ranges are checked
-inside the custom ops' implementations (which run eagerly even under
-torch.compile, so a bad label can never reach a kernel); NaN/Inf checks cost a
-device sync on CUDA, so they run by default only on CPU tensors, or wherever
-``check_finite=True`` asks for them.
+Shape, dtype, device and tau checks are static (free, and traceable by
+torch.compile): they always run, at the public entry. Value checks (label range,
+NaN/Inf) read the data, which on CUDA costs a host sync: the ``validate``
+keyword decides (None: CPU tensors only; True: always, one sync; False: never).
+Unchecked labels never reach an address: the kernels mask them (a NaN loss).
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def check_positive_int(name: str, value):
     return value
 
 
-def check_labels(name: str, y, n: int, num_classes: int, device):
+def check_labels(name: str, y, n: int, device):
     """Static label checks: integer dtype, shape [n], same device."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
@@ -72,41 +71,43 @@ def check_labels(name: str, y, n: int, num_classes: int, device):
         raise ValueError(f"{name} is on {y.device} but the embeddings are on {device}")
 
 
-def check_label_range(name: str, y: torch.Tensor, num_classes: int):
-    """Value check: every label in [0, num_classes). Called inside op implementations."""
-    if y.numel() == 0:
-        return
-    low, high = torch.aminmax(y)
-    low, high = int(low), int(high)
-    if low < 0 or high >= num_classes:
-        bad = low if low < 0 else high
-        raise ValueError(f"{name} has label {bad} outside [0, num_classes={num_classes})")
-
-
-def wants_finite_check(check_finite, *tensors) -> bool:
+def wants_value_checks(validate, *tensors) -> bool:
+    """The ``validate`` keyword: None checks values of CPU tensors only (on CUDA a check is a
+    host sync), True everywhere, False nowhere. Never while torch.compile traces."""
     if torch.compiler.is_compiling():
         return False
-    if check_finite is None:
+    if validate is None:
         return all(t.device.type == "cpu" for t in tensors if t is not None)
-    return bool(check_finite)
+    return bool(validate)
 
 
-def check_finite_values(names, tensors, group=None):
-    """Raise naming the first argument holding NaN/Inf.
+def check_values(names, tensors, labels=None, group=None):
+    """Raise naming the first argument holding NaN/Inf, or (labels = (name, y, num_classes)) a
+    label outside [0, num_classes).
 
-    With a process group the verdict is all-reduced first: every rank raises
-    together, instead of one rank raising while the others wait in the op's
-    collectives.
+    Every verdict is computed on the device and read back at once: one host sync. With a
+    process group the verdicts are all-reduced first, so every rank raises together instead
+    of one rank raising while the others wait in the op's collectives.
     """
-    bad = [x is not None and not bool(torch.isfinite(x).all()) for x in tensors]
+    present = [(name, x) for name, x in zip(names, tensors) if x is not None]
+    flags = [~torch.isfinite(x).all() for _, x in present]
+    if labels is not None:
+        _, y, num_classes = labels
+        flags.append(((y < 0) | (y >= num_classes)).any() if y.numel() else
+                     torch.zeros((), dtype=torch.bool, device=y.device))
+    verdict = torch.stack(flags).to(torch.float32)
     where = ""
     if group is not None:
         import torch.distributed as dist
 
-        flags = torch.tensor(bad, dtype=torch.float32, device=tensors[0].device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        bad = [bool(f) for f in flags.tolist()]
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=group)
         where = " on at least one rank"
-    for name, is_bad in zip(names, bad):
+    bad = verdict.tolist()
+    for (name, _), is_bad in zip(present, bad):
         if is_bad:
             raise ValueError(f"{name} contains NaN or Inf{where}")
+    if labels is not None and bad[-1]:
+        name, y, num_classes = labels
+        outside = y[(y < 0) | (y >= num_classes)]
+        detail = f"label {int(outside[0])}" if outside.numel() else "a label"
+        raise ValueError(f"{name} has {detail} outside [0, num_classes={num_classes}){where}")

@@ -459,14 +459,14 @@ class MVCLLoss(nn.Module):
         if self.lambda_proto:
             views = torch.stack([out.views["fused"], out.views["text"]])
             parts["proto"] = prototype_infonce(views, labels, self.num_classes, self.tau,
-                                               check_finite=False, group=self.group)
+                                               validate=False, group=self.group)
             total = total + self.lambda_proto * parts["proto"]
         if self.lambda_mv:
             if out.anchor is None:
                 raise ValueError("lambda_mv > 0 needs the anchor view: pass anchor_ids to the model")
             views = torch.stack([out.views[name] for name in ("text", "video", "audio", "fused")
                                  if name in out.views])
-            parts["mv"] = multiview_infonce(out.anchor, views, self.tau, check_finite=False,
+            parts["mv"] = multiview_infonce(out.anchor, views, self.tau, validate=False,
                                             group=self.group)
             total = total + self.lambda_mv * parts["mv"]
         return total, parts

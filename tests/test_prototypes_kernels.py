@@ -205,12 +205,23 @@ def test_prototype_infonce_half(kernel_device, dtype, views, n, dim, num_classes
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["batch", "explicit"])
-def test_prototype_infonce_several_backward_passes(kernel_device, monkeypatch, explicit):
-    """A G buffer too small for all rows: the backward runs in passes of 64 rows."""
+def test_prototype_infonce_split_work(kernel_device, monkeypatch, explicit):
+    """Small work limits: the sums split their rows (and add the splits), the forward spreads
+    the rows over programs (and the finalize kernel adds their partials)."""
     from mvcl_fast.kernels import prototypes as module
 
-    monkeypatch.setattr(module, "G_PASS_BYTES", 64 * 4 * 100)
+    monkeypatch.setattr(module, "MAX_SERIAL_STEPS", 1)
+    monkeypatch.setattr(module, "TARGET_PROGRAMS", 4096)
     _check_infonce(kernel_device, torch.float32, 3, 70, 100, 100, explicit=explicit)
+    _check_infonce(kernel_device, torch.bfloat16, 3, 70, 200, 20, explicit=explicit)
+
+
+def test_batch_prototypes_split_rows(kernel_device, monkeypatch):
+    from mvcl_fast.kernels import prototypes as module
+
+    monkeypatch.setattr(module, "MAX_SERIAL_STEPS", 1)
+    monkeypatch.setattr(module, "TARGET_PROGRAMS", 4096)
+    _check_batch_prototypes(kernel_device, torch.float32, 300, 200, 5)
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["batch", "explicit"])

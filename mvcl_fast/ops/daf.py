@@ -96,13 +96,14 @@ _daf_attention.register_autograd(_grad, setup_context=_setup)
 
 def daf_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, residual: Tensor,
                   num_heads: int, key_padding_mask: Optional[Tensor] = None, *,
-                  check_finite: Optional[bool] = None) -> Tensor:
+                  validate: Optional[bool] = None) -> Tensor:
     """The attention of Dynamic Attention Fusion: residual + sigmoid(gate) * MHA(q, k, v).
 
     q, gate, residual [B, Lq, D]; k, v [B, Lk, D] (already projected; D split
     into num_heads heads, scale 1/sqrt(D / num_heads)); key_padding_mask
     [B, Lk] bool, True = padded key. A query whose keys are all padded gets
     attention 0 (output = residual), never NaN. Returns [B, Lq, D] in q's dtype.
+    ``validate``: NaN/Inf checks as in ``prototype_infonce`` (None: CPU tensors only).
     """
     names = ["q", "k", "v", "gate", "residual"]
     tensors = [q, k, v, gate, residual]
@@ -125,7 +126,7 @@ def daf_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, residual: Tenso
             raise TypeError("key_padding_mask must be a bool tensor [B, Lk] (True = padded key)")
         checks.check_shape("key_padding_mask", key_padding_mask, (batch, len_k))
         checks.check_same(["q", "key_padding_mask"], [q, key_padding_mask], dtype=False)
-    if checks.wants_finite_check(check_finite, *tensors):
-        checks.check_finite_values(names, tensors)
+    if checks.wants_value_checks(validate, *tensors):
+        checks.check_values(names, tensors)
     out, _, _ = _daf_attention(q, k, v, gate, residual, key_padding_mask, num_heads)
     return out

@@ -106,7 +106,7 @@ def _gather_rows(x: Tensor, group, dim: int) -> Tensor:
 
 
 def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], tau: float = 0.1,
-                      symmetric: bool = False, *, check_finite: Optional[bool] = None,
+                      symmetric: bool = False, *, validate: Optional[bool] = None,
                       group=None) -> Tensor:
     """Multi-view InfoNCE with in-batch negatives.
 
@@ -126,6 +126,7 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
     the CE loss under DDP, the mean over ranks is the global-batch loss, and
     DDP's gradient averaging gives the global-batch gradient (each rank's
     input gradient divided by the world size is the global one).
+    ``validate``: NaN/Inf checks as in ``prototype_infonce`` (None: CPU tensors only).
     """
     checks.check_tensor("anchor", anchor, 2)
     checks.check_nonempty("anchor", anchor)
@@ -142,8 +143,8 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
     checks.check_shape("views", views, (views.shape[0], *anchor.shape))
     checks.check_same(["anchor", "views"], [anchor, views])
     tau = checks.check_tau(tau)
-    if checks.wants_finite_check(check_finite, anchor, views):
-        checks.check_finite_values(["anchor", "views"], [anchor, views], group)
+    if checks.wants_value_checks(validate, anchor, views):
+        checks.check_values(["anchor", "views"], [anchor, views], group=group)
     row_start, num_rows = 0, anchor.shape[0]
     if group is not None:
         import torch.distributed as dist

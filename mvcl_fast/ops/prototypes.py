@@ -1,15 +1,18 @@
 """batch_prototypes and prototype_infonce as torch custom ops.
 
-Two custom ops with registered autograd, each backed by a backward op:
+- ``mvcl_fast::batch_prototypes`` (z, y) -> (prototypes, counts): the scatter-mean;
+  backward dz_i = dP_{y_i} / count_{y_i}.
+- ``mvcl_fast::prototype_infonce`` (z [V, N, D], y, prototypes or None, counts or
+  None) -> (loss, saved statistics): the whole loss in one op, the batch prototypes
+  included, so autograd adds no zero-fills, casts or adds around it (the statistics
+  are outputs nobody differentiates: ``set_materialize_grads(False)``). Its backward
+  op returns dz (through the batch prototypes too) and, for explicit prototypes, dP.
 
-- ``mvcl_fast::batch_prototypes`` (z, y) -> (prototypes, counts): the
-  scatter-mean; backward dz_i = dP_{y_i} / count_{y_i}.
-- ``mvcl_fast::prototype_infonce_loss`` (z [V, N, D], y, prototypes, class_mask)
-  -> (loss, lse): the fused normalise + logits + masked log-sum-exp + loss;
-  backward returns the gradient to z and to the prototypes.
-
-``prototype_infonce`` composes them, so with prototypes=None the gradient
-reaches z both directly and through the prototypes, by the chain rule.
+On the kernel path the forward computes the loss's gradient reaching the
+prototypes for grad 1 (``need_ds``, decided at the public entry from what needs a
+gradient), so the backward is one pass over the rows (kernels/prototypes.py).
+On the reference path the forward is the reference and the backward recomputes
+it under autograd.
 """
 from __future__ import annotations
 
@@ -25,18 +28,20 @@ from mvcl_fast.ops.common import reference_vjp
 KERNELS = "prototypes"
 
 
+def _empty(like: Tensor, dtype=torch.float32) -> Tensor:
+    return like.new_empty(0, dtype=dtype)
+
+
 # ---------------------------------------------------------------- scatter-mean
 @torch.library.custom_op("mvcl_fast::batch_prototypes", mutates_args=())
-def _batch_prototypes(z: Tensor, y: Tensor, num_classes: int,
-                      deterministic: bool) -> tuple[Tensor, Tensor]:
-    checks.check_label_range("y", y, num_classes)
+def _batch_prototypes(z: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
     if use_triton("batch_prototypes", z):
-        return kernel_module(KERNELS).batch_prototypes_forward(z, y, num_classes, deterministic)
+        return kernel_module(KERNELS).batch_prototypes_forward(z, y, num_classes)
     return reference.batch_prototypes(z, y, num_classes)
 
 
 @_batch_prototypes.register_fake
-def _(z, y, num_classes, deterministic):
+def _(z, y, num_classes):
     return (z.new_empty(num_classes, z.shape[1]),
             z.new_empty(num_classes, dtype=torch.int64))
 
@@ -56,81 +61,119 @@ def _(grad_prototypes, y, counts):
 
 
 def _batch_prototypes_setup(ctx, inputs, output):
-    _, y, _, _ = inputs
+    _, y, _ = inputs
     _, counts = output
+    ctx.mark_non_differentiable(counts)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(y, counts)
 
 
 def _batch_prototypes_grad(ctx, grad_prototypes, grad_counts):
     y, counts = ctx.saved_tensors
-    return _batch_prototypes_backward(grad_prototypes.contiguous(), y, counts), None, None, None
+    return _batch_prototypes_backward(grad_prototypes.contiguous(), y, counts), None, None
 
 
 _batch_prototypes.register_autograd(_batch_prototypes_grad, setup_context=_batch_prototypes_setup)
 
 
 # ------------------------------------------------------------- fused InfoNCE
-@torch.library.custom_op("mvcl_fast::prototype_infonce_loss", mutates_args=())
-def _prototype_infonce_loss(z: Tensor, y: Tensor, prototypes: Tensor,
-                            class_mask: Optional[Tensor], tau: float) -> tuple[Tensor, Tensor]:
-    checks.check_label_range("y", y, prototypes.shape[0])
+@torch.library.custom_op("mvcl_fast::prototype_infonce", mutates_args=())
+def _prototype_infonce(z: Tensor, y: Tensor, prototypes: Optional[Tensor],
+                       counts: Optional[Tensor], num_classes: int, tau: float, through: bool,
+                       need_ds: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss in z.dtype, lse [V, N], class sums, counts, dS_unit); the last three empty when unused.
+
+    prototypes None: the batch prototypes of z (their class sums; through: the gradient
+    flows through them). counts (with prototypes): absent classes are masked out.
+    """
     if use_triton("prototype_infonce", z):
-        return kernel_module(KERNELS).prototype_infonce_forward(z, y, prototypes, class_mask, tau)
+        loss, lse, s, out_counts, ds = kernel_module(KERNELS).prototype_infonce_forward(
+            z, y, prototypes, counts, num_classes, tau, need_ds)
+        if prototypes is not None:  # outputs may not alias inputs: the backward reads the inputs
+            s, out_counts = _empty(z), _empty(z, torch.int64)
+        return loss, lse, s, out_counts, ds
+    if prototypes is None:
+        flat = z.reshape(-1, z.shape[-1])
+        prototypes, batch_counts = reference.batch_prototypes(flat, y.repeat(z.shape[0]),
+                                                              num_classes)
+        class_mask = batch_counts > 0
+    else:
+        class_mask = None if counts is None else counts > 0
     loss, lse = reference.prototype_logits_loss(z, y, prototypes, class_mask, tau)
-    return loss, lse
+    return loss.to(z.dtype), lse, _empty(z), _empty(z, torch.int64), _empty(z)
 
 
-@_prototype_infonce_loss.register_fake
-def _(z, y, prototypes, class_mask, tau):
+@_prototype_infonce.register_fake
+def _(z, y, prototypes, counts, num_classes, tau, through, need_ds):
     acc = reference.compute_dtype(z.dtype)
-    return z.new_empty((), dtype=acc), z.new_empty(z.shape[0], z.shape[1], dtype=acc)
+    return (z.new_empty(()), z.new_empty(z.shape[:2], dtype=acc), _empty(z), _empty(z, torch.int64),
+            _empty(z))
 
 
-@torch.library.custom_op("mvcl_fast::prototype_infonce_loss_backward", mutates_args=())
-def _prototype_infonce_loss_backward(grad_loss: Tensor, z: Tensor, y: Tensor, prototypes: Tensor,
-                                     class_mask: Optional[Tensor], tau: float,
-                                     lse: Tensor) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("mvcl_fast::prototype_infonce_backward", mutates_args=())
+def _prototype_infonce_backward(grad_loss: Tensor, z: Tensor, y: Tensor,
+                                prototypes: Optional[Tensor], counts: Optional[Tensor],
+                                sums: Tensor, out_counts: Tensor, lse: Tensor, ds: Tensor,
+                                num_classes: int, tau: float, through: bool,
+                                need_dp: bool) -> tuple[Tensor, Tensor]:
+    """(dz, dP) of the fused op; dP is empty unless need_dp (explicit prototypes)."""
     if use_triton("prototype_infonce", z):
+        batch = prototypes is None
+        s = sums if batch else prototypes
+        class_counts = out_counts if batch else (_empty(z, torch.int64) if counts is None
+                                                 else counts)
         return kernel_module(KERNELS).prototype_infonce_backward(
-            grad_loss, z, y, prototypes, class_mask, tau, lse)
+            grad_loss, z, y, s, class_counts, lse, ds, tau, batch, through and batch, need_dp)
 
     def loss_of(z_, p_):
+        if p_ is None:
+            return reference.prototype_infonce(z_, y, num_classes, tau,
+                                               detach_prototypes=not through)
+        class_mask = None if counts is None else counts > 0
         return reference.prototype_logits_loss(z_, y, p_, class_mask, tau)[0]
 
+    if prototypes is None:
+        (grad_z,) = reference_vjp(lambda z_: loss_of(z_, None), (z,), grad_loss)
+        return grad_z.contiguous(), _empty(z, z.dtype)
     grad_z, grad_p = reference_vjp(loss_of, (z, prototypes), grad_loss)
-    return grad_z.contiguous(), grad_p.contiguous()
+    return grad_z.contiguous(), grad_p.contiguous() if need_dp else _empty(z, z.dtype)
 
 
-@_prototype_infonce_loss_backward.register_fake
-def _(grad_loss, z, y, prototypes, class_mask, tau, lse):
+@_prototype_infonce_backward.register_fake
+def _(grad_loss, z, y, prototypes, counts, sums, out_counts, lse, ds, num_classes, tau, through,
+      need_dp):
     # Gradients come back contiguous whatever the inputs' strides.
-    return z.new_empty(z.shape), prototypes.new_empty(prototypes.shape)
+    dp = prototypes.new_empty(prototypes.shape) if need_dp else _empty(z, z.dtype)
+    return z.new_empty(z.shape), dp
 
 
 def _prototype_infonce_setup(ctx, inputs, output):
-    z, y, prototypes, class_mask, tau = inputs
-    _, lse = output
-    ctx.save_for_backward(z, y, prototypes, class_mask, lse)
-    ctx.tau = tau
+    z, y, prototypes, counts, num_classes, tau, through, need_ds = inputs
+    _, lse, sums, out_counts, ds = output
+    ctx.mark_non_differentiable(lse, sums, out_counts, ds)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(z, y, prototypes, counts, sums, out_counts, lse, ds)
+    ctx.num_classes, ctx.tau, ctx.through, ctx.need_ds = num_classes, tau, through, need_ds
 
 
-def _prototype_infonce_grad(ctx, grad_loss, grad_lse):
-    z, y, prototypes, class_mask, lse = ctx.saved_tensors
-    grad_z, grad_p = _prototype_infonce_loss_backward(
-        grad_loss, z, y, prototypes, class_mask, ctx.tau, lse)
-    return grad_z, None, grad_p, None, None
+def _prototype_infonce_grad(ctx, grad_loss, *unused):
+    z, y, prototypes, counts, sums, out_counts, lse, ds = ctx.saved_tensors
+    need_dp = prototypes is not None and ctx.needs_input_grad[2]
+    if need_dp and not ctx.need_ds:
+        raise RuntimeError("prototype_infonce: the prototypes need a gradient but the forward was "
+                           "called with need_ds=False")
+    grad_z, grad_p = _prototype_infonce_backward(
+        grad_loss, z, y, prototypes, counts, sums, out_counts, lse, ds, ctx.num_classes, ctx.tau,
+        ctx.through, need_dp)
+    return grad_z, None, grad_p if need_dp else None, None, None, None, None, None
 
 
-_prototype_infonce_loss.register_autograd(_prototype_infonce_grad,
-                                          setup_context=_prototype_infonce_setup)
+_prototype_infonce.register_autograd(_prototype_infonce_grad,
+                                     setup_context=_prototype_infonce_setup)
 
 
 # ------------------------------------------------------------------ public API
-def _deterministic(flag: bool) -> bool:
-    return bool(flag) or torch.are_deterministic_algorithms_enabled()
-
-
-def _prototypes(z: Tensor, y: Tensor, num_classes: int, deterministic: bool, group):
+def _prototypes(z: Tensor, y: Tensor, num_classes: int, group):
     """Batch prototypes, of the global batch when group is a process group.
 
     Under DDP the scatter-mean is reduce-friendly: each rank turns its
@@ -139,7 +182,7 @@ def _prototypes(z: Tensor, y: Tensor, num_classes: int, deterministic: bool, gro
     sums dP over ranks in backward, so each rank's rows get the gradient of
     every rank's loss through the shared prototypes.
     """
-    prototypes, counts = _batch_prototypes(z, y, num_classes, _deterministic(deterministic))
+    prototypes, counts = _batch_prototypes(z, y, num_classes)
     if group is None:
         return prototypes, counts
     import torch.distributed as dist
@@ -153,30 +196,31 @@ def _prototypes(z: Tensor, y: Tensor, num_classes: int, deterministic: bool, gro
     return (sums / counts.clamp_min(1).unsqueeze(1).to(acc)).to(z.dtype), counts
 
 
-def batch_prototypes(z: Tensor, y: Tensor, num_classes: int, *, deterministic: bool = False,
-                     check_finite: Optional[bool] = None, group=None):
+def batch_prototypes(z: Tensor, y: Tensor, num_classes: int, *, deterministic: bool = True,
+                     validate: Optional[bool] = None, group=None):
     """Class prototypes of a batch: the mean of z [N, D] over each label of y [N].
 
     Returns (prototypes [C, D] in z's dtype, counts [C] int64). An absent class
-    has count 0 and prototype 0 (never NaN). Differentiable in z. On CUDA the
-    fused Triton scatter-mean runs; ``deterministic=True`` (or
-    ``torch.use_deterministic_algorithms(True)``) picks its atomics-free variant.
-    With ``group`` (a torch.distributed process group, e.g.
-    ``torch.distributed.group.WORLD``) sums and counts are all-reduced: every
-    rank gets the prototypes and counts of the global batch.
+    has count 0 and prototype 0 (never NaN). Differentiable in z. The fused
+    kernel is a one-hot GEMM with no float atomics, so results are bitwise
+    reproducible (``deterministic`` is accepted for compatibility; every path is).
+    ``validate``: see ``prototype_infonce``; without it a label outside
+    [0, num_classes) is counted in no class. With ``group`` (a torch.distributed
+    process group) sums and counts are all-reduced: every rank gets the
+    prototypes and counts of the global batch.
     """
     checks.check_tensor("z", z, 2)
     checks.check_nonempty("z", z)
     num_classes = checks.check_positive_int("num_classes", num_classes)
-    checks.check_labels("y", y, z.shape[0], num_classes, z.device)
-    if checks.wants_finite_check(check_finite, z):
-        checks.check_finite_values(["z"], [z], group)
-    return _prototypes(z, y.long(), num_classes, deterministic, group)
+    checks.check_labels("y", y, z.shape[0], z.device)
+    if checks.wants_value_checks(validate, z):
+        checks.check_values(["z"], [z], ("y", y, num_classes), group)
+    return _prototypes(z, y.long(), num_classes, group)
 
 
 def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
                       prototypes: Optional[Tensor] = None, detach_prototypes: bool = False, *,
-                      deterministic: bool = False, check_finite: Optional[bool] = None,
+                      deterministic: bool = True, validate: Optional[bool] = None,
                       group=None) -> Tensor:
     """Prototype InfoNCE: cross-entropy of each row against the class prototypes.
 
@@ -186,6 +230,14 @@ def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
     classes out of the softmax; explicit prototypes [C, D] (an EMA bank, say)
     make every class a candidate. Logits are norm(z) norm(P)^T / tau.
     Returns a scalar in z's dtype (fp16/bf16 accumulate in fp32).
+
+    ``validate``: None (default) checks the values (labels in [0, num_classes),
+    finite z and prototypes) for CPU tensors and not for CUDA tensors, where it
+    would cost a host sync; True checks them anywhere (one sync); False never.
+    Shapes, dtypes, devices and tau are always checked (free). Unchecked, a row
+    whose label is out of range gets a NaN loss (so a trainer's non-finite check
+    catches it); a kernel never reads or writes out of bounds. Every path is
+    deterministic (``deterministic`` is accepted for compatibility).
     With ``group`` (DDP) the batch prototypes and the absent-class mask are
     those of the global batch; the loss is the mean over this rank's rows.
     """
@@ -194,22 +246,25 @@ def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
     num_classes = checks.check_positive_int("num_classes", num_classes)
     tau = checks.check_tau(tau)
     views = z if z.dim() == 3 else z.unsqueeze(0)
-    checks.check_labels("y", y, views.shape[1], num_classes, z.device)
+    checks.check_labels("y", y, views.shape[1], z.device)
     if prototypes is not None:
         checks.check_tensor("prototypes", prototypes, 2)
         checks.check_shape("prototypes", prototypes, (num_classes, views.shape[2]))
         checks.check_same(["z", "prototypes"], [z, prototypes])
-    if checks.wants_finite_check(check_finite, z, prototypes):
-        checks.check_finite_values(["z", "prototypes"], [z, prototypes], group)
+    if checks.wants_value_checks(validate, z):
+        checks.check_values(["z", "prototypes"], [z, prototypes], ("y", y, num_classes), group)
     y = y.long()
-    if prototypes is None:
-        flat = views.reshape(-1, views.shape[2])
-        prototypes, counts = _prototypes(flat, y.repeat(views.shape[0]), num_classes,
-                                         deterministic, group)
-        class_mask = counts > 0
-    else:
-        class_mask = None
-    if detach_prototypes:
+    grad = torch.is_grad_enabled()
+    counts = None
+    if prototypes is None and group is not None:  # global prototypes need collectives: two ops
+        prototypes, counts = _prototypes(views.reshape(-1, views.shape[2]),
+                                         y.repeat(views.shape[0]), num_classes, group)
+    if prototypes is not None and detach_prototypes:
         prototypes = prototypes.detach()
-    loss, _ = _prototype_infonce_loss(views, y, prototypes, class_mask, tau)
-    return loss.to(z.dtype)
+    if prototypes is None:
+        through = not detach_prototypes
+        need_ds = grad and through and z.requires_grad
+    else:
+        through, need_ds = False, grad and prototypes.requires_grad
+    loss, *_ = _prototype_infonce(views, y, prototypes, counts, num_classes, tau, through, need_ds)
+    return loss

@@ -1,0 +1,245 @@
+"""What an op does on the device, counted on a CPU machine: launches, host syncs, bytes, multiply-adds.
+
+    from mvcl_fast.kernels.structure import count_structure
+    s = count_structure(lambda: op(z, y).backward())
+    s.launches, s.syncs, s.kernels[0].bytes_loaded, s.macs
+
+Speed targets on a GPU follow from structure that a CPU can see: a forward +
+backward that makes 22 launches and 4 host syncs cannot be 5x faster than
+eager, whatever its tiles. ``count_structure`` runs ``fn`` once on CPU tensors
+with the Triton kernels executed by Triton's interpreter (``TRITON_INTERPRET=1``
+must be set before Triton is imported; ``MVCL_FAST_BACKEND=triton`` sends CPU
+tensors to the kernels) and records:
+
+- **Triton launches**, with their programs (grid size), the bytes each one
+  loads and stores counted as *distinct addresses per launch* (a tile read
+  twice by one program, or by two programs, counts once: what HBM would move
+  with a perfect cache, the floor a kernel's design is judged against), and the
+  multiply-adds of its ``tl.dot`` calls (M x N x K each).
+- **aten launches**: every aten op that runs a device kernel. Views, ``empty``
+  allocations, ``detach`` and other metadata-only ops launch nothing and are
+  not counted; the aten ops Triton's interpreter itself runs to stage a launch
+  on the host are not counted either.
+- **Host syncs**: the aten ops that make the host wait for the device on CUDA
+  (``item`` / ``_local_scalar_dense``, ``nonzero``, ``equal``, ``unique`` ...).
+
+The ops of ``torch.library`` custom ops (namespace ``mvcl_fast``) are entered,
+so what a custom op launches inside counts, not the op itself. Each aten op
+counts as one launch (a few, such as ``sort``, launch several kernels on CUDA:
+the count is a lower bound for those).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch._library.custom_ops import OPDEFS
+from torch.utils._python_dispatch import TorchDispatchMode
+
+CUSTOM_NAMESPACES = ("mvcl_fast",)
+
+# aten ops that launch no device kernel: allocation, views, metadata.
+NO_KERNEL = {
+    "empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "detach", "alias",
+    "lift_fresh", "set_", "resize_", "_reshape_alias", "as_strided", "view", "_unsafe_view",
+    "reshape", "t", "transpose", "permute", "expand", "squeeze", "unsqueeze", "select", "slice",
+    "split", "unbind", "chunk", "narrow", "diagonal", "unfold", "view_as_real", "view_as_complex",
+    "_conj", "_neg_view", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "dim",
+    "is_contiguous", "is_same_size", "record_stream", "_has_compatible_shallow_copy_type",
+}
+# aten ops whose result the host must wait for on CUDA.
+SYNCS = {
+    "item", "_local_scalar_dense", "nonzero", "equal", "is_nonzero", "unique", "_unique",
+    "_unique2", "unique_consecutive", "unique_dim", "masked_select", "bincount",
+    "repeat_interleave", "histc", "allclose", "tolist",
+}
+
+
+@dataclass
+class KernelLaunch:
+    name: str
+    programs: int = 0
+    bytes_loaded: int = 0
+    bytes_stored: int = 0
+    macs: int = 0
+    dots: list = field(default_factory=list)   # (M, N, K) of each tl.dot call, per program
+    _loads: list = field(default_factory=list, repr=False)
+    _stores: list = field(default_factory=list, repr=False)
+
+    def finish(self):
+        self.bytes_loaded = _distinct_bytes(self._loads)
+        self.bytes_stored = _distinct_bytes(self._stores)
+        self._loads, self._stores = [], []
+
+
+@dataclass
+class Structure:
+    kernels: list = field(default_factory=list)   # KernelLaunch, in launch order
+    aten: list = field(default_factory=list)      # names of the aten ops that launch a kernel
+    syncs: list = field(default_factory=list)     # names of the aten ops that sync
+
+    @property
+    def launches(self) -> int:
+        return len(self.kernels) + len(self.aten)
+
+    @property
+    def bytes_loaded(self) -> int:
+        return sum(k.bytes_loaded for k in self.kernels)
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(k.bytes_stored for k in self.kernels)
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_loaded + self.bytes_stored
+
+    @property
+    def macs(self) -> int:
+        return sum(k.macs for k in self.kernels)
+
+    def table(self) -> str:
+        """One line per launch: what `--structure` reports print."""
+        lines = [f"{'launch':<40} {'programs':>8} {'loaded':>10} {'stored':>10} {'MACs':>12}"]
+        for k in self.kernels:
+            lines.append(f"{k.name:<40} {k.programs:>8} {k.bytes_loaded:>10} {k.bytes_stored:>10} "
+                         f"{k.macs:>12}")
+        lines += [f"aten.{name}" for name in self.aten]
+        lines.append(f"{self.launches} launches ({len(self.kernels)} Triton, {len(self.aten)} aten), "
+                     f"{len(self.syncs)} syncs, {self.bytes} bytes, {self.macs} MACs")
+        return "\n".join(lines)
+
+
+def _distinct_bytes(accesses) -> int:
+    """Bytes at distinct addresses: accesses is a list of (address array, element size)."""
+    total = 0
+    for size in {s for _, s in accesses}:
+        addresses = [a for a, s in accesses if s == size and a.size]
+        if addresses:
+            total += np.unique(np.concatenate(addresses)).size * size
+    return total
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, structure: Structure):
+        super().__init__()
+        self.structure = structure
+        self.in_triton = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.in_triton:  # the interpreter staging a launch on the host
+            return func(*args, **kwargs)
+        if func.namespace in CUSTOM_NAMESPACES:
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
+        if name in SYNCS:
+            self.structure.syncs.append(name)
+        elif name not in NO_KERNEL and not func.is_view:
+            self.structure.aten.append(name)
+        return func(*args, **kwargs)
+
+
+def _element_size(pointer_handle) -> int:
+    return np.dtype(_interpreter_module()._get_np_dtype(pointer_handle.get_element_ty())).itemsize
+
+
+def _interpreter_module():
+    import triton.runtime.interpreter as interpreter
+    return interpreter
+
+
+@contextmanager
+def _triton_hooks(recorder: _Recorder):
+    """Patch the interpreter: record each launch, its grid, loads, stores and dots."""
+    interp = _interpreter_module()
+    builder = interp.InterpreterBuilder
+    saved = {name: getattr(builder, name) for name in
+             ("create_masked_load", "create_masked_store", "create_dot", "create_atomic_rmw",
+              "create_atomic_cas", "set_grid_dim")}
+    saved_call = interp.GridExecutor.__call__
+    current: list[KernelLaunch] = []
+
+    def accesses(ptrs, mask):
+        data = ptrs.data
+        if mask is not None:
+            data = data[np.broadcast_to(mask.data, data.shape)]
+        return data.ravel().copy(), _element_size(ptrs)
+
+    def masked_load(self, ptrs, mask, other, *args):
+        if current:
+            current[-1]._loads.append(accesses(ptrs, mask))
+        return saved["create_masked_load"](self, ptrs, mask, other, *args)
+
+    def masked_store(self, ptrs, value, mask, *args):
+        if current:
+            current[-1]._stores.append(accesses(ptrs, mask))
+        return saved["create_masked_store"](self, ptrs, value, mask, *args)
+
+    def atomic_rmw(self, op, ptr, val, mask, *args):
+        if current:
+            access = accesses(ptr, mask)
+            current[-1]._loads.append(access)
+            current[-1]._stores.append(access)
+        return saved["create_atomic_rmw"](self, op, ptr, val, mask, *args)
+
+    def atomic_cas(self, ptr, cmp, val, *args):
+        if current:
+            access = accesses(ptr, None)
+            current[-1]._loads.append(access)
+            current[-1]._stores.append(access)
+        return saved["create_atomic_cas"](self, ptr, cmp, val, *args)
+
+    def dot(self, a, b, d, *args):
+        if current:
+            m, k = a.data.shape[-2:]
+            n = b.data.shape[-1]
+            batch = int(np.prod(a.data.shape[:-2], dtype=np.int64))
+            current[-1].macs += batch * m * n * k
+            if len(current[-1].dots) < 64:
+                current[-1].dots.append((m, n, k))
+        return saved["create_dot"](self, a, b, d, *args)
+
+    def set_grid_dim(self, x, y, z):
+        if current:
+            current[-1].programs = x * y * z
+        return saved["set_grid_dim"](self, x, y, z)
+
+    def launch(executor, *args, **kwargs):
+        record = KernelLaunch(getattr(executor.fn, "__name__", str(executor.fn)))
+        current.append(record)
+        recorder.in_triton = True
+        try:
+            return saved_call(executor, *args, **kwargs)
+        finally:
+            recorder.in_triton = False
+            current.pop()
+            record.finish()
+            record.dots = sorted(set(record.dots))
+            recorder.structure.kernels.append(record)
+
+    patches = dict(create_masked_load=masked_load, create_masked_store=masked_store,
+                   create_dot=dot, create_atomic_rmw=atomic_rmw, create_atomic_cas=atomic_cas,
+                   set_grid_dim=set_grid_dim)
+    for name, fn in patches.items():
+        setattr(builder, name, fn)
+    interp.GridExecutor.__call__ = launch
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(builder, name, fn)
+        interp.GridExecutor.__call__ = saved_call
+
+
+def count_structure(fn: Callable[[], object]) -> Structure:
+    """Run fn() once and return what it launched, synced, loaded, stored and multiplied."""
+    structure = Structure()
+    recorder = _Recorder(structure)
+    with _triton_hooks(recorder), recorder:
+        fn()
+    return structure

@@ -109,10 +109,13 @@ def _dot_kind(dtype: torch.dtype, precision: str) -> str:
     return "fma" if dtype == torch.float32 and precision == "ieee" else "mma"
 
 
-def _pinned(kernel: str, dtype: torch.dtype, precision: str, block_hd: int) -> tuple:
-    """The pinned config of `kernel` for this dtype, dot precision and padded head width."""
+def _launch_table() -> dict:
+    return INTERPRETER_CONFIGS if triton_interpreter_enabled() else PINNED_CONFIGS
+
+
+def _pinned(table: dict, kernel: str, dtype: torch.dtype, precision: str, block_hd: int) -> tuple:
+    """The config `table` pins for `kernel` at this dtype, dot precision and padded head width."""
     row_bytes = dtype.itemsize * block_hd
-    table = INTERPRETER_CONFIGS if triton_interpreter_enabled() else PINNED_CONFIGS
     for widest, config in table[kernel][_dot_kind(dtype, precision)]:
         if row_bytes <= widest:
             return config
@@ -125,14 +128,14 @@ def _length_bucket(length: int) -> int:
     return min(max(triton.next_power_of_2(length), 16), 4096)
 
 
-def _forward_config(dtype, precision, block_hd, len_q) -> dict:
-    short_m, long_m, block_n, warps, stages = _pinned("fwd", dtype, precision, block_hd)
+def _forward_config(dtype, precision, block_hd, len_q, table=None) -> dict:
+    short_m, long_m, block_n, warps, stages = _pinned(table or _launch_table(), "fwd", dtype, precision, block_hd)
     block_m = short_m if _length_bucket(len_q) <= SHORT_QUERIES else long_m
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
-def _backward_config(dtype, precision, block_hd, len_q) -> dict:
-    largest_m, block_n, warps, stages = _pinned("bwd", dtype, precision, block_hd)
+def _backward_config(dtype, precision, block_hd, len_q, table=None) -> dict:
+    largest_m, block_n, warps, stages = _pinned(table or _launch_table(), "bwd", dtype, precision, block_hd)
     return {"BLOCK_M": min(_length_bucket(len_q), largest_m), "BLOCK_N": block_n,
             "num_warps": warps, "num_stages": stages}
 
@@ -481,7 +484,7 @@ def daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse,
 
 # ----------------------------------------------------------------------------- AOT declaration
 
-AOT_HEAD_DIMS = (32, 64, 128)   # the structure budget's, the model's (768 / 12), the largest supported
+AOT_HEAD_DIMS = (128, 64, 32)   # the largest supported, the model's (768 / 12), the structure budget's
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _VARIANTS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
 
@@ -511,8 +514,8 @@ def _spec(name, kernel, element: str, fp32_pointers: set, constexprs: dict, conf
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every kernel x dtype (fp32 both IEEE and tf32) x AOT_HEAD_DIMS x each pinned config it
-    launches: the forward's short- and long-query row tiles, the backward's row tile at every
+    """Every kernel x dtype (fp32 both IEEE and tf32) x AOT_HEAD_DIMS x each GPU-pinned config
+    it launches: the forward's short- and long-query row tiles, the backward's row tile at every
     query bucket up to its largest, storing dK/dV and (at the largest) accumulating them.
 
     Declared with the key padding mask on (HAS_MASK=True); the mask-free
@@ -525,14 +528,14 @@ def aot_specs() -> list[KernelSpec]:
         tag = f"{element}{'-tf32' if precision == 'tf32' else ''},hd={head_dim}"
         flags = dict(tile, HAS_MASK=True, PRECISION=precision, UPCAST=False)
         for len_q in sorted({16, SHORT_QUERIES + 1}):
-            config = _forward_config(dtype, precision, tile["BLOCK_HD"], len_q)
+            config = _forward_config(dtype, precision, tile["BLOCK_HD"], len_q, PINNED_CONFIGS)
             specs.append(_spec(f"daf_fwd[{tag},{_config_name(config)}]", _daf_fwd_kernel, element,
                                {"LSE"}, flags, config))
-        largest = _backward_config(dtype, precision, tile["BLOCK_HD"], 4096)["BLOCK_M"]
+        largest = _backward_config(dtype, precision, tile["BLOCK_HD"], 4096, PINNED_CONFIGS)["BLOCK_M"]
         for block_m in (16, 32, 64, 128):
             if block_m > largest:
                 break
-            config = _backward_config(dtype, precision, tile["BLOCK_HD"], block_m)
+            config = _backward_config(dtype, precision, tile["BLOCK_HD"], block_m, PINNED_CONFIGS)
             for accumulate in (False, True) if block_m == largest else (False,):
                 specs.append(_spec(
                     f"daf_bwd[{tag},{_config_name(config)}{',accumulate' if accumulate else ''}]",

@@ -203,8 +203,8 @@ def _jitted(obj):
 
 def _recorded_launches(kernels, monkeypatch):
     """(kernel name, constexprs and config, Q's dtype) of every launch aot_launches() makes
-    with the GPU's pinned configs, recorded instead of run."""
-    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", kernels.PINNED_CONFIGS)
+    as on a GPU (pinned configs, no interpreter upcasts), recorded instead of run."""
+    monkeypatch.setattr(kernels, "triton_interpreter_enabled", lambda: False)
     launches = []
 
     def record(name, kernel, tuner, grid, args, constexprs, pinned):

@@ -10,7 +10,8 @@ FlashAttention's Triton kernel), for the coarse-to-fine fusion of MVCL-DAF++
   residual and also stores the ungated attention (the factor of dgate) and
   the natural-log log-sum-exp of each row for the backward.
 * backward: one program per (batch * head) holding all its queries (DAF's
-  text side is short: Lq = 30-80 fits one row tile). The preprocess is folded
+  text side is short: up to 64 queries fit one row tile at head dim <= 64 in
+  fp16/bf16, see PINNED_CONFIGS). The preprocess is folded
   into its prologue (dattn = grad_out * sigmoid(gate), dgate, delta =
   rowsum(dattn * attn)); then K/V tiles stream past once: each key tile's dK
   and dV are complete when it has met every query, so they are stored right
@@ -73,15 +74,16 @@ AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
 # forward: (BLOCK_M up to SHORT_QUERIES queries, BLOCK_M beyond, BLOCK_N, num_warps, num_stages).
 #   16 query rows fit Lq = 30-80 with at most 15 masked rows (none at 48 or 80).
 # backward: (largest BLOCK_M, BLOCK_N, num_warps, num_stages); its row tile is the query
-#   length's power-of-two bucket up to that largest one.
+#   length's power-of-two bucket up to that largest one. 128 rows of 128 bytes (bf16 head
+#   dim 64) spill at 255 registers (8 warps, 16 or 32 keys; 16 warps: 128 registers, spills).
 SHORT_QUERIES = 128
 PINNED_CONFIGS = {
     "fwd": {
-        "mma": [(128, (16, 64, 64, 4, 3)), (256, (16, 64, 32, 4, 3)), (512, (16, 32, 32, 4, 3))],
+        "mma": [(128, (16, 64, 64, 4, 3)), (256, (16, 32, 32, 4, 3)), (512, (16, 32, 32, 4, 3))],
         "fma": [(512, (16, 32, 32, 8, 2))],
     },
     "bwd": {
-        "mma": [(128, (128, 32, 8, 2)), (256, (64, 32, 8, 2)), (512, (32, 32, 8, 2))],
+        "mma": [(128, (64, 32, 8, 2)), (256, (32, 32, 8, 2)), (512, (32, 32, 8, 2))],
         "fma": [(256, (32, 16, 8, 2)), (512, (16, 16, 8, 2))],
     },
 }
@@ -93,6 +95,7 @@ INTERPRETER_CONFIGS = {
     "bwd": {kind: [(512, (128, 128, 4, 1))] for kind in ("mma", "fma")},
 }
 # What MVCL_FAST_AUTOTUNE=1 searches (pruned to the launch's lengths): every combination.
+# The backward keeps its pinned row tile, which decides whether it accumulates dK/dV.
 AUTOTUNE_SPACE = {
     "fwd": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8),
             "num_stages": (2, 3)},
@@ -151,14 +154,12 @@ def _search_space(kernel: str) -> list:
 
 
 def _prune_to_lengths(configs, named_args, **kwargs):
-    """Tiles longer than the bucketed sequences are mostly masked work: keep the shortest there."""
+    """Drop tiles longer than the bucketed sequences (>= 16, so the 16-wide tiles stay):
+    mostly masked work. The backward's configs have no BLOCK_M (the launcher sets it)."""
     args = {**named_args, **kwargs}
-    kept = []
-    for config in configs:
-        block_m = config.kwargs.get("BLOCK_M", 16)
-        if block_m <= max(16, args["len_q_bucket"]) and config.kwargs["BLOCK_N"] <= max(16, args["len_k_bucket"]):
-            kept.append(config)
-    return kept
+    return [config for config in configs
+            if config.kwargs.get("BLOCK_M", 16) <= args["len_q_bucket"]
+            and config.kwargs["BLOCK_N"] <= args["len_k_bucket"]]
 
 
 def _tuner(kernel: str, fn, **options):
@@ -426,8 +427,8 @@ def _launch(name: str, kernel, tuner, grid, args, constexprs: dict, pinned: dict
     if triton_interpreter_enabled():
         raise RuntimeError(f"{AUTOTUNE_ENV}=1 needs a GPU to time the configs: unset it under "
                            "Triton's interpreter (TRITON_INTERPRET=1)")
-    searched = {key: value for key, value in pinned.items() if key not in AUTOTUNE_SPACE[name]}
-    tuner[lambda meta: grid(meta["BLOCK_M"])](*args, **constexprs, **searched)
+    fixed = {key: value for key, value in pinned.items() if key not in AUTOTUNE_SPACE[name]}
+    tuner[lambda meta: grid(meta["BLOCK_M"])](*args, **constexprs, **fixed)
     for key, config in tuner.cache.items():
         if (name, key) not in _printed_choices:
             _printed_choices.add((name, key))

@@ -77,12 +77,13 @@ AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
 #   length's power-of-two bucket up to that largest one. 128 rows of 128 bytes (bf16 head
 #   dim 64) spill at 255 registers (8 warps, 16 or 32 keys; 16 warps: 128 registers, spills);
 #   so do 64-row forward tiles of 128-byte heads, and IEEE fp32 backward tiles of 32 x 16 at
-#   head dim 64 (ptxas of triton 3.6; 16 x 16 at 8 warps under 3.9).
+#   head dim 64 (ptxas of triton 3.6; 16 x 16 at 8 warps under 3.9) and IEEE fp32 forward
+#   tiles of 32 x 32 at head dim 32 (triton 3.6).
 SHORT_QUERIES = 128
 PINNED_CONFIGS = {
     "fwd": {
         "mma": [(128, (16, 32, 64, 4, 3)), (512, (16, 32, 32, 4, 3))],
-        "fma": [(512, (16, 32, 32, 8, 2))],
+        "fma": [(512, (16, 16, 32, 8, 2))],
     },
     "bwd": {
         "mma": [(128, (64, 32, 8, 2)), (256, (32, 32, 8, 2)), (512, (32, 32, 8, 2))],
@@ -530,8 +531,9 @@ def aot_specs() -> list[KernelSpec]:
         element = _TRITON_DTYPE[dtype]
         tag = f"{element}{'-tf32' if precision == 'tf32' else ''},hd={head_dim}"
         flags = dict(tile, HAS_MASK=True, PRECISION=precision, UPCAST=False)
-        for len_q in sorted({16, SHORT_QUERIES + 1}):
-            config = _forward_config(dtype, precision, tile["BLOCK_HD"], len_q, PINNED_CONFIGS)
+        forward = [_forward_config(dtype, precision, tile["BLOCK_HD"], len_q, PINNED_CONFIGS)
+                   for len_q in (16, SHORT_QUERIES + 1)]
+        for config in (forward[:1] if forward[0] == forward[1] else forward):
             specs.append(_spec(f"daf_fwd[{tag},{_config_name(config)}]", _daf_fwd_kernel, element,
                                {"LSE"}, flags, config))
         largest = _backward_config(dtype, precision, tile["BLOCK_HD"], 4096, PINNED_CONFIGS)["BLOCK_M"]

@@ -69,8 +69,9 @@ AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
 # dot kind ("mma": fp16/bf16 and tf32 on tensor cores; "fma": IEEE fp32, whose
 # dots unroll into FMAs), rows of (widest head row in bytes = element size x
 # BLOCK_HD, config); the first row covering the launch's head row is used.
-# Every config compiles without spills for sm_80 and sm_90a under triton 3.6
-# and 3.9 (python -m mvcl_fast.kernels.report).
+# Compiled for sm_90a under triton 3.6 and 3.9 and sm_80 under 3.6: no spills but
+# one, the 16-row backward of fp16/bf16 head dim 32 (queries <= 16) under 3.9 on
+# sm_90a spills 16 bytes (8 warps; 4 warps spill under 3.6 instead): still open.
 # forward: (BLOCK_M up to SHORT_QUERIES queries, BLOCK_M beyond, BLOCK_N, num_warps, num_stages).
 #   16 query rows fit Lq = 30-80 with at most 15 masked rows (none at 48 or 80).
 # backward: (largest BLOCK_M, BLOCK_N, num_warps, num_stages); its row tile is the query

@@ -1,19 +1,28 @@
 """Fused DAF attention: out = residual + sigmoid(gate) * MHA(q, k, v), forward and backward.
 
-FlashAttention-2 style (as the Triton tutorial 06-fused-attention), for the
-coarse-to-fine fusion of MVCL-DAF++ (SPEC op 4):
+FlashAttention-style (as the Triton tutorial 06-fused-attention and
+FlashAttention's Triton kernel), for the coarse-to-fine fusion of MVCL-DAF++
+(SPEC op 4), in two launches, one per direction:
 
-* forward: one program per (query block, batch * head). The Q tile stays
+* forward: one program per (query tile, batch * head). The Q tile stays
   resident while K/V tiles stream past it with an online softmax in base 2
   (log2(e) folded into the scale). The epilogue applies the gate and the
   residual and also stores the ungated attention (the factor of dgate) and
   the natural-log log-sum-exp of each row for the backward.
-* backward: a preprocess kernel turns grad_out into dattn = grad_out *
-  sigmoid(gate), dgate = grad_out * attn * s (1 - s) and delta =
-  rowsum(dattn * attn) per head; then one kernel per key block accumulates
-  dK/dV over all query blocks, and one kernel per query block accumulates dQ
-  over all key blocks. Every output element has exactly one writer: no
-  atomics, no N x N buffer.
+* backward: one program per (batch * head) holding all its queries (DAF's
+  text side is short: up to 64 queries fit one row tile at head dim <= 64 in
+  fp16/bf16, see PINNED_CONFIGS). The preprocess is folded
+  into its prologue (dattn = grad_out * sigmoid(gate), dgate, delta =
+  rowsum(dattn * attn)); then K/V tiles stream past once: each key tile's dK
+  and dV are complete when it has met every query, so they are stored right
+  away, while dQ accumulates in registers. K and V are streamed twice per
+  step in all (forward, backward). Query sequences longer than the largest
+  row tile split into several programs whose dK/dV add up in fp32 with
+  atomics (zeroed buffers and a cast: two extra launches each, only there).
+
+Both kernels stop at each batch row's last unpadded key (scanned from the
+mask in the kernel, no host sync), so the work follows the valid length;
+the backward writes the zero dK/dV of the skipped keys.
 
 Heads are read in place: head h of a [B, L, D] tensor is its columns
 h * head_dim : (h + 1) * head_dim, addressed through the tensor's strides (no
@@ -30,16 +39,18 @@ Precision: fp16/bf16 inputs feed tensor-core dots with fp32 accumulation; p
 and dS are rounded to the input dtype before their dots, as in FlashAttention.
 fp32 dots are IEEE fp32 unless torch.backends.cuda.matmul.allow_tf32 is set.
 
-Tiles are autotuned per (head dim, dot precision, dtype, power-of-two bucket
-of each sequence length) among the configs declared for that dtype and head
-width; aot_specs() lists each of them for the compile report. Offsets within
-one batch item are 32-bit: a [L, D] slice (its rows times its row stride) must
-stay under 2**31 elements.
+Launch configs are pinned per dot kind, head width and query-length bucket
+(PINNED_CONFIGS); MVCL_FAST_AUTOTUNE=1 makes each launch search the full
+config space (AUTOTUNE_SPACE) instead and print the config it chose, to pin.
+Offsets within one batch item are 32-bit: a [L, D] slice (its rows times its
+row stride) must stay under 2**31 elements.
 """
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
+import os
 
 import torch
 import triton
@@ -50,80 +61,114 @@ from mvcl_fast.kernels.aot import KernelSpec
 
 LOG2E = tl.constexpr(1.4426950408889634)  # natural-log scores -> base 2
 LN2 = tl.constexpr(0.6931471805599453)
-
-# GPU autotune configs per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages,
-# widest head row in bytes = element size x BLOCK_HD it is tried for).
-# BLOCK_M tiles the queries and BLOCK_N the keys in every kernel: the forward
-# and dQ keep the query tile resident, dK/dV the key tile. Each entry compiles
-# without register spills for sm_80 and sm_90a at every width it is tried for
-# (fp16/bf16 head dim 64 = 128 bytes, 128 = 256 bytes; tf32 twice that), with
-# row strides of unknown alignment (scalar loads, the register-hungriest case)
-# as with strides that are multiples of 16 (vector loads).
-TENSOR_CORE_CONFIGS = {  # fp16, bf16, and fp32 as tf32
-    "fwd": [(16, 32, 4, 3, 512), (32, 32, 4, 3, 512), (32, 64, 8, 3, 512), (32, 128, 4, 3, 128),
-            (64, 32, 8, 3, 128), (128, 32, 8, 3, 128)],
-    "dkdv": [(16, 32, 4, 3, 512), (32, 32, 4, 3, 512), (16, 64, 4, 3, 128), (16, 128, 8, 3, 128),
-             (32, 64, 8, 3, 256), (32, 128, 8, 3, 128)],
-    "dq": [(16, 64, 4, 3, 512), (32, 32, 4, 3, 256), (32, 64, 4, 3, 256), (64, 32, 4, 3, 256),
-           (64, 64, 8, 3, 128), (128, 64, 8, 3, 128)],
-}
-# fp32 with IEEE dots has no tensor-core path: the dots unroll into FMAs that
-# hold far more registers, so the tiles are small and mostly 8 warps share them.
-FMA_CONFIGS = {
-    "fwd": [(16, 32, 8, 2, 512), (16, 64, 8, 2, 512), (32, 32, 8, 2, 512), (32, 64, 8, 2, 256)],
-    "dkdv": [(16, 32, 8, 2, 512), (32, 32, 8, 2, 512)],
-    "dq": [(16, 32, 8, 2, 512), (32, 16, 4, 2, 512), (64, 16, 4, 2, 512)],
-}
-# The interpreter runs every program in numpy: benchmarking configs there is
-# meaningless and slow, so it gets this single config, whose tiles still cut
-# the test shapes (80 queries, 231 keys) into several ragged blocks (the tests
-# also force the smallest GPU tile on the interpreter).
-INTERPRETER_CONFIG = (64, 128, 4, 1)
 MAX_HEAD_DIM = 128
-PREPROCESS_BLOCK_M = 32
-PREPROCESS_WARPS = 4
+AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
+
+# Pinned launch configs, one table for sm_80 and sm_90a (no GPU has tuned them
+# apart yet: MVCL_FAST_AUTOTUNE=1 on one prints what to pin). Per kernel and
+# dot kind ("mma": fp16/bf16 and tf32 on tensor cores; "fma": IEEE fp32, whose
+# dots unroll into FMAs), rows of (widest head row in bytes = element size x
+# BLOCK_HD, config); the first row covering the launch's head row is used.
+# Compiled for sm_90a under triton 3.6 and 3.9 and sm_80 under 3.6: no spills but
+# one, the 16-row backward of fp16/bf16 head dim 32 (queries <= 16) under 3.9 on
+# sm_90a spills 16 bytes (8 warps; 4 warps spill under 3.6 instead): still open.
+# forward: (BLOCK_M up to SHORT_QUERIES queries, BLOCK_M beyond, BLOCK_N, num_warps, num_stages).
+#   16 query rows fit Lq = 30-80 with at most 15 masked rows (none at 48 or 80).
+# backward: (largest BLOCK_M, BLOCK_N, num_warps, num_stages); its row tile is the query
+#   length's power-of-two bucket up to that largest one. 128 rows of 128 bytes (bf16 head
+#   dim 64) spill at 255 registers (8 warps, 16 or 32 keys; 16 warps: 128 registers, spills);
+#   so do 64-row forward tiles of 128-byte heads, and IEEE fp32 backward tiles of 32 x 16 at
+#   head dim 64 (ptxas of triton 3.6; 16 x 16 at 8 warps under 3.9) and IEEE fp32 forward
+#   tiles of 32 x 32 at head dim 32 (triton 3.6).
+SHORT_QUERIES = 128
+PINNED_CONFIGS = {
+    "fwd": {
+        "mma": [(128, (16, 32, 64, 4, 3)), (512, (16, 32, 32, 4, 3))],
+        "fma": [(512, (16, 16, 32, 8, 2))],
+    },
+    "bwd": {
+        "mma": [(128, (64, 32, 8, 2)), (256, (32, 32, 8, 2)), (512, (32, 32, 8, 2))],
+        "fma": [(256, (16, 16, 4, 2)), (512, (16, 16, 8, 2))],
+    },
+}
+# The interpreter runs every program in numpy, at a cost per tile op: the CPU tests launch
+# few large tiles (which still cut their 80 queries x 231 keys into ragged blocks) and force
+# the GPU's smallest tiles where they test many blocks.
+INTERPRETER_CONFIGS = {
+    "fwd": {kind: [(512, (64, 64, 128, 4, 1))] for kind in ("mma", "fma")},
+    "bwd": {kind: [(512, (128, 128, 4, 1))] for kind in ("mma", "fma")},
+}
+# What MVCL_FAST_AUTOTUNE=1 searches (pruned to the launch's lengths): every combination.
+# The backward keeps its pinned row tile, which decides whether it accumulates dK/dV.
+AUTOTUNE_SPACE = {
+    "fwd": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8),
+            "num_stages": (2, 3)},
+    "bwd": {"BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
+}
 TUNE_KEY = ["HEAD_DIM", "PRECISION", "len_q_bucket", "len_k_bucket"]  # + the tensors' dtypes
 
 
-def _config_table(dtype: torch.dtype, precision: str, kernel: str):
-    return (FMA_CONFIGS if dtype == torch.float32 and precision == "ieee" else TENSOR_CORE_CONFIGS)[kernel]
+def autotune_requested() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
 
 
-def _configs_for(dtype: torch.dtype, precision: str, block_hd: int, kernel: str):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tried for this dtype, dot precision and width."""
+def _dot_kind(dtype: torch.dtype, precision: str) -> str:
+    return "fma" if dtype == torch.float32 and precision == "ieee" else "mma"
+
+
+def _launch_table() -> dict:
+    return INTERPRETER_CONFIGS if triton_interpreter_enabled() else PINNED_CONFIGS
+
+
+def _pinned(table: dict, kernel: str, dtype: torch.dtype, precision: str, block_hd: int) -> tuple:
+    """The config `table` pins for `kernel` at this dtype, dot precision and padded head width."""
     row_bytes = dtype.itemsize * block_hd
-    return [entry[:4] for entry in _config_table(dtype, precision, kernel) if entry[4] >= row_bytes]
-
-
-def _prune(kernel: str):
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        allowed = set(_configs_for(args["Q"].dtype, args["PRECISION"], args["BLOCK_HD"], kernel))
-        fits = [c for c in configs
-                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
-        # A 128-row tile over 37 queries is mostly masked work: tiles longer than the
-        # bucketed sequence are dropped, except the shortest, so a config is left.
-        shortest_m = min(c.kwargs["BLOCK_M"] for c in fits)
-        shortest_n = min(c.kwargs["BLOCK_N"] for c in fits)
-        return [c for c in fits
-                if c.kwargs["BLOCK_M"] <= max(shortest_m, args["len_q_bucket"])
-                and c.kwargs["BLOCK_N"] <= max(shortest_n, args["len_k_bucket"])]
-    return prune
-
-
-def _autotune(kernel: str):
-    """triton.autotune over both config tables of a kernel, pruned to the launch at hand."""
-    if triton_interpreter_enabled():
-        tiles = [INTERPRETER_CONFIG]
-    else:
-        tiles = sorted({entry[:4] for table in (TENSOR_CORE_CONFIGS, FMA_CONFIGS) for entry in table[kernel]})
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
-    return triton.autotune(configs=configs, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune(kernel)})
+    for widest, config in table[kernel][_dot_kind(dtype, precision)]:
+        if row_bytes <= widest:
+            return config
+    raise ValueError(f"no pinned daf_attention {kernel} config for {row_bytes}-byte head rows "
+                     f"({dtype}, BLOCK_HD={block_hd})")
 
 
 def _length_bucket(length: int) -> int:
     """Autotune key for a sequence length: powers of two from 16 to 4096."""
     return min(max(triton.next_power_of_2(length), 16), 4096)
+
+
+def _forward_config(dtype, precision, block_hd, len_q, table=None) -> dict:
+    short_m, long_m, block_n, warps, stages = _pinned(table or _launch_table(), "fwd", dtype, precision, block_hd)
+    block_m = short_m if _length_bucket(len_q) <= SHORT_QUERIES else long_m
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def _backward_config(dtype, precision, block_hd, len_q, table=None) -> dict:
+    largest_m, block_n, warps, stages = _pinned(table or _launch_table(), "bwd", dtype, precision, block_hd)
+    return {"BLOCK_M": min(_length_bucket(len_q), largest_m), "BLOCK_N": block_n,
+            "num_warps": warps, "num_stages": stages}
+
+
+def _search_space(kernel: str) -> list:
+    space = AUTOTUNE_SPACE[kernel]
+    configs = []
+    for values in itertools.product(*space.values()):
+        choice = dict(zip(space, values))
+        warps, stages = choice.pop("num_warps"), choice.pop("num_stages")
+        configs.append(triton.Config(choice, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _prune_to_lengths(configs, named_args, **kwargs):
+    """Drop tiles longer than the bucketed sequences (>= 16, so the 16-wide tiles stay):
+    mostly masked work. The backward's configs have no BLOCK_M (the launcher sets it)."""
+    args = {**named_args, **kwargs}
+    return [config for config in configs
+            if config.kwargs.get("BLOCK_M", 16) <= args["len_q_bucket"]
+            and config.kwargs["BLOCK_N"] <= args["len_k_bucket"]]
+
+
+def _tuner(kernel: str, fn, **options):
+    return triton.autotune(configs=_search_space(kernel), key=TUNE_KEY,
+                           prune_configs_by={"early_config_prune": _prune_to_lengths}, **options)(fn)
 
 
 @triton.jit
@@ -165,6 +210,14 @@ def _store_tile(base, value, rows, len_rows, stride_row, stride_d, HEAD_DIM: tl.
 
 
 @triton.jit
+def _add_tile(base, value, rows, len_rows, stride_row, stride_d, HEAD_DIM: tl.constexpr,
+              BLOCK_HD: tl.constexpr):
+    cols = tl.arange(0, BLOCK_HD)
+    mask = (rows < len_rows)[:, None] & (cols < HEAD_DIM)[None, :]
+    tl.atomic_add(base + rows[:, None] * stride_row + cols[None, :] * stride_d, value, mask=mask)
+
+
+@triton.jit
 def _key_valid(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, cols, len_k, HAS_MASK: tl.constexpr):
     """Keys that exist (cols < len_k) and are not padded."""
     valid = cols < len_k
@@ -182,7 +235,22 @@ def _base2_lse(LSE, rows, len_q):
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
-@_autotune("fwd")
+@triton.jit
+def _key_end(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, len_k, HAS_MASK: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """One past the last unpadded key of this program's batch row: where its key loop stops."""
+    if HAS_MASK:
+        pad_row = KEY_PAD + (pid_bh // num_heads).to(tl.int64) * stride_pb
+        ends = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for start in range(0, len_k, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            padded = tl.load(pad_row + cols * stride_pn, mask=cols < len_k, other=1)
+            ends = tl.maximum(ends, tl.where(padded == 0, cols + 1, 0))
+        return tl.max(ends, 0)
+    else:
+        return len_k
+
+
 @triton.jit
 def _daf_fwd_kernel(
     Q, K, V, GATE, RES, KEY_PAD, OUT, ATTN, LSE,
@@ -206,14 +274,15 @@ def _daf_fwd_kernel(
     V = _head_base(V, pid_bh, num_heads, stride_vb, stride_vd, HEAD_DIM)
     q = _load_tile(_head_base(Q, pid_bh, num_heads, stride_qb, stride_qd, HEAD_DIM),
                    rows, len_q, stride_qm, stride_qd, HEAD_DIM, BLOCK_HD)
+    key_end = _key_end(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, len_k, HAS_MASK, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_HD], dtype=tl.float32)
-    for start_n in range(0, len_k, BLOCK_N):
+    for start_n in range(0, key_end, BLOCK_N):
         cols = start_n + offs_n
-        key_ok = _key_valid(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, cols, len_k, HAS_MASK)
-        k = _load_tile(K, cols, len_k, stride_kn, stride_kd, HEAD_DIM, BLOCK_HD)
+        key_ok = _key_valid(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, cols, key_end, HAS_MASK)
+        k = _load_tile(K, cols, key_end, stride_kn, stride_kd, HEAD_DIM, BLOCK_HD)
         s = _mma(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -222,7 +291,7 @@ def _daf_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V, cols, len_k, stride_vn, stride_vd, HEAD_DIM, BLOCK_HD)
+        v = _load_tile(V, cols, key_end, stride_vn, stride_vd, HEAD_DIM, BLOCK_HD)
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
         m_i = m_new
 
@@ -243,18 +312,30 @@ def _daf_fwd_kernel(
 
 
 @triton.jit
-def _daf_bwd_preprocess_kernel(
-    GRAD_OUT, GATE, ATTN, DGATE, DATTN, DELTA,
-    stride_ob, stride_om, stride_od,
+def _daf_bwd_kernel(
+    Q, K, V, GATE, GRAD_OUT, ATTN, KEY_PAD, LSE, DQ, DK, DV, DGATE,
+    stride_qb, stride_qm, stride_qd,
+    stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_vd,
     stride_gb, stride_gm, stride_gd,
-    stride_ab, stride_am, stride_ad,
-    stride_dgb, stride_dgm, stride_dgd,
-    stride_tb, stride_tm, stride_td,
-    num_heads, len_q,
-    HEAD_DIM: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_ob, stride_om, stride_od,  # GRAD_OUT
+    stride_ab, stride_am, stride_ad,  # ATTN
+    stride_pb, stride_pn,
+    stride_dqb, stride_dqm, stride_dqd,  # DQ and DGATE (allocated alike)
+    stride_dkb, stride_dkn, stride_dkd,  # DK and DV (allocated alike)
+    num_heads, len_q, len_k, sm_scale, len_q_bucket, len_k_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_HD: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE_DKDV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """ACCUMULATE_DKDV: this row tile is one of several, so it adds its share of dK/dV
+    (fp32 DK/DV, zeroed) with atomics; otherwise it holds every query and stores them."""
     pid_bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    qk_scale = sm_scale * LOG2E
+
+    # The preprocess, folded in: dattn (FlashAttention's dO), dgate and delta of these rows.
     grad = _load_tile(_head_base(GRAD_OUT, pid_bh, num_heads, stride_ob, stride_od, HEAD_DIM),
                       rows, len_q, stride_om, stride_od, HEAD_DIM, BLOCK_HD).to(tl.float32)
     gate = _load_tile(_head_base(GATE, pid_bh, num_heads, stride_gb, stride_gd, HEAD_DIM),
@@ -262,110 +343,52 @@ def _daf_bwd_preprocess_kernel(
     attn = _load_tile(_head_base(ATTN, pid_bh, num_heads, stride_ab, stride_ad, HEAD_DIM),
                       rows, len_q, stride_am, stride_ad, HEAD_DIM, BLOCK_HD).to(tl.float32)
     sig = tl.sigmoid(gate)
-    # Rounded to the input dtype first, as the dots of dP will see it: delta then matches
-    # rowsum(p * dP) exactly in exact arithmetic, so dS sums to 0 over each row as it should.
-    dattn = (grad * sig).to(DATTN.dtype.element_ty).to(tl.float32)
-    _store_tile(_head_base(DGATE, pid_bh, num_heads, stride_dgb, stride_dgd, HEAD_DIM),
-                grad * attn * sig * (1.0 - sig), rows, len_q, stride_dgm, stride_dgd, HEAD_DIM, BLOCK_HD)
-    _store_tile(_head_base(DATTN, pid_bh, num_heads, stride_tb, stride_td, HEAD_DIM),
-                dattn, rows, len_q, stride_tm, stride_td, HEAD_DIM, BLOCK_HD)
-    tl.store(DELTA + pid_bh.to(tl.int64) * len_q + rows, tl.sum(dattn * attn, 1), mask=rows < len_q)
-
-
-@_autotune("dkdv")
-@triton.jit
-def _daf_bwd_dkdv_kernel(
-    Q, K, V, DATTN, KEY_PAD, LSE, DELTA, DK, DV,
-    stride_qb, stride_qm, stride_qd,
-    stride_kb, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vd,
-    stride_tb, stride_tm, stride_td,
-    stride_pb, stride_pn,
-    stride_dkb, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvn, stride_dvd,
-    num_heads, len_q, len_k, sm_scale, len_q_bucket, len_k_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_HD: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(1)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    qk_scale = sm_scale * LOG2E
-    key_ok = _key_valid(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, cols, len_k, HAS_MASK)
-    k = _load_tile(_head_base(K, pid_bh, num_heads, stride_kb, stride_kd, HEAD_DIM),
-                   cols, len_k, stride_kn, stride_kd, HEAD_DIM, BLOCK_HD)
-    v = _load_tile(_head_base(V, pid_bh, num_heads, stride_vb, stride_vd, HEAD_DIM),
-                   cols, len_k, stride_vn, stride_vd, HEAD_DIM, BLOCK_HD)
-    Q = _head_base(Q, pid_bh, num_heads, stride_qb, stride_qd, HEAD_DIM)
-    DATTN = _head_base(DATTN, pid_bh, num_heads, stride_tb, stride_td, HEAD_DIM)
-    LSE += pid_bh.to(tl.int64) * len_q
-    DELTA += pid_bh.to(tl.int64) * len_q
-
-    dk = tl.zeros([BLOCK_N, BLOCK_HD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_HD], dtype=tl.float32)
-    for start_m in range(0, len_q, BLOCK_M):
-        rows = start_m + offs_m
-        q = _load_tile(Q, rows, len_q, stride_qm, stride_qd, HEAD_DIM, BLOCK_HD)
-        do = _load_tile(DATTN, rows, len_q, stride_tm, stride_td, HEAD_DIM, BLOCK_HD)
-        lse2 = _base2_lse(LSE, rows, len_q)
-        delta = tl.load(DELTA + rows, mask=rows < len_q, other=0.0)
-        # Transposed scores [keys, queries]: the key tile is the resident operand.
-        p_t = tl.exp2(_mma(k, tl.trans(q), None, PRECISION, UPCAST) * qk_scale - lse2[None, :])
-        p_t = tl.where(key_ok[:, None], p_t, 0.0)
-        dv = _mma(p_t.to(do.dtype), do, dv, PRECISION, UPCAST)
-        dp_t = _mma(v, tl.trans(do), None, PRECISION, UPCAST)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = _mma(ds_t.to(q.dtype), q, dk, PRECISION, UPCAST)
-
-    _store_tile(_head_base(DK, pid_bh, num_heads, stride_dkb, stride_dkd, HEAD_DIM),
-                dk * sm_scale, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
-    _store_tile(_head_base(DV, pid_bh, num_heads, stride_dvb, stride_dvd, HEAD_DIM),
-                dv, cols, len_k, stride_dvn, stride_dvd, HEAD_DIM, BLOCK_HD)
-
-
-@_autotune("dq")
-@triton.jit
-def _daf_bwd_dq_kernel(
-    Q, K, V, DATTN, KEY_PAD, LSE, DELTA, DQ,
-    stride_qb, stride_qm, stride_qd,
-    stride_kb, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vd,
-    stride_tb, stride_tm, stride_td,
-    stride_pb, stride_pn,
-    stride_dqb, stride_dqm, stride_dqd,
-    num_heads, len_q, len_k, sm_scale, len_q_bucket, len_k_bucket,
-    HEAD_DIM: tl.constexpr, BLOCK_HD: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    qk_scale = sm_scale * LOG2E
+    _store_tile(_head_base(DGATE, pid_bh, num_heads, stride_dqb, stride_dqd, HEAD_DIM),
+                grad * attn * sig * (1.0 - sig), rows, len_q, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_HD)
+    # Rounded to the input dtype, as the dots of dP see it: delta then matches rowsum(p * dP)
+    # exactly in exact arithmetic, so dS sums to 0 over each row as it should.
+    do = (grad * sig).to(Q.dtype.element_ty)
+    delta = tl.sum(do.to(tl.float32) * attn, 1)
     q = _load_tile(_head_base(Q, pid_bh, num_heads, stride_qb, stride_qd, HEAD_DIM),
                    rows, len_q, stride_qm, stride_qd, HEAD_DIM, BLOCK_HD)
-    do = _load_tile(_head_base(DATTN, pid_bh, num_heads, stride_tb, stride_td, HEAD_DIM),
-                    rows, len_q, stride_tm, stride_td, HEAD_DIM, BLOCK_HD)
     lse2 = _base2_lse(LSE + pid_bh.to(tl.int64) * len_q, rows, len_q)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * len_q + rows, mask=rows < len_q, other=0.0)
     K = _head_base(K, pid_bh, num_heads, stride_kb, stride_kd, HEAD_DIM)
     V = _head_base(V, pid_bh, num_heads, stride_vb, stride_vd, HEAD_DIM)
+    DK = _head_base(DK, pid_bh, num_heads, stride_dkb, stride_dkd, HEAD_DIM)
+    DV = _head_base(DV, pid_bh, num_heads, stride_dkb, stride_dkd, HEAD_DIM)
+    key_end = _key_end(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, len_k, HAS_MASK, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_HD], dtype=tl.float32)
-    for start_n in range(0, len_k, BLOCK_N):
+    for start_n in range(0, key_end, BLOCK_N):
         cols = start_n + offs_n
-        key_ok = _key_valid(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, cols, len_k, HAS_MASK)
-        k = _load_tile(K, cols, len_k, stride_kn, stride_kd, HEAD_DIM, BLOCK_HD)
-        v = _load_tile(V, cols, len_k, stride_vn, stride_vd, HEAD_DIM, BLOCK_HD)
+        key_ok = _key_valid(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, cols, key_end, HAS_MASK)
+        k = _load_tile(K, cols, key_end, stride_kn, stride_kd, HEAD_DIM, BLOCK_HD)
+        v = _load_tile(V, cols, key_end, stride_vn, stride_vd, HEAD_DIM, BLOCK_HD)
         p = tl.exp2(_mma(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale - lse2[:, None])
         p = tl.where(key_ok[None, :], p, 0.0)
         dp = _mma(do, tl.trans(v), None, PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(k.dtype), k, dq, PRECISION, UPCAST)
-
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq = _mma(ds, k, dq, PRECISION, UPCAST)
+        dv = _mma(tl.trans(p.to(do.dtype)), do, None, PRECISION, UPCAST)
+        dk = _mma(tl.trans(ds), q, None, PRECISION, UPCAST) * sm_scale
+        if ACCUMULATE_DKDV:
+            _add_tile(DK, dk, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+            _add_tile(DV, dv, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+        else:
+            _store_tile(DK, dk, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+            _store_tile(DV, dv, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+    if not ACCUMULATE_DKDV:  # the keys past the last unpadded one get no gradient
+        zero = tl.zeros([BLOCK_N, BLOCK_HD], dtype=tl.float32)
+        for start_n in range(tl.cdiv(key_end, BLOCK_N) * BLOCK_N, len_k, BLOCK_N):
+            cols = start_n + offs_n
+            _store_tile(DK, zero, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+            _store_tile(DV, zero, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
     _store_tile(_head_base(DQ, pid_bh, num_heads, stride_dqb, stride_dqd, HEAD_DIM),
                 dq * sm_scale, rows, len_q, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_HD)
+
+
+_FWD_TUNER = _tuner("fwd", _daf_fwd_kernel)
+_BWD_TUNER = _tuner("bwd", _daf_bwd_kernel, reset_to_zero=["DK", "DV"])  # benchmarking re-runs the atomics
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -397,80 +420,90 @@ def _mask_args(key_padding_mask):
     return key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1)
 
 
+_printed_choices = set()
+
+
+def _launch(name: str, kernel, tuner, grid, args, constexprs: dict, pinned: dict):
+    """Launch with the pinned config, or under MVCL_FAST_AUTOTUNE=1 search and print the choice."""
+    if not autotune_requested():
+        kernel[grid(pinned["BLOCK_M"])](*args, **constexprs, **pinned)
+        return
+    if triton_interpreter_enabled():
+        raise RuntimeError(f"{AUTOTUNE_ENV}=1 needs a GPU to time the configs: unset it under "
+                           "Triton's interpreter (TRITON_INTERPRET=1)")
+    fixed = {key: value for key, value in pinned.items() if key not in AUTOTUNE_SPACE[name]}
+    tuner[lambda meta: grid(meta["BLOCK_M"])](*args, **constexprs, **fixed)
+    for key, config in tuner.cache.items():
+        if (name, key) not in _printed_choices:
+            _printed_choices.add((name, key))
+            print(f"{AUTOTUNE_ENV}: daf_attention {name} key={key}: {config}", flush=True)
+
+
 def daf_attention_forward(q, k, v, gate, residual, key_padding_mask, num_heads: int):
     """(out, attn, lse): out = residual + sigmoid(gate) * attn, attn [B, Lq, D], lse [B, H, Lq] fp32."""
     head_dim = _head_dim(q, num_heads)
     batch, len_q, _ = q.shape
     len_k = k.shape[1]
-    out = torch.empty_like(q)
-    attn = torch.empty_like(q)
+    # Contiguous whatever q's strides, as the op's fake declares.
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    attn = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, num_heads, len_q, device=q.device, dtype=torch.float32)
     mask, stride_pb, stride_pn = _mask_args(key_padding_mask)
-
-    def grid(meta):
-        return (triton.cdiv(len_q, meta["BLOCK_M"]), batch * num_heads)
-
-    _daf_fwd_kernel[grid](
-        q, k, v, gate, residual, mask, out, attn, lse,
-        *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *residual.stride(),
-        stride_pb, stride_pn, *out.stride(),
-        num_heads, len_q, len_k, 1.0 / math.sqrt(head_dim), _length_bucket(len_q), _length_bucket(len_k),
-        HAS_MASK=mask is not None, **_tile(head_dim), **_dot_flags(q.dtype))
+    tile, flags = _tile(head_dim), _dot_flags(q.dtype)
+    _launch("fwd", _daf_fwd_kernel, _FWD_TUNER,
+            lambda block_m: (triton.cdiv(len_q, block_m), batch * num_heads),
+            (q, k, v, gate, residual, mask, out, attn, lse,
+             *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *residual.stride(),
+             stride_pb, stride_pn, *out.stride(),
+             num_heads, len_q, len_k, 1.0 / math.sqrt(head_dim), _length_bucket(len_q), _length_bucket(len_k)),
+            dict(tile, HAS_MASK=mask is not None, **flags),
+            _forward_config(q.dtype, flags["PRECISION"], tile["BLOCK_HD"], len_q))
     return out, attn, lse
 
 
 def daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse, num_heads: int):
     """(dq, dk, dv, dgate) of out = residual + sigmoid(gate) * attention(q, k, v)."""
     head_dim = _head_dim(q, num_heads)
-    batch, len_q, dim = q.shape
+    batch, len_q, _ = q.shape
     len_k = k.shape[1]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dgate = torch.empty_like(gate)
-    # dattn is FlashAttention's dO; kept in the input dtype, which is what its dots consume.
-    dattn = torch.empty(batch, len_q, dim, device=q.device, dtype=q.dtype)
-    delta = torch.empty(batch, num_heads, len_q, device=q.device, dtype=torch.float32)
     mask, stride_pb, stride_pn = _mask_args(key_padding_mask)
-    scalars = (num_heads, len_q, len_k, 1.0 / math.sqrt(head_dim), _length_bucket(len_q), _length_bucket(len_k))
-    tile = _tile(head_dim)
-    flags = dict(tile, HAS_MASK=mask is not None, **_dot_flags(q.dtype))
-
-    _daf_bwd_preprocess_kernel[(triton.cdiv(len_q, PREPROCESS_BLOCK_M), batch * num_heads)](
-        grad_out, gate, attn, dgate, dattn, delta,
-        *grad_out.stride(), *gate.stride(), *attn.stride(), *dgate.stride(), *dattn.stride(),
-        num_heads, len_q, BLOCK_M=PREPROCESS_BLOCK_M, num_warps=PREPROCESS_WARPS, **tile)
-
-    _daf_bwd_dkdv_kernel[lambda meta: (triton.cdiv(len_k, meta["BLOCK_N"]), batch * num_heads)](
-        q, k, v, dattn, mask, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *dattn.stride(), stride_pb, stride_pn,
-        *dk.stride(), *dv.stride(),
-        *scalars, **flags)
-
-    _daf_bwd_dq_kernel[lambda meta: (triton.cdiv(len_q, meta["BLOCK_M"]), batch * num_heads)](
-        q, k, v, dattn, mask, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *dattn.stride(), stride_pb, stride_pn,
-        *dq.stride(),
-        *scalars, **flags)
-    return dq, dk, dv, dgate
+    tile, flags = _tile(head_dim), _dot_flags(q.dtype)
+    config = _backward_config(q.dtype, flags["PRECISION"], tile["BLOCK_HD"], len_q)
+    # One row tile holds every query: dK/dV are complete per key tile and stored in q's dtype.
+    # Several add up their shares in fp32 (zeroed; cast after unless q is fp32 already).
+    accumulate = len_q > config["BLOCK_M"]
+    dkdv_dtype = torch.float32 if accumulate else k.dtype
+    new = torch.zeros if accumulate else torch.empty
+    # Contiguous, so that dq and dgate share strides, and dk and dv.
+    dq, dgate = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
+    dk, dv = (new(k.shape, device=k.device, dtype=dkdv_dtype) for _ in range(2))
+    _launch("bwd", _daf_bwd_kernel, _BWD_TUNER,
+            lambda block_m: (triton.cdiv(len_q, block_m), batch * num_heads),
+            (q, k, v, gate, grad_out, attn, mask, lse, dq, dk, dv, dgate,
+             *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *grad_out.stride(), *attn.stride(),
+             stride_pb, stride_pn, *dq.stride(), *dk.stride(),
+             num_heads, len_q, len_k, 1.0 / math.sqrt(head_dim), _length_bucket(len_q), _length_bucket(len_k)),
+            dict(tile, HAS_MASK=mask is not None, ACCUMULATE_DKDV=accumulate, **flags), config)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dgate
 
 
 # ----------------------------------------------------------------------------- AOT declaration
 
-AOT_HEAD_DIMS = (64, 128)   # the model's head dim (768 / 12) and the largest supported
+AOT_HEAD_DIMS = (128, 64, 32)   # the largest supported, the model's (768 / 12), the structure budget's
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_FP32_POINTERS = {"LSE", "DELTA"}
+_VARIANTS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
 
 
-def _spec(name, kernel, element: str, constexprs: dict, num_warps: int, num_stages: int) -> KernelSpec:
+def _spec(name, kernel, element: str, fp32_pointers: set, constexprs: dict, config: dict) -> KernelSpec:
     """KernelSpec of a launch on contiguous inputs.
 
     Unit strides (the head-dim axis, the mask's key axis) are the constant 1,
     as the JIT specializes an int argument equal to 1. Of the runtime
     arguments, upper-case names are tensors (the key padding mask bool,
-    LSE/DELTA fp32, the rest the input dtype), sm_scale is fp32, the rest ints.
+    fp32_pointers fp32, the rest the input dtype), sm_scale is fp32, the rest ints.
     """
-    constexprs = dict(constexprs)
+    constexprs = dict(constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"])
     sig = {}
-    # kernel.fn: the Python function under both triton.jit and the interpreter's stand-in.
     for arg, param in inspect.signature(kernel.fn).parameters.items():
         if "constexpr" in str(param.annotation):
             continue
@@ -479,56 +512,69 @@ def _spec(name, kernel, element: str, constexprs: dict, num_warps: int, num_stag
         elif arg == "KEY_PAD":
             sig[arg] = "*i1"
         elif arg.isupper():
-            sig[arg] = "*fp32" if arg in _FP32_POINTERS else "*" + element
+            sig[arg] = "*fp32" if arg in fp32_pointers else "*" + element
         else:
             sig[arg] = "fp32" if arg == "sm_scale" else "i32"
-    return KernelSpec(name, kernel, sig, constexprs, num_warps, num_stages)
+    return KernelSpec(name, kernel, sig, constexprs, config["num_warps"], config["num_stages"])
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every kernel x dtype (fp32 both IEEE and tf32) x AOT_HEAD_DIMS x each GPU
-    autotune config tried there.
+    """Every kernel x dtype (fp32 both IEEE and tf32) x AOT_HEAD_DIMS x each GPU-pinned config
+    it launches: the forward's short- and long-query row tiles, the backward's row tile at every
+    query bucket up to its largest, storing dK/dV and (at the largest) accumulating them.
 
     Declared with the key padding mask on (HAS_MASK=True); the mask-free
-    variant is the same code without the mask load.
+    variant is the same code without the mask scan and loads.
     """
-    tuned = [("fwd", _daf_fwd_kernel.fn, "daf_fwd"), ("dkdv", _daf_bwd_dkdv_kernel.fn, "daf_bwd_dkdv"),
-             ("dq", _daf_bwd_dq_kernel.fn, "daf_bwd_dq")]
-    variants = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
-                (torch.bfloat16, "ieee")]
     specs = []
-    for head_dim in AOT_HEAD_DIMS:
+    for head_dim, (dtype, precision) in itertools.product(AOT_HEAD_DIMS, _VARIANTS):
         tile = _tile(head_dim)
-        for dtype, precision in variants:
-            element = _TRITON_DTYPE[dtype]
-            tag = f"{element}{'-tf32' if precision == 'tf32' else ''},hd={head_dim}"
-            for kind, kernel, name in tuned:
-                for m, n, warps, stages in _configs_for(dtype, precision, tile["BLOCK_HD"], kind):
-                    specs.append(_spec(
-                        f"{name}[{tag},BLOCK_M={m},BLOCK_N={n},warps={warps},stages={stages}]",
-                        kernel, element, dict(tile, HAS_MASK=True, PRECISION=precision, UPCAST=False,
-                                              BLOCK_M=m, BLOCK_N=n), warps, stages))
-            if precision == "ieee":  # the preprocess has no dot
-                specs.append(_spec(f"daf_bwd_preprocess[{tag},BLOCK_M={PREPROCESS_BLOCK_M}]",
-                                   _daf_bwd_preprocess_kernel, element,
-                                   dict(tile, BLOCK_M=PREPROCESS_BLOCK_M), PREPROCESS_WARPS, 3))
+        element = _TRITON_DTYPE[dtype]
+        tag = f"{element}{'-tf32' if precision == 'tf32' else ''},hd={head_dim}"
+        flags = dict(tile, HAS_MASK=True, PRECISION=precision, UPCAST=False)
+        forward = [_forward_config(dtype, precision, tile["BLOCK_HD"], len_q, PINNED_CONFIGS)
+                   for len_q in (16, SHORT_QUERIES + 1)]
+        for config in (forward[:1] if forward[0] == forward[1] else forward):
+            specs.append(_spec(f"daf_fwd[{tag},{_config_name(config)}]", _daf_fwd_kernel, element,
+                               {"LSE"}, flags, config))
+        largest = _backward_config(dtype, precision, tile["BLOCK_HD"], 4096, PINNED_CONFIGS)["BLOCK_M"]
+        for block_m in (16, 32, 64, 128):
+            if block_m > largest:
+                break
+            config = _backward_config(dtype, precision, tile["BLOCK_HD"], block_m, PINNED_CONFIGS)
+            for accumulate in (False, True) if block_m == largest else (False,):
+                specs.append(_spec(
+                    f"daf_bwd[{tag},{_config_name(config)}{',accumulate' if accumulate else ''}]",
+                    _daf_bwd_kernel, element, {"LSE", "DK", "DV"} if accumulate else {"LSE"},
+                    dict(flags, ACCUMULATE_DKDV=accumulate), config))
     return specs
 
 
-def aot_launches():
-    """Forward + backward at the benchmark shapes (B = 32, Lq = 80, D = 768, 12 heads; Lk = 80,
-    310, 710, 8192 with padded keys) in every dtype mode."""
+def _config_name(config: dict) -> str:
+    return ",".join(f"{key}={value}" for key, value in config.items())
+
+
+def aot_launches() -> list:
+    """(name, zero-argument callable): forward + backward through the public launchers, keys
+    padded, at the benchmark's DAF shapes (benchmarks/bench_daf.py: Lq = 80, D = 768, 12 heads,
+    Lk = 80, 310, 710, 8192; B = 2, since the batch changes only the grid), the structure
+    budget's shape and a long query sequence (the accumulating backward), in every dtype mode."""
     from mvcl_fast.kernels.aot import DTYPE_MODES, matmul_tf32, mode_name
 
-    def step(len_k, dtype, tf32):
+    shapes = {f"bench,Lk={len_k}": (2, 80, len_k, 768, 12) for len_k in (80, 310, 710, 8192)}
+    shapes.update(budget=(2, 48, 96, 128, 4), long_q=(2, 300, 96, 768, 12))
+
+    def run(shape, dtype, tf32):
+        batch, len_q, len_k, dim, heads = shape
+
         def launch():
-            q, gate, residual, grad_out = (torch.empty(32, 80, 768, dtype=dtype) for _ in range(4))
-            k, v = (torch.empty(32, len_k, 768, dtype=dtype) for _ in range(2))
-            key_padding_mask = torch.zeros(32, len_k, dtype=torch.bool)
+            q, gate, residual, grad = (torch.empty(batch, len_q, dim, dtype=dtype) for _ in range(4))
+            k, v = (torch.empty(batch, len_k, dim, dtype=dtype) for _ in range(2))
+            mask = torch.arange(len_k)[None, :] >= torch.tensor([len_k, len_k * 3 // 4])[:, None]
             with matmul_tf32(tf32):
-                _, attn, lse = daf_attention_forward(q, k, v, gate, residual, key_padding_mask, 12)
-                daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse, 12)
+                _, attn, lse = daf_attention_forward(q, k, v, gate, residual, mask, heads)
+                daf_attention_backward(grad, q, k, v, gate, mask, attn, lse, heads)
         return launch
 
-    return [(f"daf[Lk={len_k},{mode_name(dtype, tf32)}]", step(len_k, dtype, tf32))
-            for dtype, tf32 in DTYPE_MODES for len_k in (80, 310, 710, 8192)]
+    return [(f"daf_attention[{name},{mode_name(dtype, tf32)}]", run(shape, dtype, tf32))
+            for name, shape in shapes.items() for dtype, tf32 in DTYPE_MODES]

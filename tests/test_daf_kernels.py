@@ -101,20 +101,32 @@ def test_bfloat16_in_interpreter(case, kernel_device):
     _check_against_reference(inputs, heads, _key_padding(batch, len_k, kernel_device), torch.bfloat16)
 
 
+def _force_tiles(monkeypatch, kernels, forward, backward):
+    """Launch every kernel with these tiles, on the interpreter as on CUDA."""
+    table = {"fwd": {kind: [(512, forward)] for kind in ("mma", "fma")},
+             "bwd": {kind: [(512, backward)] for kind in ("mma", "fma")}}
+    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", table)
+    monkeypatch.setattr(kernels, "PINNED_CONFIGS", table)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_smallest_tiles_many_blocks(dtype, kernel_device, monkeypatch):
-    """The smallest GPU tiles (16 queries x 32 keys) forced on every kernel: rows span 8 key
-    blocks (the online softmax rescales across them), columns 3 query blocks, all ragged."""
+@pytest.mark.parametrize("backward_rows", [16, 64], ids=lambda m: f"bwd-rows={m}")
+def test_smallest_tiles_many_blocks(dtype, backward_rows, kernel_device, monkeypatch):
+    """The smallest GPU tiles (16 queries x 32 keys) forced on the forward and the backward's
+    keys: rows span 8 key blocks (the online softmax rescales across them), all ragged. With
+    16-row backward tiles the 37 queries take 3 programs that add up dK/dV with atomics; with
+    64 one program holds them all and stores dK/dV per key tile."""
     from mvcl_fast.kernels import daf_attention as kernels
 
-    smallest = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
-    for kernel in (kernels._daf_fwd_kernel, kernels._daf_bwd_dkdv_kernel, kernels._daf_bwd_dq_kernel):
-        monkeypatch.setattr(kernel, "configs", smallest)
-    batch, len_q, len_k, heads, head_dim = 2, 37, 231, 2, 32
+    _force_tiles(monkeypatch, kernels, (16, 16, 32, 4, 2), (backward_rows, 32, 4, 2))
+    batch, len_q, len_k, heads, head_dim = 3, 37, 231, 2, 32
     inputs = _inputs(batch, len_q, len_k, heads * head_dim, dtype, kernel_device)
     mask = _key_padding(batch, len_k, kernel_device)
     mask[0, :100] = True  # whole padded key blocks ahead of the first real key
-    _check_against_reference(inputs, heads, mask, dtype)
+    mask[2, 150:] = True  # and past the last one: skipped, their dK/dV written as zeros
+    grads = _check_against_reference(inputs, heads, mask, dtype)
+    for grad in grads[1:3]:
+        assert not grad[2, 150:].any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -189,9 +201,25 @@ def _jitted(obj):
     return obj if isinstance(obj, JIT_TYPES) else None
 
 
-def test_aot_specs_cover_every_kernel_config_and_dtype():
-    """aot_specs() declares every @triton.jit kernel of the file with every GPU autotune
-    config and dtype it can launch with; helpers are compiled inside the kernels calling them."""
+def _recorded_launches(kernels, monkeypatch):
+    """(kernel name, constexprs and config, Q's dtype) of every launch aot_launches() makes
+    as on a GPU (pinned configs, no interpreter upcasts), recorded instead of run."""
+    monkeypatch.setattr(kernels, "triton_interpreter_enabled", lambda: False)
+    launches = []
+
+    def record(name, kernel, tuner, grid, args, constexprs, pinned):
+        launches.append((kernel.fn.__name__, {**constexprs, **pinned}, args[0].dtype))
+
+    monkeypatch.setattr(kernels, "_launch", record)
+    for _, launch in kernels.aot_launches():
+        launch()
+    return launches
+
+
+def test_aot_specs_declare_every_launch_of_aot_launches(monkeypatch):
+    """aot_specs() declares every @triton.jit kernel of the file (helpers are compiled inside
+    the kernels calling them) and each config, dtype and flag the launchers really launch at
+    the aot_launches() shapes; every spec is complete and compilable."""
     from mvcl_fast.kernels import daf_attention as kernels
 
     specs = kernels.aot_specs()
@@ -203,23 +231,16 @@ def test_aot_specs_cover_every_kernel_config_and_dtype():
         assert name in declared or f"{name}(" in declared_source, \
             f"@triton.jit {name} is neither declared in aot_specs() nor called by a declared kernel"
 
-    kinds = {"_daf_fwd_kernel": "fwd", "_daf_bwd_dkdv_kernel": "dkdv", "_daf_bwd_dq_kernel": "dq"}
-    variants = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"),
-                (torch.bfloat16, "ieee")]
-    for kernel_name, kind in kinds.items():
-        for head_dim in kernels.AOT_HEAD_DIMS:
-            block_hd = kernels._tile(head_dim)["BLOCK_HD"]
-            for dtype, precision in variants:
-                element = "*" + kernels._TRITON_DTYPE[dtype]
-                got = {(s.constexprs["BLOCK_M"], s.constexprs["BLOCK_N"], s.num_warps, s.num_stages)
-                       for s in specs if s.fn.fn.__name__ == kernel_name
-                       and s.constexprs["HEAD_DIM"] == head_dim
-                       and s.constexprs["PRECISION"] == precision and s.signature["Q"] == element}
-                want = set(kernels._configs_for(dtype, precision, block_hd, kind))
-                assert want and got == want, (kernel_name, head_dim, dtype, precision)
-    for dtype in ("fp32", "fp16", "bf16"):
-        assert any(s.fn.fn.__name__ == "_daf_bwd_preprocess_kernel" and s.signature["GATE"] == "*" + dtype
-                   for s in specs)
+    launches = _recorded_launches(kernels, monkeypatch)
+    assert {name for name, _, _ in launches} == {"_daf_fwd_kernel", "_daf_bwd_kernel"}
+    assert any(meta.get("ACCUMULATE_DKDV") for _, meta, _ in launches)  # the long-query shape
+    for name, meta, dtype in launches:
+        element = "*" + kernels._TRITON_DTYPE[dtype]
+        flags = {key: value for key, value in meta.items() if key not in ("num_warps", "num_stages")}
+        assert any(spec.fn.fn.__name__ == name and spec.signature["Q"] == element
+                   and flags.items() <= spec.constexprs.items()
+                   and (spec.num_warps, spec.num_stages) == (meta["num_warps"], meta["num_stages"])
+                   for spec in specs), (name, meta, dtype)
     for spec in specs:  # complete and compilable: every argument typed or constant, once
         params = inspect.signature(spec.fn.fn).parameters
         assert set(spec.signature) | set(spec.constexprs) == set(params), spec.name
@@ -227,33 +248,58 @@ def test_aot_specs_cover_every_kernel_config_and_dtype():
         assert {p for p in params if "constexpr" in str(params[p].annotation)} <= set(spec.constexprs)
 
 
-def test_autotune_pruning_fits_tiles_to_dtype_head_dim_and_lengths(monkeypatch):
-    """On CUDA, autotuning tries only the tiles declared for the dtype, dot precision and head
-    dim, and none longer than the bucketed sequences, keeping at least the shortest."""
+def test_pinned_configs_follow_dtype_head_dim_and_query_length(monkeypatch):
+    """Without MVCL_FAST_AUTOTUNE the launches take the pinned configs: 16-row forward tiles
+    for DAF's short text side (Lq = 30-80), a backward row tile of the whole query bucket
+    up to the largest that compiles without spills at the head width, the FMA table for
+    IEEE fp32."""
     from mvcl_fast.kernels import daf_attention as kernels
 
-    monkeypatch.setitem(kernels.TENSOR_CORE_CONFIGS, "fwd", [
-        (16, 32, 4, 3, 512), (32, 64, 8, 3, 256), (64, 64, 4, 3, 128), (128, 128, 8, 3, 128)])
-    monkeypatch.setitem(kernels.FMA_CONFIGS, "fwd", [(16, 32, 8, 2, 512), (32, 32, 8, 2, 256)])
-    prune = kernels._prune("fwd")
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for table in (kernels.TENSOR_CORE_CONFIGS, kernels.FMA_CONFIGS)
-               for m, n, w, s, _ in table["fwd"]]
+    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", kernels.PINNED_CONFIGS)
+    monkeypatch.delenv(kernels.AUTOTUNE_ENV, raising=False)
 
-    def tiles(dtype, precision, head_dim, len_q, len_k):
-        kept = prune(configs, {"Q": torch.empty(0, dtype=dtype)}, PRECISION=precision,
-                     BLOCK_HD=kernels._tile(head_dim)["BLOCK_HD"],
-                     len_q_bucket=kernels._length_bucket(len_q), len_k_bucket=kernels._length_bucket(len_k))
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept}
+    def rows(kind, dtype, precision, head_dim, len_q):
+        config = {"fwd": kernels._forward_config, "bwd": kernels._backward_config}[kind](
+            dtype, precision, kernels._tile(head_dim)["BLOCK_HD"], len_q)
+        return config["BLOCK_M"]
 
-    assert tiles(torch.float16, "ieee", 64, 80, 710) == {(16, 32), (32, 64), (64, 64), (128, 128)}
-    assert tiles(torch.bfloat16, "ieee", 64, 1, 710) == {(16, 32)}
-    assert tiles(torch.float16, "ieee", 48, 50, 30) == {(16, 32)}
-    assert tiles(torch.float16, "ieee", 64, 50, 64) == {(16, 32), (32, 64), (64, 64)}
-    assert tiles(torch.float16, "ieee", 128, 4096, 4096) == {(16, 32), (32, 64)}
-    assert tiles(torch.float32, "tf32", 64, 4096, 4096) == {(16, 32), (32, 64)}
-    assert tiles(torch.float32, "tf32", 128, 4096, 4096) == {(16, 32)}
-    assert tiles(torch.float32, "ieee", 64, 80, 710) == {(16, 32), (32, 32)}
-    assert tiles(torch.float32, "ieee", 96, 80, 710) == {(16, 32)}
+    for len_q in (30, 48, 80):
+        assert rows("fwd", torch.bfloat16, "ieee", 64, len_q) == 16
+    assert rows("fwd", torch.bfloat16, "ieee", 64, 300) == 32
+    assert [rows("bwd", torch.bfloat16, "ieee", 64, n) for n in (1, 30, 48, 80, 300)] == [16, 32, 64, 64, 64]
+    assert rows("bwd", torch.bfloat16, "ieee", 128, 80) == 32
+    assert rows("bwd", torch.float32, "tf32", 64, 80) == 32
+    assert rows("bwd", torch.float32, "ieee", 64, 80) == 16
+    assert not kernels.autotune_requested()
     assert kernels._length_bucket(1) == 16 and kernels._length_bucket(710) == 1024
     assert kernels._length_bucket(10 ** 6) == 4096
+
+
+def test_autotune_space_is_pruned_to_the_lengths():
+    """MVCL_FAST_AUTOTUNE=1 searches every combination of AUTOTUNE_SPACE, less the tiles
+    longer than the bucketed sequences (the shortest kept)."""
+    from mvcl_fast.kernels import daf_attention as kernels
+
+    space = kernels._search_space("fwd")
+    assert len(space) == 4 * 4 * 2 * 2
+    kept = kernels._prune_to_lengths(space, {}, len_q_bucket=16, len_k_bucket=32)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(16, 16), (16, 32)}
+    backward = kernels._prune_to_lengths(kernels._search_space("bwd"), {}, len_q_bucket=128, len_k_bucket=1024)
+    assert len(backward) == 4 * 2 * 3 and all("BLOCK_M" not in c.kwargs for c in backward)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter's refusal; CUDA searches for real below")
+def test_autotune_needs_a_gpu(kernel_device, monkeypatch):
+    monkeypatch.setenv("MVCL_FAST_AUTOTUNE", "1")
+    inputs = _inputs(1, 4, 4, 16, torch.float32, kernel_device)
+    with pytest.raises(RuntimeError, match="MVCL_FAST_AUTOTUNE=1 needs a GPU"):
+        mvcl_fast.daf_attention(*inputs, 1)
+
+
+@pytest.mark.skipif(not CUDA, reason="autotuning times configs on a GPU")
+def test_autotune_searches_and_prints_its_choice(kernel_device, monkeypatch, capsys):
+    monkeypatch.setenv("MVCL_FAST_AUTOTUNE", "1")
+    inputs = _inputs(2, 37, 50, 64, torch.float16, kernel_device)
+    _check_against_reference(inputs, 2, _key_padding(2, 50, kernel_device), torch.float16)
+    printed = capsys.readouterr().out
+    assert "MVCL_FAST_AUTOTUNE: daf_attention fwd" in printed and "daf_attention bwd" in printed

@@ -78,9 +78,13 @@ def _setup(ctx, inputs, output):
     _, attn, lse = output
     ctx.save_for_backward(q, k, v, gate, key_padding_mask, attn, lse)
     ctx.num_heads = num_heads
+    # attn and lse are saved for the backward, never differentiated: no zero-filled grads for them.
+    ctx.set_materialize_grads(False)
 
 
 def _grad(ctx, grad_out, grad_attn, grad_lse):
+    if grad_out is None:  # only attn or lse reached the loss: they carry no gradient
+        return None, None, None, None, None, None, None
     q, k, v, gate, key_padding_mask, attn, lse = ctx.saved_tensors
     dq, dk, dv, dgate = _daf_attention_backward(
         grad_out.contiguous(), q, k, v, gate, key_padding_mask, attn, lse, ctx.num_heads)

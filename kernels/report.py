@@ -67,7 +67,7 @@ import warnings  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 
 KERNEL_PACKAGE = "mvcl_fast.kernels"
-NOT_KERNEL_MODULES = {"aot", "report"}
+NOT_KERNEL_MODULES = {"aot", "report", "structure"}
 DEFAULT_ARCHS = ("sm_90a", "sm_80")
 # Largest dynamic shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 # the SM has 228 KiB (sm_90) / 164 KiB (sm_80), of which 1 KiB per block is reserved by the system.

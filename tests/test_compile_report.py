@@ -24,7 +24,7 @@ pytest.importorskip("triton")
 # (Triton's cache makes reruns fast). `python -m mvcl_fast.kernels.report` compiles sm_90a and sm_80.
 ARCHS = ["sm_90a"]
 SHARED_LIMIT_KIB = {"sm_90a": 227, "sm_80": 163}  # per-block opt-in maximum of each target
-NOT_KERNEL_FILES = {"aot", "report"}
+NOT_KERNEL_FILES = {"aot", "report", "structure"}
 OTHER_PYTHONS = [p for p in os.environ.get("MVCL_FAST_REPORT_PYTHONS", "").split(os.pathsep) if p]
 PYTHONS = [pytest.param(sys.executable, id="this-env")] + [
     pytest.param(p, id=os.path.basename(os.path.dirname(os.path.dirname(p))) or p)

@@ -162,7 +162,8 @@ def seed_table(summary: dict) -> str:
                                            f"{metrics[section][key]['std']:.2f}" for key, _ in columns}
     main = [s for s in metrics if "/" not in s]
     groups = [s for s in metrics if s.startswith("test_groups/")]
-    return (format_table({s.replace("_", " "): cells(s, METRIC_COLUMNS) for s in main}) + "\n\n"
+    return (format_table({s.replace("_", " "): cells(s, METRIC_COLUMNS) for s in main})
+            + "\n\ntest by training frequency (intents in thirds):\n"
             + format_table({s.split("/")[1]: cells(s, GROUP_COLUMNS[2:]) for s in groups},
                            GROUP_COLUMNS[2:]))
 

@@ -4,25 +4,32 @@ Batch 32; text: 50 positions ([CLS] + 28-45 word pieces + 3 label slots +
 [SEP], the rest padding); video 230 x 256 and audio 480 x 768 frames, each
 clip with a random number of real frames. The text and anchor encoders are
 bert-base sized (transformers.BertConfig() defaults, random init: timing only).
-fp32 weights and activations, as mvcl_fast.train runs; CE + prototype InfoNCE
+fp32 weights (AdamW on fp32 master weights); the forward and the loss in fp32 or
+under torch.autocast(bf16), as mvcl_fast.train --precision runs them (bf16 is
+its default on CUDA); CE + prototype InfoNCE
 + multi-view InfoNCE (lambda 1 : 1 : 1, tau 0.1); AdamW with the trainer's
 two learning rates and weight decay 0.2 on matrices.
 
 Providers: eager (MVCL_FAST_BACKEND=reference, nothing compiled), fused (the
 Triton ops, nothing compiled) and fused+compile (the Triton ops, and the
 fusion layers compiled as mvcl_fast.train does on CUDA: video/audio streams,
-coarse context and DAF blocks; the encoders stay eager). On CPU only a tiny
-smoke shape runs, on the eager provider, to keep this file working there (the
-dry run also runs the fused provider there, through the interpreter). Headline
+coarse context and DAF blocks; the encoders stay eager), each in fp32 and
+with " bf16" under autocast: the trainer's CUDA default, bf16 fused+compile,
+against fp32 eager (x_vs_eager) and bf16 eager. On CPU only a tiny smoke
+shape runs, on the eager providers, to keep this file working there (the dry
+run also runs the fused providers there, through the interpreter). Headline
 case: the MIntRec shape.
 """
+import contextlib
+
 import pytest
 import torch
 
 from harness import CUDA, DEVICE, EAGER, FUSED, Case, labels, run_case, shape_params, skip_off_gpu
 
 FUSED_COMPILE = "fused+compile"
-PROVIDERS = (EAGER, FUSED, FUSED_COMPILE)
+BF16 = " bf16"
+PROVIDERS = tuple(p + precision for precision in ("", BF16) for p in (EAGER, FUSED, FUSED_COMPILE))
 NUM_LABELS, LABEL_LEN = 20, 3
 SHAPES = {
     # name: batch, text tokens (max, min), video (frames, dim), audio (frames, dim), BertConfig overrides
@@ -92,24 +99,28 @@ def make_batch(shape: dict, seq_len: int, vocab: int):
 @pytest.mark.parametrize("shape_name", shape_params(list(SHAPES), str, {"mintrec": "cpu-smoke"},
                                                     {"mintrec": "train_step MIntRec"}))
 def test_train_step(benchmark, monkeypatch, shape_name, provider):
-    skip_off_gpu(provider, fused=provider != EAGER, compiles=provider == FUSED_COMPILE)
+    kernels, bf16 = provider.removesuffix(BF16), provider.endswith(BF16)
+    skip_off_gpu(kernels, fused=kernels != EAGER, compiles=kernels == FUSED_COMPILE)
     if CUDA and shape_name == "cpu-smoke":
         pytest.skip("CPU smoke shape: on CUDA the MIntRec shape is timed")
     if not CUDA and shape_name == "mintrec":
         pytest.skip("CUDA only: a bert-base training step at batch 32 takes seconds on CPU")
     pytest.importorskip("transformers")
-    monkeypatch.setenv("MVCL_FAST_BACKEND", "reference" if provider == EAGER else "auto")
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "reference" if kernels == EAGER else "auto")
     shape = SHAPES[shape_name]
     model, criterion, cfg = build_model(shape)
-    if provider == FUSED_COMPILE:
+    if kernels == FUSED_COMPILE:
         for module in [*model.streams.values(), model.coarse, *model.daf]:
             module.compile()
     optimizer = optimizer_for(model)
     inputs = make_batch(shape, cfg.seq_len, model.text_encoder.config.vocab_size)
     y = labels(shape["batch"], NUM_LABELS)
 
+    region = (lambda: torch.autocast(DEVICE, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
     def loss():
-        return criterion(model(**inputs), y)[0]
+        with region():
+            return criterion(model(**inputs), y)[0]
 
     run_case(benchmark, Case(
         op="train_step", shape=f"{shape_name} B={shape['batch']} L={cfg.seq_len} "

@@ -4,7 +4,9 @@ Everything else (a bug) keeps its traceback; ``--debug`` keeps it for these too.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import sys
 from pathlib import Path
 
 # "No space left" and "quota exceeded" both mean: the disk took no more.
@@ -51,3 +53,33 @@ def disk_full(folder: Path | str, what: str,
               hint: str = "free space there, or pass an --output-dir on another disk (--resume "
                           "continues from the last complete checkpoint)") -> DiskError:
     return DiskError(f"no space left on the device of {folder} (writing {what})", hint)
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+@contextlib.contextmanager
+def reraised_as(kind: type[MVCLError], prefix: str, hint: str):
+    """What a reader raises about its input (OSError, ValueError) as kind: one line, the file named.
+
+    A full disk (the synthetic set and caches are written on first use) is a DiskError.
+    """
+    try:
+        yield
+    except OSError as err:
+        if is_disk_full(err):
+            where = Path(err.filename) if err.filename else Path.cwd() / "?"
+            raise disk_full(where.parent, where.name, "free space on that disk") from err
+        raise kind(prefix + first_line(err), hint) from err
+    except ValueError as err:
+        raise kind(prefix + first_line(err), hint) from err
+
+
+def print_error(prog: str, err: BaseException, output_dir) -> None:
+    """The one line and the hint a command prints for an error the user can fix."""
+    if not isinstance(err, MVCLError):   # a full disk outside the writes that name their file
+        err = disk_full(output_dir, err.filename or "an output")
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    if err.hint:
+        print(f"hint: {err.hint}", file=sys.stderr)

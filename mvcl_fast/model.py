@@ -185,6 +185,14 @@ def sinusoidal_positions(length: int, dim: int, device) -> Tensor:
     return table
 
 
+def fused_op_dtype(t: Tensor) -> torch.dtype:
+    """The dtype the fused ops get: inside an autocast region its lower precision (autocast leaves
+    layer norms and softmaxes in fp32, which would otherwise reach the ops), elsewhere t's own."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
 def slot_mean(hidden: Tensor, label_start: Tensor, label_len: int) -> Tensor:
     """Mean of hidden [B, L, H] over the label slots label_start + [0, label_len)."""
     positions = label_start[:, None] + torch.arange(label_len, device=hidden.device)[None, :]
@@ -345,8 +353,10 @@ class DynamicAttentionFusion(nn.Module):
         x = self.norm_in(x)
         keys = torch.cat([context, *[s.tokens for s in streams]], dim=1)
         padding = torch.cat([text_padding, *[s.padding for s in streams]], dim=1)
-        out = daf_attention(self.q(x), self.k(keys), self.v(keys), self.gate(x), x,
-                            self.heads, key_padding_mask=padding)
+        dtype = fused_op_dtype(x)
+        q, k, v, gate, residual = (t.to(dtype) for t in (self.q(x), self.k(keys), self.v(keys),
+                                                         self.gate(x), x))
+        out = daf_attention(q, k, v, gate, residual, self.heads, key_padding_mask=padding)
         out = self.norm_attn(out)
         return self.norm_out(out + self.ffn(out))
 
@@ -456,8 +466,9 @@ class MVCLLoss(nn.Module):
     def forward(self, out: ModelOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         parts = {"ce": F.cross_entropy(out.logits, labels)}
         total = parts["ce"]
+        dtype = fused_op_dtype(out.logits)
         if self.lambda_proto:
-            views = torch.stack([out.views["fused"], out.views["text"]])
+            views = torch.stack([out.views["fused"], out.views["text"]]).to(dtype)
             parts["proto"] = prototype_infonce(views, labels, self.num_classes, self.tau,
                                                validate=False, group=self.group)
             total = total + self.lambda_proto * parts["proto"]
@@ -465,8 +476,8 @@ class MVCLLoss(nn.Module):
             if out.anchor is None:
                 raise ValueError("lambda_mv > 0 needs the anchor view: pass anchor_ids to the model")
             views = torch.stack([out.views[name] for name in ("text", "video", "audio", "fused")
-                                 if name in out.views])
-            parts["mv"] = multiview_infonce(out.anchor, views, self.tau, validate=False,
+                                 if name in out.views]).to(dtype)
+            parts["mv"] = multiview_infonce(out.anchor.to(dtype), views, self.tau, validate=False,
                                             group=self.group)
             total = total + self.lambda_mv * parts["mv"]
         return total, parts

@@ -68,6 +68,24 @@ def _open_not_through_link(path: Path, flags: int) -> int:
     return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, OUTPUT_MODE)
 
 
+def replace_file(folder: Path, name: str, write: Callable[[BinaryIO], None]) -> Path:
+    """Write folder/name through a new temporary file renamed over it (atomic; never through a link)."""
+    target = folder / name
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), OUTPUT_MODE)
+            write(file)
+        os.replace(tmp, target)
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full(folder, name) from err
+        raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
 class RunFolder:
     """A claimed output folder: the lock is held until :meth:`release`."""
 
@@ -130,20 +148,7 @@ class RunFolder:
 
     def replace(self, name: str, write: Callable[[BinaryIO], None]) -> Path:
         """Write name through a new temporary file renamed over it (atomic; never through a link)."""
-        target = self.path / name
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.tmp-")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                os.fchmod(file.fileno(), OUTPUT_MODE)
-                write(file)
-            os.replace(tmp, target)
-        except OSError as err:
-            if is_disk_full(err):
-                raise disk_full(self.path, name) from err
-            raise
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return target
+        return replace_file(self.path, name, write)
 
     def open_log(self) -> TextIO:
         """train.log for appending (a resumed run continues it); a symlink there is replaced."""

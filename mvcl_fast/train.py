@@ -25,6 +25,16 @@ run. Checkpoints hold only tensors and plain values and are read with
 NaN/Inf loss stops the run with a message naming the epoch and step; the last
 good ``last.pt`` stays.
 
+Precision (--precision): the forward passes and the loss run under
+``torch.autocast`` (bf16 by default on CUDA cards that support it, fp32 on the
+CPU), so the fused ops receive bf16; the weights, the AdamW state and the
+checkpoints stay fp32, and fp16 adds a GradScaler (its state is in
+``last.pt``). The final evaluation loads ``best.pt`` with
+``mvcl_fast.loading.load_model``, as ``python -m mvcl_fast.predict`` does, and
+reports per-intent figures, the head / middle / tail thirds by training
+frequency, and (--eval-drop-modality) the test split with a modality blanked
+out; --seeds repeats the run per seed and summarises them.
+
 Several processes: ``torchrun --nproc_per_node=N -m mvcl_fast.train`` runs
 DDP (nccl on CUDA, gloo on the CPU) with a distributed sampler; --batch-size
 is per process, the prototypes and the multi-view negatives come from the
@@ -34,17 +44,15 @@ alone writes checkpoints, logs and metrics.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
 import os
-import pickle
 import platform
 import random
-import re
 import signal
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -57,18 +65,19 @@ from torch import nn
 
 from mvcl_fast import distributed, runs
 from mvcl_fast.distributed import Distributed
-from mvcl_fast.errors import (CheckpointError, ConfigError, DataError, MVCLError, disk_full,
-                              is_disk_full)
+from mvcl_fast.errors import (CheckpointError, ConfigError, DataError, MVCLError,
+                              first_line, is_disk_full, print_error, reraised_as)
+from mvcl_fast.loading import (CHECKPOINT_FORMAT, PRECISIONS, autocast_dtype, load_checkpoint,
+                               load_model, model_inputs)
+from mvcl_fast.metrics import METRIC_COLUMNS
 
 DEFAULT_SYNTHETIC_CACHE = Path(".cache") / "synthetic-mintrec"
-# 2: RNG states as tensors and lists (readable with weights_only=True), partial-epoch loss sums.
-CHECKPOINT_FORMAT = 2
 # Options that only change how a run executes, not what it computes: a
 # resumed run takes these from the command line, everything else from the
 # checkpoint, and refuses a command line that sets any other option to
 # another value (so a resume cannot silently change the experiment).
 RUNTIME_OPTIONS = ("resume", "num_workers", "compile", "backend", "device", "output_dir", "name",
-                   "overwrite", "debug", "cache_dir")
+                   "overwrite", "debug", "cache_dir", "eval_drop_modality")
 # What a text-model folder must hold besides config.json (any one of each).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")
@@ -77,9 +86,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 # Ctrl-C (SIGINT) and SIGTERM (what schedulers preempting a job send; torchrun forwards the
 # signal it receives to every worker): both finish the step, save last.pt and exit.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-METRIC_COLUMNS = (("acc", "ACC"), ("f1", "macro F1"), ("precision", "macro P"),
-                  ("recall", "macro R"), ("weighted_f1", "weighted F1"),
-                  ("weighted_precision", "weighted P"))
 
 EPILOG = """\
 examples:
@@ -94,10 +100,23 @@ examples:
   # feature cache in a writable folder when the data folder is read-only
   python -m mvcl_fast.train --dataset mintrec2 --data-dir data/MIntRec2.0 --cache-dir /tmp/mvcl
 
-  # ablations: text only; without the prototype or the multi-view loss
+  # ablations: text only, text + audio; without the prototype or the multi-view loss
   python -m mvcl_fast.train --modalities text --name text-only
+  python -m mvcl_fast.train --modalities audio,text --name text-audio
   python -m mvcl_fast.train --lambda-proto 0 --name no-proto
   python -m mvcl_fast.train --lambda-mv 0 --name no-multiview
+
+  # robustness: the test split again with the text, then the video blanked out
+  python -m mvcl_fast.train --eval-drop-modality text video
+
+  # five seeds: one run each in runs/paper/seed-N, then summary.json (mean +- std)
+  python -m mvcl_fast.train --seeds 0 1 2 3 4 --name paper
+
+  # fp32 end to end on a GPU (the default there is bf16 autocast)
+  python -m mvcl_fast.train --data-dir data/MIntRec --precision fp32
+
+  # label new clips with the trained model
+  python -m mvcl_fast.predict runs/my-run --data-dir data/MIntRec --split test
 
   # continue an interrupted run (Ctrl-C saves before exiting); options that
   # change the run (--epochs, --lr, ...) cannot be changed on the way
@@ -106,9 +125,11 @@ examples:
   # DDP on the 8 GPUs of one node (--batch-size is per process)
   torchrun --nproc_per_node=8 -m mvcl_fast.train --data-dir data/MIntRec
 
-outputs (in --output-dir): metrics.json (test and dev metrics, per-epoch
-history, timings, configuration), best.pt (weights of the best dev epoch),
-last.pt (full training state for --resume), confusion_matrix.png, train.log.
+outputs (in --output-dir): metrics.json (test and dev metrics, per-class
+figures, head/middle/tail groups, per-epoch history, timings, configuration),
+best.pt (weights of the best dev epoch), last.pt (full training state for
+--resume), confusion_matrix.png, train.log; with --seeds, one such folder per
+seed and summary.json (mean and standard deviation over the seeds).
 A running run holds the folder's .lock: a second run into it is refused, and
 so is a new run into a folder that holds results (--resume or --overwrite).
 
@@ -170,6 +191,36 @@ def device_name(text: str) -> str:
 device_name.__name__ = "auto, cpu, cuda or cuda:N"
 
 
+def modality_set(text: str) -> str:
+    """--modalities: a comma-separated subset of text, video, audio in any order, returned in the
+    model's order ('audio,text' -> 'text,audio'), so runs and resumes compare equal."""
+    from mvcl_fast.model import MODALITIES
+
+    names = [name.strip() for name in text.split(",")]
+    # text is required: the label prompt the model classifies is part of the text input
+    if not all(name in MODALITIES for name in names) or len(set(names)) != len(names) \
+            or "text" not in names:
+        raise argparse.ArgumentTypeError(f"must be {modality_set.__name__}, got {text!r}")
+    return ",".join(name for name in MODALITIES if name in names)
+
+
+modality_set.__name__ = "a comma-separated subset of text, video, audio that includes text"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help; the description and the examples kept as written,
+    one example per line."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # "(default: None)" / "(default: [])" say nothing: those helps state what happens then
+        if action.default is None or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def per_dataset(option: str) -> str:
     """'30 for mintrec, 76 for mintrec2': a data-set default, for --help."""
     from mvcl_fast.data import DATASETS
@@ -194,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     video_heads = ModelConfig.__dataclass_fields__["video_heads"].default
     p = argparse.ArgumentParser(
         prog="python -m mvcl_fast.train",
-        description="Train MVCL-DAF++ (prototype-aware contrastive alignment + coarse-to-fine "
-                    "dynamic attention fusion) for multimodal intent recognition on MIntRec, "
-                    "MIntRec2.0 or a synthetic set in their format, and report the test "
-                    "metrics of the best dev epoch. Every option is checked before anything is "
-                    "loaded; the rule is in its help.",
+        description=textwrap.fill(
+            "Train MVCL-DAF++ (prototype-aware contrastive alignment + coarse-to-fine dynamic "
+            "attention fusion) for multimodal intent recognition on MIntRec, MIntRec2.0 or a "
+            "synthetic set in their format, and report the test metrics of the best dev epoch. "
+            "Every option is checked before anything is loaded; the rule is in its help.", 79),
         epilog=EPILOG,
-        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32),
+        formatter_class=HelpFormatter,
     )
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None,
@@ -208,9 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                            f"synthetic set, generated once into ./{DEFAULT_SYNTHETIC_CACHE}")
     data.add_argument("--dataset", default="mintrec", choices=("mintrec", "mintrec2"),
                       help="benchmark layout and label set")
-    data.add_argument("--modalities", default="text,video,audio",
-                      choices=("text", "text,video", "text,audio", "text,video,audio"),
-                      help="modalities the model uses (missing ones are removed from the model)")
+    data.add_argument("--modalities", type=modality_set, default="text,video,audio",
+                      help="modalities the model uses, %(type)s (the label prompt is in the "
+                           "text), in any order; the others are removed from the model")
     data.add_argument("--video-len", type=number(int, at_least=1), default=None,
                       help="video frames kept per clip, %(type)s (default: the data set's)")
     data.add_argument("--audio-len", type=number(int, at_least=1), default=None,
@@ -285,11 +336,28 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--patience", type=number(int, at_least=1), default=4,
                      help="stop after this many epochs without a better dev selection metric, "
                           "%(type)s")
+    opt.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                     help="torch.autocast precision of the forward passes (weights, optimiser and "
+                          "checkpoints stay fp32; fp16 adds a GradScaler): auto = bf16 on CUDA "
+                          "cards that support it, fp32 on the CPU and other cards")
     opt.add_argument("--seed", type=number(int, at_least=0, below=2**32), default=0,
                      help="random seed, %(type)s")
     opt.add_argument("--max-steps", type=number(int, at_least=1), default=None,
                      help="stop after this many optimiser steps in total, %(type)s (for tests and "
                           "smoke runs)")
+
+    evaluation = p.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-drop-modality", nargs="+", default=[], choices=("text", "video", "audio"),
+                            metavar="MODALITY",
+                            help="after training, evaluate the test split again with this modality "
+                                 "blanked out (text, video or audio, one of --modalities; several: "
+                                 "one evaluation each): its frames zeroed, or the utterance's word "
+                                 "pieces hidden, reported beside the full test metrics")
+    evaluation.add_argument("--seeds", nargs="+", type=number(int, at_least=0, below=2**32),
+                            default=None, metavar="SEED",
+                            help="train one run per seed (%(type)s, at least two) in "
+                                 "OUTPUT_DIR/seed-N and write OUTPUT_DIR/summary.json and "
+                                 "summary.txt: mean and standard deviation of every metric")
 
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default=None,
@@ -327,6 +395,24 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                      "pass one of them")
     if args.resume and (args.output_dir is not None or args.name is not None):
         parser.error("--resume PATH already names the run folder: drop --output-dir / --name")
+    if args.seeds is not None:
+        if args.resume is not None:
+            parser.error("--seeds starts one run per seed: resume a seed's run on its own "
+                         "(--resume OUTPUT_DIR/seed-N)")
+        if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
+            parser.error(f"argument --seeds: must be at least two different seeds, got "
+                         f"{' '.join(map(str, args.seeds))}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            parser.error("--seeds runs in one process: under torchrun start one run per seed (--seed)")
+
+
+def check_dropped_modalities(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--eval-drop-modality names modalities of the model (of the resumed run's, on --resume)."""
+    unused = [m for m in args.eval_drop_modality if m not in args.modalities.split(",")]
+    if unused:
+        parser.error(f"argument --eval-drop-modality: {', '.join(unused)} is not one of the "
+                     f"model's modalities ({args.modalities})")
+    args.eval_drop_modality = list(dict.fromkeys(args.eval_drop_modality))
 
 
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -341,7 +427,8 @@ def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     """The resumed run's options (its own, plus this command line's run options) and its state."""
     path = runs.resume_checkpoint(args.resume, args.output_dir, args.name)
     state = load_checkpoint(path)
-    saved = {**vars(parser.parse_args([])), **state["args"]}   # options newer than the run: defaults
+    # Options newer than the run: their defaults, but runs from before --precision ran in fp32.
+    saved = {**vars(parser.parse_args([])), "precision": "fp32", **state["args"]}
     changed = [key for key in sorted(given_options(parser, argv) - set(RUNTIME_OPTIONS))
                if getattr(args, key) != saved[key]]
     if changed:
@@ -398,36 +485,6 @@ def check_text_model(text_model: Optional[str]):
 
 
 # ------------------------------------------------------------------- utilities
-def first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A mvcl_fast checkpoint, read with weights_only=True: only tensors and plain values are
-    unpickled, so a crafted file's payload never runs."""
-    unreadable = ("the file may be truncated or not a torch checkpoint: start a new run, or resume "
-                  "another")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message is a page of advice; its one informative sentence follows this marker
-        found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\n|$)", str(err))
-        detail = found.group(1) if found else first_line(err)
-        if "Unsupported global" in detail:
-            raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain values; refused to "
-                f"load it ({detail})", "mvcl_fast checkpoints hold none: this file was written by "
-                                       "something else or by an older mvcl_fast") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({detail})", unreadable) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)})",
-                              unreadable) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a mvcl_fast checkpoint of format {CHECKPOINT_FORMAT}",
-                              "an older mvcl_fast wrote it, or another program: start a new run")
-    return state
-
-
 def rng_state() -> dict:
     """Every generator's state as tensors, lists and numbers (what weights_only=True reads)."""
     version, internal, gauss = random.getstate()
@@ -454,32 +511,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def format_table(metrics: dict) -> str:
-    heads = [title for _, title in METRIC_COLUMNS]
-    cells = [f"{metrics[key]:.2f}" for key, _ in METRIC_COLUMNS]
-    widths = [max(len(h), len(c)) for h, c in zip(heads, cells)]
-    line = lambda row: "  ".join(v.rjust(w) for v, w in zip(row, widths))  # noqa: E731
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(heads), rule, line(cells)])
-
-
-@contextlib.contextmanager
-def reraised_as(kind: type[MVCLError], prefix: str, hint: str):
-    """What a reader raises about its input (OSError, ValueError) as kind: one line, the file named.
-
-    A full disk (the synthetic set and caches are written on first use) is a DiskError.
-    """
-    try:
-        yield
-    except OSError as err:
-        if is_disk_full(err):
-            where = Path(err.filename) if err.filename else Path.cwd() / "?"
-            raise disk_full(where.parent, where.name, "free space on that disk") from err
-        raise kind(prefix + first_line(err), hint) from err
-    except ValueError as err:
-        raise kind(prefix + first_line(err), hint) from err
 
 
 @dataclass
@@ -577,6 +608,8 @@ class Trainer:
         prompter = LabelPrompter(tokenizer, self.label_names, max_text_tokens)
         self.splits = {name: EncodedSplit(split, prompter.encode(split.texts, split.labels))
                        for name, split in raw.items()}
+        self.train_label_counts = np.bincount(raw["train"].labels.numpy(),
+                                              minlength=len(self.label_names)).tolist()
         self.log(f"data: {', '.join(f'{k} {len(v)}' for k, v in self.splits.items())} utterances, "
                  f"{len(self.label_names)} intents, text {prompter.seq_len} tokens "
                  f"(label slots {prompter.label_len}), video {tuple(raw['train'].video.shape[1:])}, "
@@ -615,6 +648,9 @@ class Trainer:
         warmup = int(args.warmup * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: linear_warmup_decay(step, warmup, self.total_steps))
+        self.amp_dtype = autocast_dtype(args.precision, self.device)
+        self.precision = next(name for name, dtype in PRECISIONS.items() if dtype == self.amp_dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.epoch = 0              # completed epochs
         self.step_in_epoch = 0      # optimiser steps done in the current (unfinished) epoch
@@ -641,6 +677,11 @@ class Trainer:
         tqdm.write(message)
         self.log_file.write(message + "\n")
         self.log_file.flush()
+
+    def _autocast(self):
+        """The forward passes' autocast region (none in fp32): the weights stay fp32."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
 
     def _maybe_compile(self, mode: str) -> bool:
         use = mode == "on" or (mode == "auto" and self.device.type == "cuda")
@@ -706,6 +747,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict(),   # empty unless --precision fp16
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
@@ -736,6 +778,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state.get("grad_scaler", {}))   # runs before --precision: none
         for key in ("epoch", "step_in_epoch", "global_step", "best_score", "best_epoch",
                     "bad_epochs", "history", "epoch_seconds", "epoch_train_seconds", "elapsed",
                     "finished"):
@@ -756,43 +799,21 @@ class Trainer:
                        if not k.startswith("anchor_encoder.")}   # inference never runs the anchor
             best = {"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
                     "label_names": self.label_names, "epoch": self.epoch, "dev": dev,
-                    "model": weights}
+                    "train_label_counts": self.train_label_counts, "model": weights}
             self.folder.replace(self.best_path.name, lambda file: torch.save(best, file))
         self.dist.barrier()   # the other ranks may load it next
 
-    def load_best(self) -> None:
-        state = load_checkpoint(self.best_path)
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
-        if unexpected or any(not k.startswith("anchor_encoder.") for k in missing):
-            raise CheckpointError(f"{self.best_path} does not match the model: missing {missing}, "
-                                  f"unexpected {unexpected}", "it is not this run's best checkpoint: "
-                                  "start the run over with --overwrite")
-
     # ---------------------------------------------------------- training
-    def _inputs(self, batch: dict, split: str, with_anchor: bool) -> dict:
-        tokens = self.splits[split].tokens
-        index = batch["index"]
-        attention_mask = tokens["attention_mask"][index]
-        keep = int(attention_mask.sum(dim=1).max())   # the batch's trailing padding is not encoded
-        inputs = {"input_ids": tokens["input_ids"][index, :keep],
-                  "attention_mask": attention_mask[:, :keep],
-                  "label_start": tokens["label_start"][index]}
-        if "video" in self.cfg.modalities:
-            inputs.update(video=batch["video"], video_lengths=batch["video_length"])
-        if "audio" in self.cfg.modalities:
-            inputs.update(audio=batch["audio"], audio_lengths=batch["audio_length"])
-        if with_anchor:
-            inputs["anchor_ids"] = tokens["anchor_ids"][index, :keep]
-        # Lengths stay on the CPU: packing the LSTM sequences reads them there (the model
-        # builds its padding masks on the frames' device).
-        return {k: v if k.endswith("_lengths") else v.to(self.device, non_blocking=True)
-                for k, v in inputs.items()}
+    def _inputs(self, batch: dict, split: str, with_anchor: bool, blank: Optional[str] = None) -> dict:
+        return model_inputs(self.splits[split].tokens, batch, self.cfg.modalities, self.device,
+                            with_anchor=with_anchor, blank=blank)
 
     def train_step(self, batch: dict) -> dict:
         self.model.train()
         labels = batch["label"].to(self.device)
-        out = self.train_model(**self._inputs(batch, "train", self.with_anchor))
-        loss, parts = self.criterion(out, labels)
+        with self._autocast():
+            out = self.train_model(**self._inputs(batch, "train", self.with_anchor))
+            loss, parts = self.criterion(out, labels)
         # The ranks agree before backward (whose all-reduces they must all join) on whether any
         # rank's loss diverged.
         diverged, = self.dist.any(not torch.isfinite(loss).item())
@@ -803,21 +824,26 @@ class Trainer:
             raise TrainingDiverged(f"the training loss{where} is {loss.item()} ("
                                    + ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()) + ")")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # The scaler is a pass-through unless --precision fp16 (whose small gradients need it).
+        self.scaler.scale(loss).backward()
         if self.args.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)   # clip the true gradients
             nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
     @torch.no_grad()
-    def predict(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Labels and predictions of the whole split in file order (gathered from every rank)."""
+    def predict(self, split: str, blank: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Labels and predictions of the whole split in file order (gathered from every rank);
+        blank: a modality blanked out of the inputs."""
         self.model.eval()
         loader = self._loader(split, self.args.eval_batch_size, shuffle=False)
         index, preds = [], []
         for batch in loader:
-            out = self.model(**self._inputs(batch, split, with_anchor=False))
+            with self._autocast():
+                out = self.model(**self._inputs(batch, split, with_anchor=False, blank=blank))
             preds.append(out.logits.argmax(dim=-1).cpu())
             index.append(batch["index"])
         shards = self.dist.gather((torch.cat(index), torch.cat(preds)))
@@ -830,10 +856,10 @@ class Trainer:
             raise RuntimeError(f"{split} predictions came back out of order from the ranks")
         return self.splits[split].split.labels.numpy(), pred.numpy()
 
-    def evaluate(self, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    def evaluate(self, split: str, blank: Optional[str] = None) -> tuple[dict, np.ndarray, np.ndarray]:
         from mvcl_fast.metrics import classification_metrics
 
-        y_true, y_pred = self.predict(split)
+        y_true, y_pred = self.predict(split, blank)
         return classification_metrics(y_true, y_pred, self.cfg.num_labels), y_true, y_pred
 
     def _request_stop(self, signum, frame) -> None:
@@ -946,14 +972,21 @@ class Trainer:
         self.dist.close()
 
     def report(self, started: float) -> dict:
-        from mvcl_fast.metrics import confusion_matrix, save_confusion_png
+        """The best dev epoch's model, loaded as predict loads it, on dev and test: metrics.json,
+        confusion_matrix.png and the log's tables."""
+        from mvcl_fast.metrics import GROUP_COLUMNS, breakdown, confusion_matrix, format_table, save_confusion_png
 
-        self.load_best()
+        self.model = load_model(self.best_path, self.device).model
         dev, _, _ = self.evaluate("dev")
         test, y_true, y_pred = self.evaluate("test")
+        without = {m: self.evaluate("test", blank=m)[0] for m in self.args.eval_drop_modality}
         cm = confusion_matrix(y_true, y_pred, self.cfg.num_labels)
         results = {
-            "test": test, "dev": dev, "best_epoch": self.best_epoch, "epochs_run": self.epoch,
+            "test": test, "dev": dev,
+            **{f"test_without_{m}": metrics for m, metrics in without.items()},
+            **{f"test_{k}": v for k, v in breakdown(y_true, y_pred, self.label_names,
+                                                    self.train_label_counts).items()},
+            "best_epoch": self.best_epoch, "epochs_run": self.epoch,
             "steps": self.global_step, "train_seconds": round(self.elapsed, 1),
             "process_seconds": round(time.perf_counter() - started, 1),
             "history": self.history, "epoch_seconds": self.epoch_seconds,
@@ -962,6 +995,7 @@ class Trainer:
             "environment": {"device": str(self.device), "torch": torch.__version__,
                             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                             "platform": platform.platform(), "compiled": self.compiled,
+                            "precision": self.precision,
                             "backend": os.environ.get("MVCL_FAST_BACKEND", "auto"),
                             "world_size": self.dist.world_size},
         }
@@ -971,9 +1005,13 @@ class Trainer:
                             lambda file: save_confusion_png(cm, self.label_names, file))
         self.folder.replace("metrics.json",
                             lambda file: file.write((json.dumps(results, indent=1) + "\n").encode()))
+        rows = {"test": test, **{f"test without {m}": metrics for m, metrics in without.items()}}
         self.log(f"\ntest ({len(self.splits['test'])} utterances, best dev epoch {self.best_epoch}, "
                  f"dev {self.args.select_metric} {self.best_score:.2f}; {self.elapsed:.0f}s of training):\n"
-                 + format_table(test) + f"\n\noutputs in {self.output_dir}")
+                 + format_table(rows)
+                 + "\n\ntest by training frequency (intents in thirds; macro over each group's):\n"
+                 + format_table(results["test_groups"], GROUP_COLUMNS)
+                 + f"\n\noutputs in {self.output_dir}")
         return results
 
 
@@ -994,6 +1032,7 @@ def resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         args, state = resume_options(parser, args, sys.argv[1:] if argv is None else argv)
     elif args.output_dir is None:
         args.output_dir = str(runs.default_output_dir(args.name))
+    check_dropped_modalities(parser, args)
     width = check_text_model(args.text_model).hidden_size
     if width % args.fusion_heads:
         parser.error(f"argument --fusion-heads: must divide the text encoder's width {width}, "
@@ -1021,23 +1060,53 @@ def main(argv=None) -> int:
     try:
         args, state = resolve_args(parser, args, argv)
         os.environ["MVCL_FAST_BACKEND"] = args.backend
-        dist_ctx = distributed.from_env(args.device)
-        if dist_ctx.enabled:   # rank 0's folder (a timestamped default differs between processes)
-            args.output_dir = dist_ctx.gather(args.output_dir)[0]
-        trainer = Trainer(args, resume_state=state, dist_ctx=dist_ctx)
-        try:
-            return run(trainer, state is not None, started)
-        finally:
-            trainer.close()
+        if args.seeds is not None:
+            return run_seeds(args)
+        return train_once(args, state, started)
     except (MVCLError, OSError) as err:
         if args.debug or not (isinstance(err, MVCLError) or is_disk_full(err)):
             raise
-        if not isinstance(err, MVCLError):   # a full disk outside the writes that name their file
-            err = disk_full(args.output_dir, err.filename or "an output")
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
+        print_error(parser.prog, err, args.output_dir)
         return 1
+
+
+def train_once(args: argparse.Namespace, state: Optional[dict], started: float) -> int:
+    dist_ctx = distributed.from_env(args.device)
+    if dist_ctx.enabled:   # rank 0's folder (a timestamped default differs between processes)
+        args.output_dir = dist_ctx.gather(args.output_dir)[0]
+    trainer = Trainer(args, resume_state=state, dist_ctx=dist_ctx)
+    try:
+        return run(trainer, state is not None, started)
+    finally:
+        trainer.close()
+
+
+def run_seeds(args: argparse.Namespace) -> int:
+    """--seeds: one run per seed in OUTPUT_DIR/seed-N, then summary.json and summary.txt there."""
+    from mvcl_fast.metrics import seed_summary, seed_table
+
+    folder = runs.RunFolder.claim(args.output_dir, resume=False, overwrite=args.overwrite)
+    try:
+        results = {}
+        for seed in args.seeds:
+            seed_dir = Path(args.output_dir) / f"seed-{seed}"
+            seed_args = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None,
+                                              "output_dir": str(seed_dir)})
+            code = train_once(seed_args, None, time.perf_counter())
+            if code:
+                print(f"seed {seed} stopped (exit status {code}); no summary over the seeds",
+                      file=sys.stderr)
+                return code
+            results[seed] = json.loads((seed_dir / "metrics.json").read_text())
+        summary = seed_summary(results)
+        table = seed_table(summary)
+        folder.replace("summary.json", lambda file: file.write((json.dumps(summary, indent=1) + "\n").encode()))
+        folder.replace("summary.txt", lambda file: file.write((table + "\n").encode()))
+        print(f"\n{len(results)} seeds ({' '.join(map(str, results))}), mean +- standard deviation:\n"
+              f"{table}\n\nsummary in {Path(args.output_dir) / 'summary.json'}")
+        return 0
+    finally:
+        folder.release()
 
 
 def run(trainer: Trainer, resumed: bool, started: float) -> int:
@@ -1050,7 +1119,8 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "
                 f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} | "
-                f"compile {'on' if trainer.compiled else 'off'} | backend {args.backend}")
+                f"precision {trainer.precision} | compile {'on' if trainer.compiled else 'off'} | "
+                f"backend {args.backend}")
     try:
         status = trainer.fit()
     except TrainingDiverged as err:

@@ -63,6 +63,9 @@ BAD_OPTIONS = [
     ("--video-len", "0", "an integer >= 1"), ("--name", "../../x", "a folder name inside runs/"),
     ("--name", "/abs/path", "a folder name inside runs/"), ("--name", "..", "a folder name"),
     ("--device", "gpu", "auto, cpu, cuda or cuda:N"),
+    ("--modalities", "video,audio", "a comma-separated subset of text, video, audio that includes text"),
+    ("--modalities", "text,smell", "a comma-separated subset"), ("--modalities", "text,text", "subset"),
+    ("--modalities", "", "a comma-separated subset"), ("--seeds", "-1", "an integer >= 0"),
 ]
 
 
@@ -82,6 +85,11 @@ def test_fusion_heads_must_divide_the_text_width(tiny_setup, tmp_path, capsys, n
     (["--resume", "runs/x", "--overwrite"], "--overwrite starts a run over and --resume continues it"),
     (["--name", "a", "--output-dir", "b"], "--name picks the folder runs/NAME and --output-dir"),
     (["--resume", "runs/x", "--output-dir", "b"], "--resume PATH already names the run folder"),
+    (["--seeds", "1", "1"], "argument --seeds: must be at least two different seeds, got 1 1"),
+    (["--seeds", "3"], "argument --seeds: must be at least two different seeds"),
+    (["--seeds", "0", "1", "--resume", "runs/x"], "resume a seed's run on its own"),
+    (["--modalities", "text,audio", "--eval-drop-modality", "video"],
+     "argument --eval-drop-modality: video is not one of the model's modalities (text,audio)"),
 ])
 def test_contradicting_options_are_usage_errors(capsys, no_model_loaded, extra, message):
     assert message in usage_error(capsys, extra)

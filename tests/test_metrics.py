@@ -80,3 +80,63 @@ def test_save_confusion_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="label names"):
         save_confusion_png(cm, names[:3], tmp_path / "bad.png")
+
+
+def test_per_class_metrics_are_sklearns_classification_report():
+    from mvcl_fast.metrics import per_class_metrics
+
+    rng = np.random.default_rng(7)
+    y_true = rng.integers(0, 5, 200)
+    y_pred = np.where(rng.random(200) < 0.5, y_true, rng.integers(0, 6, 200))
+    names = ["Complain", "Praise", "Apologise", "Thank", "Criticize", "Care"]   # Care: never true
+    got = per_class_metrics(y_true, y_pred, names)
+    report = sklearn_metrics.classification_report(y_true, y_pred, labels=range(6), output_dict=True,
+                                                   zero_division=0)
+    assert list(got) == names
+    for i, name in enumerate(names):
+        want = report[str(i)]
+        assert got[name] == {"precision": round(want["precision"] * 100, 2),
+                             "recall": round(want["recall"] * 100, 2),
+                             "f1": round(want["f1-score"] * 100, 2), "support": int(want["support"])}
+    assert got["Care"]["support"] == 0
+
+
+def test_frequency_groups_split_the_classes_in_thirds_by_training_count():
+    from mvcl_fast.metrics import frequency_groups
+
+    counts = [5, 50, 1, 20, 20, 3, 9]
+    assert frequency_groups(counts) == {"head": [1, 3, 4], "middle": [6, 0], "tail": [5, 2]}
+    assert frequency_groups([4, 4]) == {"head": [0], "middle": [1], "tail": []}
+
+
+def test_group_metrics_are_macro_over_the_groups_classes():
+    from mvcl_fast.metrics import group_metrics
+
+    y_true = np.array([0, 0, 0, 1, 1, 2, 3, 3])
+    y_pred = np.array([0, 0, 1, 1, 1, 3, 3, 0])
+    got = group_metrics(y_true, y_pred, {"head": [0, 1], "tail": [2, 3], "empty": []}, 4)
+    assert set(got) == {"head", "tail"}
+    want = sklearn_metrics.f1_score(y_true, y_pred, labels=[2, 3], average="macro", zero_division=0)
+    assert got["tail"]["f1"] == round(want * 100, 2)
+    assert got["tail"]["acc"] == round(100 / 3, 2) and got["tail"]["support"] == 3
+    assert got["head"]["acc"] == 80.0 and got["head"]["classes"] == 2
+
+
+def test_seed_summary_is_mean_and_sample_std():
+    from mvcl_fast.metrics import seed_summary, seed_table
+
+    def run(acc):
+        row = {"acc": acc, "f1": acc - 1, "precision": acc, "recall": acc, "weighted_f1": acc,
+               "weighted_precision": acc}
+        group = {"acc": acc, "f1": acc, "precision": acc, "recall": acc, "support": 3, "classes": 1}
+        return {"test": row, "dev": row, "test_without_video": row,
+                "test_groups": {"head": group}, "test_per_class": {"Praise": {"f1": acc, "support": 3}}}
+
+    summary = seed_summary({0: run(70.0), 1: run(72.0), 2: run(77.0)})
+    assert summary["seeds"] == [0, 1, 2]
+    acc = summary["metrics"]["test"]["acc"]
+    assert acc == {"mean": 73.0, "std": round(float(np.std([70, 72, 77], ddof=1)), 2),
+                   "values": [70.0, 72.0, 77.0]}
+    assert summary["metrics"]["test_per_class/Praise"]["f1"]["mean"] == 73.0
+    table = seed_table(summary)
+    assert "test without video" in table and "73.00 +- 3.61" in table and "head" in table

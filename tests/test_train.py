@@ -50,6 +50,27 @@ def test_help_reads_well(capsys):
     assert "default: f1 for mintrec, acc for mintrec2" in flat
 
 
+def test_help_keeps_one_example_per_line_and_spells_out_the_modalities(capsys):
+    with pytest.raises(SystemExit):
+        train_lib.main(["--help"])
+    text = capsys.readouterr().out
+    for line in ("  python -m mvcl_fast.train --modalities text --name text-only\n",
+                 "  python -m mvcl_fast.train --lambda-proto 0 --name no-proto\n",
+                 "  python -m mvcl_fast.train --seeds 0 1 2 3 4 --name paper\n",
+                 "  python -m mvcl_fast.predict runs/my-run --data-dir data/MIntRec --split test\n"):
+        assert line in text, line
+    assert "{text,text" not in text
+    flat = " ".join(text.split())
+    assert "a comma-separated subset of text, video, audio that includes text" in flat
+    assert "--precision {auto,bf16,fp16,fp32}" in flat and "--eval-drop-modality MODALITY" in flat
+
+
+@pytest.mark.parametrize("given,stored", [("audio,text", "text,audio"), ("video, text", "text,video"),
+                                          ("text,audio,video", "text,video,audio"), ("text", "text")])
+def test_modalities_in_any_order_are_stored_in_the_models_order(given, stored):
+    assert train_lib.build_parser().parse_args(["--modalities", given]).modalities == stored
+
+
 @pytest.mark.parametrize("dataset,tokens,metric", [("mintrec", 30, "f1"), ("mintrec2", 76, "acc")])
 def test_dataset_defaults_and_their_overrides(dataset, tokens, metric):
     args = train_lib.build_parser().parse_args(["--dataset", dataset])
@@ -185,6 +206,42 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_setup,
     state = last_state(out_dir)
     assert state["epoch"] == 1 and state["global_step"] == 4 and not state["finished"]
     assert not (out_dir / "metrics.json").exists()
+
+
+def test_report_has_per_class_figures_groups_and_blanked_modalities(tiny_setup, tmp_path, capsys):
+    out_dir = tmp_path / "drop"
+    assert train_lib.main(argv(tiny_setup, out_dir, "--epochs", "1", "--max-steps", "2",
+                               "--eval-drop-modality", "text", "video")) == 0
+    printed = capsys.readouterr().out
+    assert "test without text" in printed and "test without video" in printed and "tail" in printed
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    for key in ("test", "test_without_text", "test_without_video"):
+        assert set(metrics[key]) == {"acc", "f1", "precision", "recall", "weighted_f1",
+                                     "weighted_precision"}, key
+    assert "test_without_audio" not in metrics
+    per_class = metrics["test_per_class"]
+    assert list(per_class) == metrics["labels"]
+    assert sum(row["support"] for row in per_class.values()) == 20
+    groups = metrics["test_groups"]
+    assert sum(row["support"] for row in groups.values()) == 20
+    intents = metrics["test_group_intents"]
+    assert sorted(sum(intents.values(), [])) == sorted(metrics["labels"])
+    assert [len(intents[g]) for g in ("head", "middle", "tail")] == [7, 7, 6]
+
+
+def test_seeds_train_one_run_each_and_summarise_them(tiny_setup, tmp_path, capsys):
+    out_dir = tmp_path / "seeds"
+    assert train_lib.main(argv(tiny_setup, out_dir, "--epochs", "1", "--max-steps", "1",
+                               "--seeds", "3", "5")) == 0
+    assert "2 seeds (3 5), mean +- standard deviation" in capsys.readouterr().out
+    runs = {seed: json.loads((out_dir / f"seed-{seed}" / "metrics.json").read_text()) for seed in (3, 5)}
+    assert [r["args"]["seed"] for r in runs.values()] == [3, 5]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["seeds"] == [3, 5]
+    acc = summary["metrics"]["test"]["acc"]
+    assert acc["values"] == [runs[3]["test"]["acc"], runs[5]["test"]["acc"]]
+    assert acc["mean"] == round((acc["values"][0] + acc["values"][1]) / 2, 2)
+    assert "+-" in (out_dir / "summary.txt").read_text()
 
 
 def test_text_only_ablation_runs_without_audio_video_layers(tiny_setup, tmp_path):

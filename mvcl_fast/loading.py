@@ -1,0 +1,165 @@
+"""What the trainer and ``mvcl_fast.predict`` share: checkpoints, the trained model, batch inputs.
+
+``load_model(path)`` is the one way a trained model comes back, for the
+trainer's final evaluation and for ``predict``: the best checkpoint (read
+with ``weights_only=True``), its text encoder and tokenizer, and its intent
+names. ``model_inputs`` turns a DataLoader batch into the model's keyword
+arguments the same way for training, evaluation and prediction.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mvcl_fast.errors import CheckpointError, ConfigError, first_line
+
+# 2: RNG states as tensors and lists (readable with weights_only=True), partial-epoch loss sums.
+CHECKPOINT_FORMAT = 2
+BEST_CHECKPOINT = "best.pt"
+# --precision: the dtype of torch.autocast (fp32: no autocast).
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A mvcl_fast checkpoint, read with weights_only=True: only tensors and plain values are
+    unpickled, so a crafted file's payload never runs."""
+    unreadable = ("the file may be truncated or not a torch checkpoint: start a new run, or resume "
+                  "another")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice; its one informative sentence follows this marker
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\n|$)", str(err))
+        detail = found.group(1) if found else first_line(err)
+        if "Unsupported global" in detail:
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain values; refused to "
+                f"load it ({detail})", "mvcl_fast checkpoints hold none: this file was written by "
+                                       "something else or by an older mvcl_fast") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({detail})", unreadable) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)})",
+                              unreadable) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a mvcl_fast checkpoint of format {CHECKPOINT_FORMAT}",
+                              "an older mvcl_fast wrote it, or another program: start a new run")
+    return state
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """--precision as the dtype of torch.autocast on device (None: fp32, no autocast)."""
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support "
+                          "bf16", "use --precision fp16 (with a GradScaler) or fp32")
+    return PRECISIONS[precision]
+
+
+@dataclass
+class LoadedModel:
+    """A trained model in eval mode, with what it needs to read new utterances."""
+
+    model: torch.nn.Module            # mvcl_fast.model.MVCLDAFPlusPlus, without the anchor encoder
+    label_names: list[str]
+    tokenizer: object
+    dataset: str                      # the data set whose intents the model predicts
+    train_label_counts: list[int]     # training utterances per intent (head / middle / tail)
+
+    @property
+    def config(self):
+        return self.model.cfg
+
+
+def dataset_of(label_names: list[str], path: Path) -> str:
+    """The data set whose intent list the checkpoint's is."""
+    from mvcl_fast.data import DATASETS
+
+    for name, info in DATASETS.items():
+        if list(info.labels) == list(label_names):
+            return name
+    raise CheckpointError(f"{path}: its {len(label_names)} intents are not those of any known data "
+                          f"set ({', '.join(DATASETS)})", "pass a checkpoint that mvcl_fast.train wrote")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               text_model: Optional[str] = None) -> LoadedModel:
+    """The trained model of a run folder (its best.pt) or of a checkpoint file, ready to predict.
+
+    text_model: the encoder folder when the one recorded in the checkpoint has moved; its
+    weights' shapes and vocabulary must be the checkpoint's.
+    """
+    from mvcl_fast.model import ModelConfig, MVCLDAFPlusPlus, load_text_encoder
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST_CHECKPOINT
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist",
+                              "pass a run folder that holds best.pt, or the checkpoint file")
+    state = load_checkpoint(path)
+    for key in ("model_config", "label_names", "model"):
+        if key not in state:
+            raise CheckpointError(f"{path} has no {key!r}: it is not a trained model's checkpoint",
+                                  "pass best.pt or last.pt of a mvcl_fast.train run")
+    cfg = ModelConfig(**{**state["model_config"], **({"text_model": text_model} if text_model else {})})
+    try:
+        tokenizer, encoder = load_text_encoder(cfg.text_model)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"text model {cfg.text_model} of {path} cannot be loaded ({first_line(err)})",
+                          "pass its current folder with --text-model") from None
+    model = MVCLDAFPlusPlus(cfg, encoder)
+    model.anchor_encoder = None    # only training reads the anchor view
+    weights = {k: v for k, v in state["model"].items() if not k.startswith("anchor_encoder.")}
+    mismatch = f"{path} was trained with another text model than {cfg.text_model}"
+    if len(tokenizer) > model.text_encoder.get_input_embeddings().num_embeddings:
+        raise ConfigError(f"{mismatch}: its tokenizer has {len(tokenizer)} word pieces",
+                          "pass the text model the run was trained with (--text-model)")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
+                      first_line(err))
+        raise ConfigError(f"{mismatch}, or with other model options ({detail})",
+                          "pass the text model the run was trained with (--text-model)") from None
+    label_names = list(state["label_names"])
+    counts = state.get("train_label_counts")
+    return LoadedModel(model=model.to(device).eval(), label_names=label_names, tokenizer=tokenizer,
+                       dataset=dataset_of(label_names, path),
+                       train_label_counts=list(counts) if counts is not None else [])
+
+
+def model_inputs(tokens: dict, batch: dict, modalities, device: torch.device, *,
+                 with_anchor: bool = False, blank: Optional[str] = None) -> dict:
+    """The model's keyword arguments for a batch: its label-prompt tokens and its frames.
+
+    blank: a modality to blank out (evaluation without it): its frames zeroed, or for text
+    the utterance's word pieces hidden from attention ([CLS], label slots and [SEP] stay).
+    """
+    index = batch["index"]
+    attention_mask = tokens["attention_mask"][index]
+    label_start = tokens["label_start"][index]
+    keep = int(attention_mask.sum(dim=1).max())   # the batch's trailing padding is not encoded
+    attention_mask = attention_mask[:, :keep]
+    if blank == "text":
+        position = torch.arange(keep)[None, :]
+        attention_mask = attention_mask.masked_fill((position >= 1) & (position < label_start[:, None]), 0)
+    inputs = {"input_ids": tokens["input_ids"][index, :keep], "attention_mask": attention_mask,
+              "label_start": label_start}
+    for name in ("video", "audio"):
+        if name in modalities:
+            frames = batch[name]
+            inputs.update({name: torch.zeros_like(frames) if blank == name else frames,
+                           f"{name}_lengths": batch[f"{name}_length"]})
+    if with_anchor:
+        inputs["anchor_ids"] = tokens["anchor_ids"][index, :keep]
+    # Lengths stay on the CPU: packing the LSTM sequences reads them there (the model
+    # builds its padding masks on the frames' device).
+    return {k: v if k.endswith("_lengths") else v.to(device, non_blocking=True)
+            for k, v in inputs.items()}

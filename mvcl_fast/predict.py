@@ -1,0 +1,173 @@
+"""Label clips with a trained model: ``python -m mvcl_fast.predict --help``.
+
+Reads one split of a data folder in the layout the model was trained on
+(its TSV and feature pickles, found and cached as ``mvcl_fast.train`` finds
+them), runs the best checkpoint of a run (``load_model``: the same loading
+path as the trainer's final evaluation) and writes, into --output-dir,
+``predictions.tsv`` (key, text, predicted intent, its probability, the true
+intent) and ``prediction_metrics.json`` (the benchmark metrics, per intent,
+and head / middle / tail by the run's training frequencies), and prints the
+tables. A checkpoint of another data set, label set or text model is refused
+with one line and a hint (exit 1); bad options exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from mvcl_fast import distributed, runs
+from mvcl_fast.errors import CheckpointError, DataError, MVCLError, is_disk_full, print_error, reraised_as
+from mvcl_fast.loading import BEST_CHECKPOINT, PRECISIONS, autocast_dtype, load_model, model_inputs
+from mvcl_fast.train import HelpFormatter, device_name, number
+
+PREDICTIONS = "predictions.tsv"
+PREDICTION_METRICS = "prediction_metrics.json"
+EPILOG = """\
+examples:
+  # the test split of the data the run was trained on
+  python -m mvcl_fast.predict runs/my-run --data-dir data/MIntRec
+
+  # another checkpoint file, the dev split, outputs elsewhere
+  python -m mvcl_fast.predict runs/my-run/best.pt --data-dir data/MIntRec --split dev --output-dir out/
+
+  # the run's text encoder folder has moved since training
+  python -m mvcl_fast.predict runs/my-run --data-dir data/MIntRec --text-model models/bert-base
+
+exit status: 0 done, 1 error (one line and a hint; --debug for the traceback), 2 bad options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mvcl_fast.predict",
+        description="Predict the intents of a split with a model that mvcl_fast.train trained, "
+                    "and score them against the split's labels.",
+        epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help=f"a run folder (its {BEST_CHECKPOINT} is read) or a checkpoint file")
+    p.add_argument("--data-dir", required=True,
+                   help="folder with SPLIT.tsv and the feature pickles, in the layout of the data "
+                        "set the model was trained on")
+    p.add_argument("--split", default="test", choices=("train", "dev", "test"),
+                   help="the TSV to label")
+    p.add_argument("--dataset", default=None, choices=("mintrec", "mintrec2"),
+                   help="the data set the folder holds; must be the model's (default: the model's)")
+    p.add_argument("--video-feats", default=None, metavar="PATH",
+                   help="video feature pickle (relative: to the folder of the TSVs); default: the "
+                        "published file names")
+    p.add_argument("--audio-feats", default=None, metavar="PATH",
+                   help="audio feature pickle (relative: to the folder of the TSVs); default: the "
+                        "published file names")
+    p.add_argument("--cache-dir", default=None, metavar="PATH",
+                   help="folder for the memory-mapped feature cache (default: .mvcl-cache/ beside "
+                        "the pickle)")
+    p.add_argument("--text-model", default=None,
+                   help="the text encoder folder, when the one recorded in the checkpoint has moved")
+    p.add_argument("--output-dir", default=None,
+                   help="where predictions.tsv and prediction_metrics.json go (default: the "
+                        "checkpoint's folder)")
+    p.add_argument("--batch-size", type=number(int, at_least=1), default=64,
+                   help="utterances per forward pass, %(type)s")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", choices=("auto", *PRECISIONS),
+                   help="torch.autocast precision: auto = bf16 on CUDA cards that support it, fp32 "
+                        "on the CPU")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of data, checkpoint and configuration errors")
+    return p
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    if args.output_dir is not None:
+        return Path(args.output_dir)
+    path = Path(args.checkpoint)
+    return path if path.is_dir() else path.parent
+
+
+@torch.no_grad()
+def predict(args: argparse.Namespace) -> dict:
+    """Label the split; write the predictions and metrics; return the metrics."""
+    from mvcl_fast.data import MultimodalDataset, collate, load_split
+    from mvcl_fast.metrics import GROUP_COLUMNS, breakdown, classification_metrics, format_table
+    from mvcl_fast.model import LabelPrompter
+
+    device = distributed.from_env(args.device).device
+    loaded = load_model(args.checkpoint, device, args.text_model)
+    if args.dataset is not None and args.dataset != loaded.dataset:
+        raise CheckpointError(f"--dataset {args.dataset}: {args.checkpoint} is a model of "
+                              f"{loaded.dataset} (its {len(loaded.label_names)} intents)",
+                              f"pass a {loaded.dataset} folder, or a model trained on {args.dataset}")
+    with reraised_as(DataError, f"--data-dir {args.data_dir}: ",
+                     f"the model predicts the intents of {loaded.dataset}: pass a folder in its "
+                     "layout (README, Training MVCL-DAF++)"):
+        split = load_split(args.data_dir, loaded.dataset, args.split, video_feats_path=args.video_feats,
+                           audio_feats_path=args.audio_feats, cache_dir=args.cache_dir)
+    cfg = loaded.config
+    for name, dim in (("video", split.video.dim), ("audio", split.audio.dim)):
+        if name in cfg.modalities and dim != getattr(cfg, f"{name}_dim"):
+            raise DataError(f"--data-dir {args.data_dir}: {name} features of width {dim}; the model "
+                            f"was trained on {getattr(cfg, f'{name}_dim')}",
+                            f"pass the {name} features of the release the run was trained on "
+                            f"(--{name}-feats)")
+    tokens = LabelPrompter(loaded.tokenizer, loaded.label_names, cfg.max_text_tokens).encode(
+        split.texts, split.labels)
+    loader = torch.utils.data.DataLoader(MultimodalDataset(split), batch_size=args.batch_size,
+                                         collate_fn=collate)
+    dtype = autocast_dtype(args.precision, device)
+    probabilities = []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = loaded.model(**model_inputs(tokens, batch, cfg.modalities, device)).logits
+        probabilities.append(logits.float().softmax(dim=-1).cpu())
+    confidence, predicted = torch.cat(probabilities).max(dim=-1)
+
+    names = loaded.label_names
+    table = io.StringIO()
+    writer = csv.writer(table, delimiter="\t", lineterminator="\n")
+    writer.writerow(["key", "text", "predicted", "probability", "true"])
+    for key, text, p, c, t in zip(split.keys, split.texts, predicted.tolist(), confidence.tolist(),
+                                  split.labels.tolist()):
+        writer.writerow([key, text, names[p], f"{c:.4f}", names[t]])
+    metrics = {"split": args.split, "data_dir": str(args.data_dir), "checkpoint": str(args.checkpoint),
+               "dataset": loaded.dataset, "utterances": len(split),
+               "metrics": classification_metrics(split.labels, predicted, len(names))}
+    if loaded.train_label_counts:
+        metrics.update(breakdown(split.labels, predicted, names, loaded.train_label_counts))
+    folder = output_folder(args)
+    folder.mkdir(parents=True, exist_ok=True)
+    runs.replace_file(folder, PREDICTIONS, lambda file: file.write(table.getvalue().encode()))
+    runs.replace_file(folder, PREDICTION_METRICS,
+                      lambda file: file.write((json.dumps(metrics, indent=1) + "\n").encode()))
+    print(f"{args.split}: {len(split)} utterances of {args.data_dir}, model {args.checkpoint}\n"
+          + format_table({args.split: metrics["metrics"]}))
+    if "groups" in metrics:
+        print("\nby training frequency (intents in thirds):\n"
+              + format_table(metrics["groups"], GROUP_COLUMNS))
+    print(f"\npredictions in {folder / PREDICTIONS}")
+    return metrics
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        predict(args)
+        return 0
+    except (MVCLError, OSError) as err:
+        if args.debug or not (isinstance(err, MVCLError) or is_disk_full(err)):
+            raise
+        print_error(parser.prog, err, output_folder(args))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -737,7 +737,7 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
         BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **flags,
         **_dot_meta(z.dtype))
     if single:
-        ds = part[0] if need_ds else part
+        ds = part[0] if need_ds else torch.empty(0, dtype=torch.float32, device=device)
     else:
         ds = torch.empty((num_classes, dim) if need_ds else 0, dtype=torch.float32, device=device)
         finalize_programs = 1 + (triton.cdiv(num_classes, block_c) if need_ds else 0)

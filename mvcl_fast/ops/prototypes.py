@@ -94,7 +94,8 @@ def _prototype_infonce(z: Tensor, y: Tensor, prototypes: Optional[Tensor],
             s, out_counts = _empty(z), _empty(z, torch.int64)
         return loss, lse, s, out_counts, ds
     checks.check_values([], [], ("y", y, num_classes))  # the reference would index out of range
-    if prototypes is None:
+    batch = prototypes is None
+    if batch:
         flat = z.reshape(-1, z.shape[-1])
         prototypes, batch_counts = reference.batch_prototypes(flat, y.repeat(z.shape[0]),
                                                               num_classes)
@@ -102,14 +103,25 @@ def _prototype_infonce(z: Tensor, y: Tensor, prototypes: Optional[Tensor],
     else:
         class_mask = None if counts is None else counts > 0
     loss, lse = reference.prototype_logits_loss(z, y, prototypes, class_mask, tau)
-    return loss.to(z.dtype), lse, _empty(z), _empty(z, torch.int64), _empty(z)
+    # The statistics the kernel path saves, in its shapes (zeros: the reference's backward
+    # recomputes instead of reading them).
+    sums, out_counts, ds = _statistics(z, batch, num_classes, need_ds, z.new_zeros)
+    return loss.to(z.dtype), lse, sums, out_counts, ds
+
+
+def _statistics(z, batch, num_classes, need_ds, new):
+    """(class sums [C, D] fp32, counts [C], dS_unit [C, D] fp32), empty where the path has none."""
+    dim = z.shape[-1]
+    sums = new((num_classes, dim) if batch else 0, dtype=torch.float32)
+    out_counts = new(num_classes if batch else 0, dtype=torch.int64)
+    return sums, out_counts, new((num_classes, dim) if need_ds else 0, dtype=torch.float32)
 
 
 @_prototype_infonce.register_fake
 def _(z, y, prototypes, counts, num_classes, tau, through, need_ds):
     acc = reference.compute_dtype(z.dtype)
-    return (z.new_empty(()), z.new_empty(z.shape[:2], dtype=acc), _empty(z), _empty(z, torch.int64),
-            _empty(z))
+    sums, out_counts, ds = _statistics(z, prototypes is None, num_classes, need_ds, z.new_empty)
+    return z.new_empty(()), z.new_empty(z.shape[:2], dtype=acc), sums, out_counts, ds
 
 
 @torch.library.custom_op("mvcl_fast::prototype_infonce_backward", mutates_args=())

@@ -3,8 +3,11 @@
 Without a GPU the Triton kernels run through Triton's interpreter on CPU
 tensors, which must be switched on before Triton is first imported.
 """
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -12,6 +15,13 @@ if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A fresh torch.compile cache per test session: Inductor's and AOTAutograd's on-disk caches key
+# a graph by its code and inputs, not by the custom ops' fake implementations, so an entry left
+# by an earlier version of this package (other output shapes) would be replayed against the
+# current one ("mismatch in length of strides and shape").
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mvcl_fast-tests-inductor-")
+atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 sys.path.insert(0, os.path.dirname(__file__))
 

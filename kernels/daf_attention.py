@@ -69,9 +69,11 @@ AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
 # dot kind ("mma": fp16/bf16 and tf32 on tensor cores; "fma": IEEE fp32, whose
 # dots unroll into FMAs), rows of (widest head row in bytes = element size x
 # BLOCK_HD, config); the first row covering the launch's head row is used.
-# Compiled for sm_90a under triton 3.6 and 3.9 and sm_80 under 3.6: no spills but
-# one, the 16-row backward of fp16/bf16 head dim 32 (queries <= 16) under 3.9 on
-# sm_90a spills 16 bytes (8 warps; 4 warps spill under 3.6 instead): still open.
+# Every specialisation aot_launches() makes compiles for sm_90a without spills under
+# triton 3.6.0 and 3.9.0 (python -m mvcl_fast.kernels.report). The 128-byte backward
+# row takes 4 warps: at 8 its 32 x 32 tiles (Lq = 80) spill 4-16 bytes at 128 registers
+# under both; the 256-byte FMA row one stage: at two, its 16 x 16 tiles spill 8 bytes at
+# 96 registers under 3.9.
 # forward: (BLOCK_M up to SHORT_QUERIES queries, BLOCK_M beyond, BLOCK_N, num_warps, num_stages).
 #   16 query rows fit Lq = 30-80 with at most 15 masked rows (none at 48 or 80).
 # backward: (largest BLOCK_M, BLOCK_N, num_warps, num_stages); _row_tile picks the row tile
@@ -87,8 +89,8 @@ PINNED_CONFIGS = {
         "fma": [(512, (16, 16, 32, 8, 2))],
     },
     "bwd": {
-        "mma": [(128, (64, 32, 8, 2)), (256, (32, 32, 8, 2)), (512, (32, 32, 8, 2))],
-        "fma": [(256, (16, 16, 4, 2)), (512, (16, 16, 8, 2))],
+        "mma": [(128, (64, 32, 4, 2)), (256, (32, 32, 8, 2)), (512, (32, 32, 8, 2))],
+        "fma": [(256, (16, 16, 4, 1)), (512, (16, 16, 8, 2))],
     },
 }
 # The interpreter runs every program in numpy, at a cost per tile op: the CPU tests launch

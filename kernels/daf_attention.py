@@ -9,16 +9,16 @@ FlashAttention's Triton kernel), for the coarse-to-fine fusion of MVCL-DAF++
   (log2(e) folded into the scale). The epilogue applies the gate and the
   residual and also stores the ungated attention (the factor of dgate) and
   the natural-log log-sum-exp of each row for the backward.
-* backward: one program per (batch * head) holding all its queries (DAF's
-  text side is short: up to 64 queries fit one row tile at head dim <= 64 in
-  fp16/bf16, see PINNED_CONFIGS). The preprocess is folded
-  into its prologue (dattn = grad_out * sigmoid(gate), dgate, delta =
-  rowsum(dattn * attn)); then K/V tiles stream past once: each key tile's dK
-  and dV are complete when it has met every query, so they are stored right
-  away, while dQ accumulates in registers. K and V are streamed twice per
-  step in all (forward, backward). Query sequences longer than the largest
-  row tile split into several programs whose dK/dV add up in fp32 with
-  atomics (zeroed buffers and a cast: two extra launches each, only there).
+* backward: one program per (batch * head), walking its queries in row tiles
+  (DAF's text side is short, Lq = 30-80: one to three tiles, see _row_tile).
+  The preprocess is folded into each tile's prologue (dattn = grad_out *
+  sigmoid(gate), dgate, delta = rowsum(dattn * attn)); then K/V tiles stream
+  past: dQ of the row tile accumulates in registers and is stored after its
+  key loop; dK/dV of a key tile are complete after the last row tile, the
+  earlier ones leaving fp32 partial sums that only this program reads back
+  (a barrier between row tiles orders them). No atomics, no zeroed buffers,
+  no casts: one launch per direction at every length, K and V streamed from
+  DRAM twice per step in all (the row tiles re-read them from L2).
 
 Both kernels stop at each batch row's last unpadded key (scanned from the
 mask in the kernel, no host sync), so the work follows the valid length;
@@ -69,13 +69,15 @@ AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
 # dot kind ("mma": fp16/bf16 and tf32 on tensor cores; "fma": IEEE fp32, whose
 # dots unroll into FMAs), rows of (widest head row in bytes = element size x
 # BLOCK_HD, config); the first row covering the launch's head row is used.
-# Compiled for sm_90a under triton 3.6 and 3.9 and sm_80 under 3.6: no spills but
-# one, the 16-row backward of fp16/bf16 head dim 32 (queries <= 16) under 3.9 on
-# sm_90a spills 16 bytes (8 warps; 4 warps spill under 3.6 instead): still open.
+# Every specialisation aot_launches() makes compiles for sm_90a without spills under
+# triton 3.6.0 and 3.9.0 (python -m mvcl_fast.kernels.report). The 128-byte backward
+# row takes 4 warps: at 8 its 32 x 32 tiles (Lq = 80) spill 4-16 bytes at 128 registers
+# under both; the 256-byte FMA row one stage: at two, its 16 x 16 tiles spill 8 bytes at
+# 96 registers under 3.9.
 # forward: (BLOCK_M up to SHORT_QUERIES queries, BLOCK_M beyond, BLOCK_N, num_warps, num_stages).
 #   16 query rows fit Lq = 30-80 with at most 15 masked rows (none at 48 or 80).
-# backward: (largest BLOCK_M, BLOCK_N, num_warps, num_stages); its row tile is the query
-#   length's power-of-two bucket up to that largest one. 128 rows of 128 bytes (bf16 head
+# backward: (largest BLOCK_M, BLOCK_N, num_warps, num_stages); _row_tile picks the row tile
+#   up to that largest one from the query length. 128 rows of 128 bytes (bf16 head
 #   dim 64) spill at 255 registers (8 warps, 16 or 32 keys; 16 warps: 128 registers, spills);
 #   so do 64-row forward tiles of 128-byte heads, and IEEE fp32 backward tiles of 32 x 16 at
 #   head dim 64 (ptxas of triton 3.6; 16 x 16 at 8 warps under 3.9) and IEEE fp32 forward
@@ -87,8 +89,8 @@ PINNED_CONFIGS = {
         "fma": [(512, (16, 16, 32, 8, 2))],
     },
     "bwd": {
-        "mma": [(128, (64, 32, 8, 2)), (256, (32, 32, 8, 2)), (512, (32, 32, 8, 2))],
-        "fma": [(256, (16, 16, 4, 2)), (512, (16, 16, 8, 2))],
+        "mma": [(128, (64, 32, 4, 2)), (256, (32, 32, 8, 2)), (512, (32, 32, 8, 2))],
+        "fma": [(256, (16, 16, 4, 1)), (512, (16, 16, 8, 2))],
     },
 }
 # The interpreter runs every program in numpy, at a cost per tile op: the CPU tests launch
@@ -99,11 +101,11 @@ INTERPRETER_CONFIGS = {
     "bwd": {kind: [(512, (128, 128, 4, 1))] for kind in ("mma", "fma")},
 }
 # What MVCL_FAST_AUTOTUNE=1 searches (pruned to the launch's lengths): every combination.
-# The backward keeps its pinned row tile, which decides whether it accumulates dK/dV.
 AUTOTUNE_SPACE = {
     "fwd": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8),
             "num_stages": (2, 3)},
-    "bwd": {"BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)},
+    "bwd": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8),
+            "num_stages": (1, 2, 3)},
 }
 TUNE_KEY = ["HEAD_DIM", "PRECISION", "len_q_bucket", "len_k_bucket"]  # + the tensors' dtypes
 
@@ -143,8 +145,21 @@ def _forward_config(dtype, precision, block_hd, len_q, table=None) -> dict:
 
 def _backward_config(dtype, precision, block_hd, len_q, table=None) -> dict:
     largest_m, block_n, warps, stages = _pinned(table or _launch_table(), "bwd", dtype, precision, block_hd)
-    return {"BLOCK_M": min(_length_bucket(len_q), largest_m), "BLOCK_N": block_n,
+    return {"BLOCK_M": _row_tile(len_q, largest_m), "BLOCK_N": block_n,
             "num_warps": warps, "num_stages": stages}
+
+
+def _row_tile(len_q: int, largest: int) -> int:
+    """The backward's row tile: the largest power of two from 16 to `largest` whose tiles leave
+    at most a quarter of their rows masked (each row tile is one more pass over K and V; Lq = 80
+    gets 32, Lq = 48 gets one tile of 64), else 16."""
+    block_m = largest
+    while block_m > 16:
+        padded = triton.cdiv(len_q, block_m) * block_m
+        if 4 * (padded - len_q) <= padded:
+            break
+        block_m //= 2
+    return block_m
 
 
 def _search_space(kernel: str) -> list:
@@ -207,14 +222,6 @@ def _store_tile(base, value, rows, len_rows, stride_row, stride_d, HEAD_DIM: tl.
     mask = (rows < len_rows)[:, None] & (cols < HEAD_DIM)[None, :]
     tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_d,
              value.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _add_tile(base, value, rows, len_rows, stride_row, stride_d, HEAD_DIM: tl.constexpr,
-              BLOCK_HD: tl.constexpr):
-    cols = tl.arange(0, BLOCK_HD)
-    mask = (rows < len_rows)[:, None] & (cols < HEAD_DIM)[None, :]
-    tl.atomic_add(base + rows[:, None] * stride_row + cols[None, :] * stride_d, value, mask=mask)
 
 
 @triton.jit
@@ -313,7 +320,7 @@ def _daf_fwd_kernel(
 
 @triton.jit
 def _daf_bwd_kernel(
-    Q, K, V, GATE, GRAD_OUT, ATTN, KEY_PAD, LSE, DQ, DK, DV, DGATE,
+    Q, K, V, GATE, GRAD_OUT, ATTN, KEY_PAD, LSE, DQ, DK, DV, DGATE, DK_PART, DV_PART,
     stride_qb, stride_qm, stride_qd,
     stride_kb, stride_kn, stride_kd,
     stride_vb, stride_vn, stride_vd,
@@ -322,73 +329,89 @@ def _daf_bwd_kernel(
     stride_ab, stride_am, stride_ad,  # ATTN
     stride_pb, stride_pn,
     stride_dqb, stride_dqm, stride_dqd,  # DQ and DGATE (allocated alike)
-    stride_dkb, stride_dkn, stride_dkd,  # DK and DV (allocated alike)
+    stride_dkb, stride_dkn, stride_dkd,  # DK, DV, DK_PART and DV_PART (allocated alike)
     num_heads, len_q, len_k, sm_scale, len_q_bucket, len_k_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_HD: tl.constexpr, HAS_MASK: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE_DKDV: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """ACCUMULATE_DKDV: this row tile is one of several, so it adds its share of dK/dV
-    (fp32 DK/DV, zeroed) with atomics; otherwise it holds every query and stores them."""
-    pid_bh = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One program per (batch, head) walks its query rows in BLOCK_M tiles. dQ of a tile is
+    complete after its key loop (registers); dK/dV of a key tile after the last row tile: the
+    earlier row tiles leave fp32 partial sums in DK_PART/DV_PART (DK/DV themselves when fp32),
+    which only this program reads and writes, so no atomics and no zeroed buffers."""
+    pid_bh = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     qk_scale = sm_scale * LOG2E
-
-    # The preprocess, folded in: dattn (FlashAttention's dO), dgate and delta of these rows.
-    grad = _load_tile(_head_base(GRAD_OUT, pid_bh, num_heads, stride_ob, stride_od, HEAD_DIM),
-                      rows, len_q, stride_om, stride_od, HEAD_DIM, BLOCK_HD).to(tl.float32)
-    gate = _load_tile(_head_base(GATE, pid_bh, num_heads, stride_gb, stride_gd, HEAD_DIM),
-                      rows, len_q, stride_gm, stride_gd, HEAD_DIM, BLOCK_HD).to(tl.float32)
-    attn = _load_tile(_head_base(ATTN, pid_bh, num_heads, stride_ab, stride_ad, HEAD_DIM),
-                      rows, len_q, stride_am, stride_ad, HEAD_DIM, BLOCK_HD).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    _store_tile(_head_base(DGATE, pid_bh, num_heads, stride_dqb, stride_dqd, HEAD_DIM),
-                grad * attn * sig * (1.0 - sig), rows, len_q, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_HD)
-    # Rounded to the input dtype, as the dots of dP see it: delta then matches rowsum(p * dP)
-    # exactly in exact arithmetic, so dS sums to 0 over each row as it should.
-    do = (grad * sig).to(Q.dtype.element_ty)
-    delta = tl.sum(do.to(tl.float32) * attn, 1)
-    q = _load_tile(_head_base(Q, pid_bh, num_heads, stride_qb, stride_qd, HEAD_DIM),
-                   rows, len_q, stride_qm, stride_qd, HEAD_DIM, BLOCK_HD)
-    lse2 = _base2_lse(LSE + pid_bh.to(tl.int64) * len_q, rows, len_q)
     K = _head_base(K, pid_bh, num_heads, stride_kb, stride_kd, HEAD_DIM)
     V = _head_base(V, pid_bh, num_heads, stride_vb, stride_vd, HEAD_DIM)
     DK = _head_base(DK, pid_bh, num_heads, stride_dkb, stride_dkd, HEAD_DIM)
     DV = _head_base(DV, pid_bh, num_heads, stride_dkb, stride_dkd, HEAD_DIM)
+    DK_PART = _head_base(DK_PART, pid_bh, num_heads, stride_dkb, stride_dkd, HEAD_DIM)
+    DV_PART = _head_base(DV_PART, pid_bh, num_heads, stride_dkb, stride_dkd, HEAD_DIM)
     key_end = _key_end(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, len_k, HAS_MASK, BLOCK_N)
+    row_tiles = tl.cdiv(len_q, BLOCK_M)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_HD], dtype=tl.float32)
-    for start_n in range(0, key_end, BLOCK_N):
-        cols = start_n + offs_n
-        key_ok = _key_valid(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, cols, key_end, HAS_MASK)
-        k = _load_tile(K, cols, key_end, stride_kn, stride_kd, HEAD_DIM, BLOCK_HD)
-        v = _load_tile(V, cols, key_end, stride_vn, stride_vd, HEAD_DIM, BLOCK_HD)
-        p = tl.exp2(_mma(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale - lse2[:, None])
-        p = tl.where(key_ok[None, :], p, 0.0)
-        dp = _mma(do, tl.trans(v), None, PRECISION, UPCAST)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        dq = _mma(ds, k, dq, PRECISION, UPCAST)
-        dv = _mma(tl.trans(p.to(do.dtype)), do, None, PRECISION, UPCAST)
-        dk = _mma(tl.trans(ds), q, None, PRECISION, UPCAST) * sm_scale
-        if ACCUMULATE_DKDV:
-            _add_tile(DK, dk, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
-            _add_tile(DV, dv, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
-        else:
-            _store_tile(DK, dk, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
-            _store_tile(DV, dv, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
-    if not ACCUMULATE_DKDV:  # the keys past the last unpadded one get no gradient
-        zero = tl.zeros([BLOCK_N, BLOCK_HD], dtype=tl.float32)
-        for start_n in range(tl.cdiv(key_end, BLOCK_N) * BLOCK_N, len_k, BLOCK_N):
+    for tile in range(0, row_tiles):
+        rows = tile * BLOCK_M + offs_m
+        first = tile == 0
+        last = tile == row_tiles - 1
+        # The preprocess, folded in: dattn (FlashAttention's dO), dgate and delta of these rows.
+        grad = _load_tile(_head_base(GRAD_OUT, pid_bh, num_heads, stride_ob, stride_od, HEAD_DIM),
+                          rows, len_q, stride_om, stride_od, HEAD_DIM, BLOCK_HD).to(tl.float32)
+        gate = _load_tile(_head_base(GATE, pid_bh, num_heads, stride_gb, stride_gd, HEAD_DIM),
+                          rows, len_q, stride_gm, stride_gd, HEAD_DIM, BLOCK_HD).to(tl.float32)
+        attn = _load_tile(_head_base(ATTN, pid_bh, num_heads, stride_ab, stride_ad, HEAD_DIM),
+                          rows, len_q, stride_am, stride_ad, HEAD_DIM, BLOCK_HD).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        _store_tile(_head_base(DGATE, pid_bh, num_heads, stride_dqb, stride_dqd, HEAD_DIM),
+                    grad * attn * sig * (1.0 - sig), rows, len_q, stride_dqm, stride_dqd, HEAD_DIM,
+                    BLOCK_HD)
+        # Rounded to the input dtype, as the dots of dP see it: delta then matches rowsum(p * dP)
+        # exactly in exact arithmetic, so dS sums to 0 over each row as it should.
+        do = (grad * sig).to(Q.dtype.element_ty)
+        delta = tl.sum(do.to(tl.float32) * attn, 1)
+        q = _load_tile(_head_base(Q, pid_bh, num_heads, stride_qb, stride_qd, HEAD_DIM),
+                       rows, len_q, stride_qm, stride_qd, HEAD_DIM, BLOCK_HD)
+        lse2 = _base2_lse(LSE + pid_bh.to(tl.int64) * len_q, rows, len_q)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_HD], dtype=tl.float32)
+        for start_n in range(0, key_end, BLOCK_N):
             cols = start_n + offs_n
-            _store_tile(DK, zero, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
-            _store_tile(DV, zero, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
-    _store_tile(_head_base(DQ, pid_bh, num_heads, stride_dqb, stride_dqd, HEAD_DIM),
-                dq * sm_scale, rows, len_q, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_HD)
+            key_ok = _key_valid(KEY_PAD, stride_pb, stride_pn, pid_bh, num_heads, cols, key_end, HAS_MASK)
+            k = _load_tile(K, cols, key_end, stride_kn, stride_kd, HEAD_DIM, BLOCK_HD)
+            v = _load_tile(V, cols, key_end, stride_vn, stride_vd, HEAD_DIM, BLOCK_HD)
+            p = tl.exp2(_mma(q, tl.trans(k), None, PRECISION, UPCAST) * qk_scale - lse2[:, None])
+            p = tl.where(key_ok[None, :], p, 0.0)
+            dp = _mma(do, tl.trans(v), None, PRECISION, UPCAST)
+            ds = (p * (dp - delta[:, None])).to(q.dtype)
+            dq = _mma(ds, k, dq, PRECISION, UPCAST)
+            dv = _mma(tl.trans(p.to(do.dtype)), do, None, PRECISION, UPCAST)
+            dk = _mma(tl.trans(ds), q, None, PRECISION, UPCAST) * sm_scale
+            if not first:
+                dk += _load_tile(DK_PART, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+                dv += _load_tile(DV_PART, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+            if last:
+                _store_tile(DK, dk, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+                _store_tile(DV, dv, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+            else:
+                _store_tile(DK_PART, dk, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+                _store_tile(DV_PART, dv, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+        _store_tile(_head_base(DQ, pid_bh, num_heads, stride_dqb, stride_dqd, HEAD_DIM),
+                    dq * sm_scale, rows, len_q, stride_dqm, stride_dqd, HEAD_DIM, BLOCK_HD)
+        # The next row tile loads the partial sums that other threads of this program stored.
+        tl.debug_barrier()
+
+    # The keys past the last unpadded one get no gradient.
+    zero = tl.zeros([BLOCK_N, BLOCK_HD], dtype=tl.float32)
+    for start_n in range(tl.cdiv(key_end, BLOCK_N) * BLOCK_N, len_k, BLOCK_N):
+        cols = start_n + offs_n
+        _store_tile(DK, zero, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
+        _store_tile(DV, zero, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
 
 
 _FWD_TUNER = _tuner("fwd", _daf_fwd_kernel)
-_BWD_TUNER = _tuner("bwd", _daf_bwd_kernel, reset_to_zero=["DK", "DV"])  # benchmarking re-runs the atomics
+_BWD_TUNER = _tuner("bwd", _daf_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -469,22 +492,22 @@ def daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse,
     mask, stride_pb, stride_pn = _mask_args(key_padding_mask)
     tile, flags = _tile(head_dim), _dot_flags(q.dtype)
     config = _backward_config(q.dtype, flags["PRECISION"], tile["BLOCK_HD"], len_q)
-    # One row tile holds every query: dK/dV are complete per key tile and stored in q's dtype.
-    # Several add up their shares in fp32 (zeroed; cast after unless q is fp32 already).
-    accumulate = len_q > config["BLOCK_M"]
-    dkdv_dtype = torch.float32 if accumulate else k.dtype
-    new = torch.zeros if accumulate else torch.empty
-    # Contiguous, so that dq and dgate share strides, and dk and dv.
+    # Contiguous, so that dq and dgate share strides, and dk, dv and their partial sums.
     dq, dgate = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
-    dk, dv = (new(k.shape, device=k.device, dtype=dkdv_dtype) for _ in range(2))
-    _launch("bwd", _daf_bwd_kernel, _BWD_TUNER,
-            lambda block_m: (triton.cdiv(len_q, block_m), batch * num_heads),
-            (q, k, v, gate, grad_out, attn, mask, lse, dq, dk, dv, dgate,
+    dk, dv = (torch.empty(k.shape, device=k.device, dtype=k.dtype) for _ in range(2))
+    # Several row tiles leave fp32 partial dK/dV between them (in dk/dv when they are fp32).
+    if len_q > config["BLOCK_M"] and k.dtype != torch.float32:
+        dk_part, dv_part = (torch.empty(k.shape, device=k.device, dtype=torch.float32)
+                            for _ in range(2))
+    else:
+        dk_part, dv_part = dk, dv
+    _launch("bwd", _daf_bwd_kernel, _BWD_TUNER, lambda block_m: (batch * num_heads,),
+            (q, k, v, gate, grad_out, attn, mask, lse, dq, dk, dv, dgate, dk_part, dv_part,
              *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *grad_out.stride(), *attn.stride(),
              stride_pb, stride_pn, *dq.stride(), *dk.stride(),
              num_heads, len_q, len_k, 1.0 / math.sqrt(head_dim), _length_bucket(len_q), _length_bucket(len_k)),
-            dict(tile, HAS_MASK=mask is not None, ACCUMULATE_DKDV=accumulate, **flags), config)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dgate
+            dict(tile, HAS_MASK=mask is not None, **flags), config)
+    return dq, dk, dv, dgate
 
 
 # ----------------------------------------------------------------------------- AOT declaration
@@ -520,8 +543,9 @@ def _spec(name, kernel, element: str, fp32_pointers: set, constexprs: dict, conf
 
 def aot_specs() -> list[KernelSpec]:
     """Every kernel x dtype (fp32 both IEEE and tf32) x AOT_HEAD_DIMS x each GPU-pinned config
-    it launches: the forward's short- and long-query row tiles, the backward's row tile at every
-    query bucket up to its largest, storing dK/dV and (at the largest) accumulating them.
+    it launches: the forward's short- and long-query row tiles, the backward's every row tile
+    up to its largest, with the queries in one tile (dK/dV partials unused, in the input dtype)
+    and in several (fp32 partials).
 
     Declared with the key padding mask on (HAS_MASK=True); the mask-free
     variant is the same code without the mask scan and loads.
@@ -542,11 +566,10 @@ def aot_specs() -> list[KernelSpec]:
             if block_m > largest:
                 break
             config = _backward_config(dtype, precision, tile["BLOCK_HD"], block_m, PINNED_CONFIGS)
-            for accumulate in (False, True) if block_m == largest else (False,):
-                specs.append(_spec(
-                    f"daf_bwd[{tag},{_config_name(config)}{',accumulate' if accumulate else ''}]",
-                    _daf_bwd_kernel, element, {"LSE", "DK", "DV"} if accumulate else {"LSE"},
-                    dict(flags, ACCUMULATE_DKDV=accumulate), config))
+            for row_tiles in ("one", "several") if dtype != torch.float32 else ("one",):
+                fp32 = {"LSE", "DK_PART", "DV_PART"} if row_tiles == "several" else {"LSE"}
+                specs.append(_spec(f"daf_bwd[{tag},{_config_name(config)},{row_tiles} row tiles]",
+                                   _daf_bwd_kernel, element, fp32, flags, config))
     return specs
 
 
@@ -558,7 +581,7 @@ def aot_launches() -> list:
     """(name, zero-argument callable): forward + backward through the public launchers, keys
     padded, at the benchmark's DAF shapes (benchmarks/bench_daf.py: Lq = 80, D = 768, 12 heads,
     Lk = 80, 310, 710, 8192; B = 2, since the batch changes only the grid), the structure
-    budget's shape and a long query sequence (the accumulating backward), in every dtype mode."""
+    budget's shape and a long query sequence (many row tiles), in every dtype mode."""
     from mvcl_fast.kernels.aot import DTYPE_MODES, matmul_tf32, mode_name
 
     shapes = {f"bench,Lk={len_k}": (2, 80, len_k, 768, 12) for len_k in (80, 310, 710, 8192)}

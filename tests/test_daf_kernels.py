@@ -110,16 +110,17 @@ def _force_tiles(monkeypatch, kernels, forward, backward):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backward_rows", [16, 64], ids=lambda m: f"bwd-rows={m}")
-def test_smallest_tiles_many_blocks(dtype, backward_rows, kernel_device, monkeypatch):
+@pytest.mark.parametrize("len_q", [37, 48], ids=lambda n: f"q{n}")
+def test_smallest_tiles_many_blocks(dtype, len_q, kernel_device, monkeypatch):
     """The smallest GPU tiles (16 queries x 32 keys) forced on the forward and the backward's
     keys: rows span 8 key blocks (the online softmax rescales across them), all ragged. With
-    16-row backward tiles the 37 queries take 3 programs that add up dK/dV with atomics; with
-    64 one program holds them all and stores dK/dV per key tile."""
+    backward row tiles of up to 64, 37 queries take three 16-row tiles that leave fp32 partial
+    dK/dV between them; 48 take one 64-row tile that stores dK/dV per key tile."""
     from mvcl_fast.kernels import daf_attention as kernels
 
-    _force_tiles(monkeypatch, kernels, (16, 16, 32, 4, 2), (backward_rows, 32, 4, 2))
-    batch, len_q, len_k, heads, head_dim = 3, 37, 231, 2, 32
+    _force_tiles(monkeypatch, kernels, (16, 16, 32, 4, 2), (64, 32, 4, 2))
+    assert kernels._row_tile(len_q, 64) == {37: 16, 48: 64}[len_q]
+    batch, len_k, heads, head_dim = 3, 231, 2, 32
     inputs = _inputs(batch, len_q, len_k, heads * head_dim, dtype, kernel_device)
     mask = _key_padding(batch, len_k, kernel_device)
     mask[0, :100] = True  # whole padded key blocks ahead of the first real key
@@ -202,13 +203,15 @@ def _jitted(obj):
 
 
 def _recorded_launches(kernels, monkeypatch):
-    """(kernel name, constexprs and config, Q's dtype) of every launch aot_launches() makes
-    as on a GPU (pinned configs, no interpreter upcasts), recorded instead of run."""
+    """(kernel name, constexprs and config, Q's dtype, the backward's dK/dV partials' dtype or
+    None) of every launch aot_launches() makes as on a GPU (pinned configs, no interpreter
+    upcasts), recorded instead of run."""
     monkeypatch.setattr(kernels, "triton_interpreter_enabled", lambda: False)
     launches = []
 
     def record(name, kernel, tuner, grid, args, constexprs, pinned):
-        launches.append((kernel.fn.__name__, {**constexprs, **pinned}, args[0].dtype))
+        parts = args[12].dtype if kernel is kernels._daf_bwd_kernel else None  # DK_PART
+        launches.append((kernel.fn.__name__, {**constexprs, **pinned}, args[0].dtype, parts))
 
     monkeypatch.setattr(kernels, "_launch", record)
     for _, launch in kernels.aot_launches():
@@ -232,12 +235,14 @@ def test_aot_specs_declare_every_launch_of_aot_launches(monkeypatch):
             f"@triton.jit {name} is neither declared in aot_specs() nor called by a declared kernel"
 
     launches = _recorded_launches(kernels, monkeypatch)
-    assert {name for name, _, _ in launches} == {"_daf_fwd_kernel", "_daf_bwd_kernel"}
-    assert any(meta.get("ACCUMULATE_DKDV") for _, meta, _ in launches)  # the long-query shape
-    for name, meta, dtype in launches:
+    assert {launch[0] for launch in launches} == {"_daf_fwd_kernel", "_daf_bwd_kernel"}
+    # Half-precision row tiles leaving fp32 partial sums between them (the long queries).
+    assert any(parts == torch.float32 and dtype != torch.float32 for *_, dtype, parts in launches)
+    for name, meta, dtype, parts in launches:
         element = "*" + kernels._TRITON_DTYPE[dtype]
         flags = {key: value for key, value in meta.items() if key not in ("num_warps", "num_stages")}
         assert any(spec.fn.fn.__name__ == name and spec.signature["Q"] == element
+                   and (parts is None or spec.signature["DK_PART"] == "*" + kernels._TRITON_DTYPE[parts])
                    and flags.items() <= spec.constexprs.items()
                    and (spec.num_warps, spec.num_stages) == (meta["num_warps"], meta["num_stages"])
                    for spec in specs), (name, meta, dtype)
@@ -250,9 +255,9 @@ def test_aot_specs_declare_every_launch_of_aot_launches(monkeypatch):
 
 def test_pinned_configs_follow_dtype_head_dim_and_query_length(monkeypatch):
     """Without MVCL_FAST_AUTOTUNE the launches take the pinned configs: 16-row forward tiles
-    for DAF's short text side (Lq = 30-80), a backward row tile of the whole query bucket
-    up to the largest that compiles without spills at the head width, the FMA table for
-    IEEE fp32."""
+    for DAF's short text side (Lq = 30-80), the largest backward row tile (up to the largest
+    that compiles without spills at the head width) leaving at most a quarter of its rows
+    masked, the FMA table for IEEE fp32."""
     from mvcl_fast.kernels import daf_attention as kernels
 
     monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", kernels.PINNED_CONFIGS)
@@ -266,7 +271,7 @@ def test_pinned_configs_follow_dtype_head_dim_and_query_length(monkeypatch):
     for len_q in (30, 48, 80):
         assert rows("fwd", torch.bfloat16, "ieee", 64, len_q) == 16
     assert rows("fwd", torch.bfloat16, "ieee", 64, 300) == 32
-    assert [rows("bwd", torch.bfloat16, "ieee", 64, n) for n in (1, 30, 48, 80, 300)] == [16, 32, 64, 64, 64]
+    assert [rows("bwd", torch.bfloat16, "ieee", 64, n) for n in (1, 30, 48, 80, 300)] == [16, 32, 64, 32, 64]
     assert rows("bwd", torch.bfloat16, "ieee", 128, 80) == 32
     assert rows("bwd", torch.float32, "tf32", 64, 80) == 32
     assert rows("bwd", torch.float32, "ieee", 64, 80) == 16
@@ -285,7 +290,7 @@ def test_autotune_space_is_pruned_to_the_lengths():
     kept = kernels._prune_to_lengths(space, {}, len_q_bucket=16, len_k_bucket=32)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(16, 16), (16, 32)}
     backward = kernels._prune_to_lengths(kernels._search_space("bwd"), {}, len_q_bucket=128, len_k_bucket=1024)
-    assert len(backward) == 4 * 2 * 3 and all("BLOCK_M" not in c.kwargs for c in backward)
+    assert len(backward) == 4 * 4 * 2 * 3
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter's refusal; CUDA searches for real below")

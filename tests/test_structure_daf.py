@@ -29,14 +29,14 @@ GEMMS = 7
 MAX_MACS_OVER_FLOOR = 1.6
 
 
-def _structure(valid_keys):
-    q, gate, residual = (torch.randn(B, LQ, D).to(DTYPE).requires_grad_() for _ in range(3))
-    k, v = (torch.randn(B, LK, D).to(DTYPE).requires_grad_() for _ in range(2))
-    mask = torch.arange(LK)[None, :] >= torch.tensor(valid_keys)[:, None]
-    grad = torch.randn(B, LQ, D).to(DTYPE)
+def _structure(valid_keys, len_q=LQ, len_k=LK, dim=D, heads=HEADS):
+    q, gate, residual = (torch.randn(B, len_q, dim).to(DTYPE).requires_grad_() for _ in range(3))
+    k, v = (torch.randn(B, len_k, dim).to(DTYPE).requires_grad_() for _ in range(2))
+    mask = torch.arange(len_k)[None, :] >= torch.tensor(valid_keys)[:, None]
+    grad = torch.randn(B, len_q, dim).to(DTYPE)
 
     def step():
-        out, _, _ = torch.ops.mvcl_fast.daf_attention(q, k, v, gate, residual, mask, HEADS)
+        out, _, _ = torch.ops.mvcl_fast.daf_attention(q, k, v, gate, residual, mask, heads)
         torch.autograd.grad(out, [q, k, v, gate, residual], grad)
 
     return count_structure(step)
@@ -44,12 +44,14 @@ def _structure(valid_keys):
 
 @pytest.fixture(scope="module")
 def structures():
-    """{"padded": the budget's run, "full": the same with every key valid}."""
+    """{"padded": the budget's run, "full": the same with every key valid, "mintrec": the
+    model's shape, Lq = 80 text tokens against Lk = 96 keys, D = 768 in 12 heads of 64}."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MVCL_FAST_BACKEND", "triton")
         patch.setattr(kernels, "INTERPRETER_CONFIGS", kernels.PINNED_CONFIGS)
         torch.manual_seed(0)
-        return {"padded": _structure(VALID_KEYS), "full": _structure((LK, LK))}
+        return {"padded": _structure(VALID_KEYS), "full": _structure((LK, LK)),
+                "mintrec": _structure(VALID_KEYS, len_q=80, dim=768, heads=12)}
 
 
 def test_daf_attention_structure_within_budget(structures):
@@ -94,3 +96,24 @@ def test_work_follows_the_valid_key_length(structures):
     forward_dot = 2 * 16 * block_n * (D // HEADS)  # QK^T and PV of a 16-row tile
     assert full.kernels[0].macs - padded.kernels[0].macs == \
         skipped_tiles * HEADS * math.ceil(LQ / 16) * forward_dot
+
+
+def test_the_mintrec_shape_is_one_launch_per_direction(structures):
+    """80 queries take several backward row tiles (bf16 head dim 64: 32 rows each); their dK/dV
+    partial sums stay inside the one program of each (batch, head): no zero-fills, no casts."""
+    s = structures["mintrec"]
+    assert s.launches <= MAX_LAUNCHES and not s.aten, s.table()
+    assert s.syncs == []
+    assert [k.name for k in s.kernels] == ["_daf_fwd_kernel", "_daf_bwd_kernel"]
+    assert kernels._backward_config(DTYPE, "ieee", 64, 80)["BLOCK_M"] == 32
+    assert s.kernels[1].programs == B * 12
+    element, len_q, dim = DTYPE.itemsize, 80, 768
+    q_side, k_side = B * len_q * dim * element, B * LK * dim * element
+    # dq, dgate and the final dk, dv in bf16, and the fp32 partial dK/dV the first row tiles
+    # leave (every key up to the last valid one, partial key tiles included), read back by the
+    # next: the traffic above the floor is theirs (on the GPU they stay in L2: 48 KB a head).
+    block_n = kernels.PINNED_CONFIGS["bwd"]["mma"][0][1][1]
+    partials = 2 * sum(min(LK, math.ceil(n / block_n) * block_n) for n in VALID_KEYS) * dim * 4
+    assert s.kernels[1].bytes_stored == 2 * q_side + 2 * k_side + partials
+    floor = 7 * q_side + 4 * k_side + B * LK
+    assert s.bytes - 2 * partials <= MAX_BYTES_OVER_FLOOR * floor, s.table()

@@ -40,8 +40,9 @@ rows. Each program recomputes its logit tiles, forms dS = (P_row - I)
 atomics, deterministic, every output element written by exactly one program.
 Multiply-adds: the recompute and the gradient GEMM of each side, 4 units of
 V N^2 D in all (the forward's log-sum-exps are 1, 2 when symmetric), where a
-program's accumulator spans D (D <= MAX_BLOCK_DO); past that, D is split into
-chunks that each recompute the logits. The chain through the L2
+program's accumulators span D (D <= MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL = 768: a
+512-wide chunk and a 256-wide tail, so D = 768 pads nothing); past that, D is
+split into chunks that each recompute the logits. The chain through the L2
 normalisation, dx = (g - x_hat (x_hat . g)) / max(||x||, 1e-12), needs
 x_hat . g over the whole row, which equals sum_j dS_ij S_ij (because
 x_hat . k_hat_j = tau S_ij): every program accumulates it from its tiles, so
@@ -262,10 +263,14 @@ def _grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, lse_rows_ptr, lse_cols_ptr, r
                  views_stride_view, views_stride_row, inv_tau, grad_scale,
                  SYMMETRIC: tl.constexpr, OWN_IN_R: tl.constexpr, EPS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_DO: tl.constexpr, D_CHUNKED: tl.constexpr, OPERAND: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 BLOCK_DO: tl.constexpr, BLOCK_DO_TAIL: tl.constexpr, D_CHUNKED: tl.constexpr,
+                 OPERAND: tl.constexpr, PRECISION: tl.constexpr):
     """Gradient w.r.t. BLOCK_M "own" rows, D-chunk pid_do, in the inputs' dtype: one launch for
     the anchor and every view.
+
+    A program's output chunk is BLOCK_DO columns, plus BLOCK_DO_TAIL more in a second
+    accumulator when > 0 (D = 768 as 512 + 256: one chunk, so the logits are computed once,
+    where one power-of-two chunk would be 1024 wide, a quarter of it padding).
 
     Grid axis 0: own_tiles anchor row tiles first (own = anchor, other =
     every view in turn: these programs do V times the work, so they start
@@ -337,11 +342,14 @@ def _grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, lse_rows_ptr, lse_cols_ptr, r
     offs_d = tl.arange(0, BLOCK_D)
     first_d = _within(offs_d, D)
     q_first = tl.load(own_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
-    offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    offs_do = pid_do * (BLOCK_DO + BLOCK_DO_TAIL) + tl.arange(0, BLOCK_DO)
     out_d = _within(offs_do, D)
-    # Both accumulators are in units of g / (V M) (applied in the epilogue):
+    # The accumulators are in units of g / (V M) (applied in the epilogue):
     # acc = sum_j dS_ij k_hat_j, proj = sum_j dS_ij S_ij.
     acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    if BLOCK_DO_TAIL > 0:
+        offs_tail = pid_do * (BLOCK_DO + BLOCK_DO_TAIL) + BLOCK_DO + tl.arange(0, BLOCK_DO_TAIL)
+        acc_tail = tl.zeros([BLOCK_M, BLOCK_DO_TAIL], dtype=tl.float32)
     proj = tl.zeros([BLOCK_M], dtype=tl.float32)
     for i in range(loop_views):
         v = pid_v + i
@@ -386,15 +394,31 @@ def _grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, lse_rows_ptr, lse_cols_ptr, r
             # 1/||k||, which overflows a half type for a near-zero row.
             k_hat = (k_out.to(tl.float32) * other_rnorm[:, None]).to(OPERAND)
             acc = tl.dot(dlogits.to(OPERAND), k_hat, acc, input_precision=PRECISION)
+            if BLOCK_DO_TAIL > 0:
+                k_tail = tl.load(other_rows + offs_tail[None, :], mask=_within(offs_tail, D),
+                                 other=0.0)
+                k_hat = (k_tail.to(tl.float32) * other_rnorm[:, None]).to(OPERAND)
+                acc_tail = tl.dot(dlogits.to(OPERAND), k_hat, acc_tail, input_precision=PRECISION)
     scale = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
-    grad_hat = acc * (scale * inv_tau)
     # x_hat . grad_hat = sum_j dS_ij S_ij; no projection where the norm was clamped.
     radial = tl.where(own_rnorm < 1.0 / EPS, proj * scale, 0.0)
-    own = tl.load(own_rows + offs_do[None, :], mask=out_d, other=0.0).to(tl.float32)
-    grad = (grad_hat - own * (own_rnorm * radial)[:, None]) * own_rnorm[:, None]
     out_base = tl.where(is_anchor, d_anchor_ptr, d_views_ptr + pid_v.to(tl.int64) * N * D)
-    out = _row_starts(out_base, rows, D) + offs_do[None, :]
-    tl.store(out, grad.to(d_anchor_ptr.dtype.element_ty), mask=valid[:, None] & out_d)
+    _store_row_grad(acc, offs_do, own_rows, own_rnorm, radial, scale * inv_tau, out_base, rows,
+                    valid, D)
+    if BLOCK_DO_TAIL > 0:
+        _store_row_grad(acc_tail, offs_tail, own_rows, own_rnorm, radial, scale * inv_tau,
+                        out_base, rows, valid, D)
+
+
+@triton.jit
+def _store_row_grad(acc, offs, own_rows, own_rnorm, radial, acc_scale, out_base, rows, valid, D):
+    """The chain through the L2 normalisation for the columns offs of the own rows:
+    dx = (g - x_hat (x_hat . g)) / max(||x||, eps) with g = acc * acc_scale."""
+    in_d = _within(offs, D)
+    own = tl.load(own_rows + offs[None, :], mask=in_d, other=0.0).to(tl.float32)
+    grad = (acc * acc_scale - own * (own_rnorm * radial)[:, None]) * own_rnorm[:, None]
+    out = _row_starts(out_base, rows, D) + offs[None, :]
+    tl.store(out, grad.to(out_base.dtype.element_ty), mask=valid[:, None] & in_d)
 
 
 @triton.jit
@@ -424,6 +448,12 @@ class _Config:
     num_warps: int
     num_stages: int
     always_chunked: bool = False  # the D-chunk loop even when one chunk holds D
+    block_do_tail: int = 0        # a second output chunk the same program owns (0: none)
+
+    @property
+    def out_chunk(self) -> int:
+        """Columns of the gradient one backward program writes."""
+        return self.block_do + self.block_do_tail
 
     def d_chunked(self, dim: int) -> bool:
         return self.always_chunked or dim > self.block_d
@@ -431,11 +461,12 @@ class _Config:
 
 NORMS_BLOCK_R, NORMS_BLOCK_D = 8, 128
 LOSS_BLOCK = 1024
-# The widest D-chunk a backward program accumulates: up to it the backward is 4 units of
-# V N^2 D multiply-adds; past it each further chunk recomputes the logits (1 unit per side).
-MAX_BLOCK_DO = 512
+# The widest D-chunk a backward program accumulates, and the tail chunk beside it: up to
+# their sum the backward is 4 units of V N^2 D multiply-adds; past it each further chunk
+# recomputes the logits (1 unit per side).
+MAX_BLOCK_DO, MAX_BLOCK_DO_TAIL = 512, 256
 # One representative D per bucket: the configs below are constant inside each.
-D_BUCKETS = (32, 64, 128, 256, 512, 4096)
+D_BUCKETS = (32, 64, 128, 256, 512, 768, 4096)
 
 # Every config below compiles without spills for sm_90a under triton 3.6.0 and 3.9 at the
 # specialisations the launchers use (python -m mvcl_fast.kernels.report). Row tiles of 64
@@ -455,7 +486,8 @@ def _lse_config(dtype: torch.dtype, dim: int) -> _Config:
 
 
 def _grad_config(dtype: torch.dtype, dim: int) -> _Config:
-    """Configs whose output chunk (block_do) holds all of D up to MAX_BLOCK_DO."""
+    """Configs whose output chunks (block_do + block_do_tail) hold all of D up to
+    MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL."""
     if dtype == torch.float32:
         # ptxas spills the single-chunk FMA form on sm_90a; the loop form does not.
         if dim <= 64:
@@ -464,14 +496,20 @@ def _grad_config(dtype: torch.dtype, dim: int) -> _Config:
             return _Config(32, 32, 32, 128, 8, 1, always_chunked=True)
         if dim <= 256:
             return _Config(32, 32, 32, 256, 8, 2, always_chunked=True)
-        return _Config(16, 32, 32, MAX_BLOCK_DO, 8, 2, always_chunked=True)
+        if dim <= 512:
+            return _Config(16, 32, 32, MAX_BLOCK_DO, 8, 2, always_chunked=True)
+        return _Config(16, 16, 32, MAX_BLOCK_DO, 8, 2, always_chunked=True,   # 32 keys spill
+                       block_do_tail=MAX_BLOCK_DO_TAIL)
     if dim <= 64:
         return _Config(32, 64, 64, 64, 4, 2)
     if dim <= 128:   # 64-row tiles spill under triton 3.6
         return _Config(32, 64, 128, 128, 4, 2)
     if dim <= 256:
         return _Config(64, 64, 128, 256, 8, 2)
-    return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
+    if dim <= 512:
+        return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
+    # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
+    return _Config(32, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=MAX_BLOCK_DO_TAIL)
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -536,7 +574,7 @@ def _lse_grid(cfg: _Config, num_rows: int, num_views: int, symmetric: bool) -> t
 
 def _grad_grid(cfg: _Config, dim: int, own_count: int, num_views: int) -> tuple:
     """(anchor row tiles, then each view's row tiles; D-chunks)."""
-    return ((num_views + 1) * triton.cdiv(own_count, cfg.block_m), triton.cdiv(dim, cfg.block_do))
+    return ((num_views + 1) * triton.cdiv(own_count, cfg.block_m), triton.cdiv(dim, cfg.out_chunk))
 
 
 def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: float,
@@ -610,7 +648,8 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
                 views.stride(1), 1.0 / tau, (0.5 if symmetric else 1.0) / (num_views * num_rows),
                 SYMMETRIC=symmetric, OWN_IN_R=own_in_r, EPS=NORM_EPS,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                BLOCK_DO=cfg.block_do, D_CHUNKED=cfg.d_chunked(padded_dim),
+                BLOCK_DO=cfg.block_do, BLOCK_DO_TAIL=cfg.block_do_tail,
+                D_CHUNKED=cfg.d_chunked(padded_dim),
                 OPERAND=_operand_dtype(anchor.dtype), PRECISION=_dot_precision(anchor.dtype),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if padded_dim != dim:  # the padding columns hold zero gradients
@@ -690,12 +729,14 @@ def aot_specs() -> list[KernelSpec]:
                 constexprs = {"SYMMETRIC": symmetric, "OWN_IN_R": own_in_r, "EPS": NORM_EPS,
                               "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
                               "BLOCK_D": cfg.block_d, "BLOCK_DO": cfg.block_do,
+                              "BLOCK_DO_TAIL": cfg.block_do_tail,
                               "D_CHUNKED": chunked, "OPERAND": _TL_DTYPE[dtype],
                               "PRECISION": precision}
                 specs.append(KernelSpec(
                     name=(f"multiview_grad[{t},{precision},SYMMETRIC={symmetric},"
                           f"OWN_IN_R={own_in_r},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},"
-                          f"BLOCK_D={cfg.block_d},BLOCK_DO={cfg.block_do},D_CHUNKED={chunked}]"),
+                          f"BLOCK_D={cfg.block_d},BLOCK_DO={cfg.block_do},"
+                          f"BLOCK_DO_TAIL={cfg.block_do_tail},D_CHUNKED={chunked}]"),
                     fn=_grad_kernel,
                     signature=_signature(_grad_kernel, constexprs, t, _GRAD_INPUT_PTRS),
                     constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -732,5 +773,4 @@ def aot_launches():
                          for n, dim in ((32, 768), (4096, 768), (65536, 768), (256, 128))]
             launches.append((f"multiview[N=4096,D=768,rank 1 of 2,{tag}]",
                              step(4096, 768, dtype, tf32, symmetric, ranks=2)))
-    return launches
     return launches

@@ -28,14 +28,16 @@ CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not CUDA, reason="large shape: too slow for Triton's interpreter")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-GRID = list(itertools.product((1, 2, 63, 257), (16, 384, 1000), (1, 4), (False, True), DTYPES))
+GRID = list(itertools.product((1, 2, 63, 257), (16, 384, 700, 1000), (1, 4), (False, True), DTYPES))
 # (N, D, V, symmetric, dtype) run by the interpreter: every value of every axis at least once,
-# N=257 with D <= 384, D=1000 (padded rows, chunked D) with N <= 63.
+# N=257 with D <= 384, D=700 (a gradient chunk of 512 + a tail of 256, partly padding) and
+# D=1000 (padded rows, chunked D) with N <= 63.
 INTERPRETER_GRID = {
     (1, 16, 1, False, "fp32"), (1, 384, 4, True, "fp16"),
     (2, 16, 4, True, "fp16"), (2, 1000, 1, True, "fp32"), (2, 384, 1, False, "bf16"),
     (63, 384, 4, True, "fp32"), (63, 384, 1, False, "fp16"), (63, 16, 4, True, "bf16"),
     (63, 1000, 1, False, "fp16"), (63, 1000, 4, True, "fp32"), (63, 1000, 4, False, "bf16"),
+    (2, 700, 1, False, "fp32"), (63, 700, 4, True, "bf16"), (63, 700, 1, True, "fp16"),
     (257, 16, 4, False, "fp32"), (257, 16, 1, True, "fp16"), (257, 384, 1, True, "fp16"),
 }
 
@@ -259,8 +261,8 @@ def test_aot_specs_cover_every_kernel_and_config():
             assert launchable(kernels._grad_kernel, dict(
                 SYMMETRIC=symmetric, OWN_IN_R=own_in_r, EPS=kernels.NORM_EPS,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                BLOCK_DO=cfg.block_do, D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand,
-                PRECISION=precision), cfg), (dtype, dim)
+                BLOCK_DO=cfg.block_do, BLOCK_DO_TAIL=cfg.block_do_tail,
+                D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand, PRECISION=precision), cfg), (dtype, dim)
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "sym"])

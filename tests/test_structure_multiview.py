@@ -10,9 +10,9 @@ at N=256, V=4, D=128 in bf16 without finiteness checks, as on CUDA:
   write their gradients once (bytes at distinct addresses per launch);
 - multiply-adds of the tl.dot calls, in units of V N^2 D: the forward's
   log-sum-exps 1 per direction, the backward 4 (one recompute and one
-  gradient GEMM for each side), at every D up to MAX_BLOCK_DO = 512, where
-  the backward's accumulators span D (past it each further D-chunk adds one
-  recompute per side: 2 chunks, 6.7 units, at D = 768);
+  gradient GEMM for each side), at every D up to MAX_BLOCK_DO +
+  MAX_BLOCK_DO_TAIL = 768, where the backward's accumulators span D (past it
+  each further D-chunk adds one recompute per side);
 - at N=4096 every kernel's grid has at least one program per SM of a
   132-SM card.
 """
@@ -78,10 +78,23 @@ def test_multiply_adds_within_budget(structure):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("dim", [16, 64, 128, 384, kernels.MAX_BLOCK_DO])
+@pytest.mark.parametrize("dim", [16, 64, 128, 384, kernels.MAX_BLOCK_DO, 640,
+                                 kernels.MAX_BLOCK_DO + kernels.MAX_BLOCK_DO_TAIL])
 def test_backward_in_one_d_chunk(dtype, dim):
     """The backward's accumulators span D, so no D-chunk recomputes the logits."""
     assert kernels._grad_grid(kernels._grad_config(dtype, dim), dim, 4096, V)[1] == 1
+
+
+def test_backward_units_at_768():
+    """D = 768 (the benchmark's width): one program's accumulators hold 512 + 256 columns, so
+    the backward is the 4 units of V N^2 D, counted, where one power-of-two chunk per program
+    would be 1024 wide and two 512-wide chunks 6.7 units."""
+    n, num_views, dim = 64, 2, 768
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MVCL_FAST_BACKEND", "triton")
+        s = _structure(True, n, num_views, dim)
+    grad = next(k for k in s.kernels if k.name == "_grad_kernel")
+    assert grad.macs == BACKWARD_UNITS * num_views * n * n * dim, s.table()
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "symmetric"])

@@ -496,7 +496,7 @@ def _grad_config(dtype: torch.dtype, dim: int) -> _Config:
             return _Config(32, 32, 32, 128, 8, 1, always_chunked=True)
         if dim <= 256:
             return _Config(32, 32, 32, 256, 8, 2, always_chunked=True)
-        if dim <= 512:
+        if dim <= 512 or dim > MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL:
             return _Config(16, 32, 32, MAX_BLOCK_DO, 8, 2, always_chunked=True)
         return _Config(16, 16, 32, MAX_BLOCK_DO, 8, 2, always_chunked=True,   # 32 keys spill
                        block_do_tail=MAX_BLOCK_DO_TAIL)
@@ -506,7 +506,8 @@ def _grad_config(dtype: torch.dtype, dim: int) -> _Config:
         return _Config(32, 64, 128, 128, 4, 2)
     if dim <= 256:
         return _Config(64, 64, 128, 256, 8, 2)
-    if dim <= 512:
+    # Past 768 the 512-wide chunks: a 768-wide one would pad more (D = 1024: 1536 columns).
+    if dim <= 512 or dim > MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL:
         return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
     # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
     return _Config(32, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=MAX_BLOCK_DO_TAIL)

@@ -606,6 +606,49 @@ def summary(results: list[CompileResult]) -> str:
     return "\n".join(lines)
 
 
+MODES = ("fp32", "fp32-tf32", "fp16", "bf16")
+
+
+def _launch_modes(launches: str) -> set:
+    """The dtype modes (aot.mode_name) of the launches of one specialisation."""
+    return set(re.findall(r"[\[,](fp32-tf32|fp32|fp16|bf16)[,\]]", launches))
+
+
+def readme_table(reports: list[dict], arch: str = "sm_90a") -> str:
+    """Markdown: per op and kernel, the specialisations, the MMA instruction of each dtype mode
+    under the first report's Triton, and the spilling ones under every report's Triton."""
+    def op(row):
+        return row["module"].rsplit(".", 1)[-1]
+
+    first = [r for r in reports[0]["results"] if r["arch"] == arch and r["kernel"]]
+    kernels = sorted({(op(r), r["kernel"]) for r in first})
+    header = (["op", "kernel", "specialisations",
+               f"MMA on {arch}, triton {reports[0]['triton']} ({' / '.join(MODES)})"]
+              + [f"triton {report['triton']}: spilling, max spill B/thread (stores + loads)"
+                 for report in reports])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, kernel in kernels:
+        rows = [r for r in first if (op(r), r["kernel"]) == (name, kernel)]
+        mma = []
+        for mode in MODES:  # the instructions of every specialisation this mode launches
+            launched = [r for r in rows if mode in _launch_modes(r["launches"])]
+            found = {ins for r in launched for ins in (r["mma"] or "none").split("+")}
+            mma.append("+".join(sorted(found - {"none"}) or found) if launched else "-")
+        cells = [name, f"`{kernel.lstrip('_')}`", str(len(rows)), " / ".join(mma)]
+        for report in reports:
+            mine = [r for r in report["results"] if r["arch"] == arch
+                    and (op(r), r["kernel"]) == (name, kernel)]
+            spilling = [r["spill_stores"] + r["spill_loads"] for r in mine if r["spills"]]
+            cells.append(f"{len(spilling)} of {len(mine)}"
+                         + (f", {max(spilling)}" if spilling else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    totals = "; ".join(
+        f"triton {report['triton']}: {sum(r['arch'] == arch for r in report['results'])} compiles, "
+        f"{sum(r['arch'] == arch and not r['ok'] for r in report['results'])} fail"
+        for report in reports)
+    return "\n".join(lines) + f"\n\n{totals}."
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mvcl_fast.kernels.report",
                                      description=__doc__.split("\n\n")[0])
@@ -616,7 +659,20 @@ def main(argv=None) -> int:
                         help="compile in this many processes (default: one per CPU)")
     parser.add_argument("--module", nargs="+", metavar="NAME",
                         help="import these modules instead of discovering mvcl_fast.kernels.*")
+    parser.add_argument("--readme-table", nargs="+", metavar="JSON",
+                        help="compile nothing: print the README's markdown summary of these --json "
+                             "reports (one per Triton, the first's MMA instructions shown)")
     args = parser.parse_args(argv)
+    if args.readme_table:
+        reports = []
+        for path in args.readme_table:
+            try:
+                with open(path) as f:
+                    reports.append(json.load(f))
+            except (OSError, ValueError) as exc:
+                parser.error(f"--readme-table: cannot read {path}: {exc}")
+        print(readme_table(reports, args.arch[0]))
+        return 0
     for arch in args.arch:
         try:
             capability(arch)

@@ -206,3 +206,26 @@ def test_report_flags_spills_shared_memory_and_empty_modules(python, tmp_path):
     empty = rows["probe_empty", "-"]
     assert not empty["ok"] and "no KernelSpec" in empty["error"], empty
     assert "SPILLS" in proc.stdout and "SMEM>LIMIT" in proc.stdout
+
+
+def test_readme_table_summarises_reports_of_two_tritons(tmp_path):
+    """--readme-table compiles nothing: it folds --json reports into the README's table."""
+    def row(kernel, mma, launches, spill=0):
+        return {"module": "mvcl_fast.kernels.k", "kernel": kernel, "arch": "sm_90a", "mma": mma,
+                "launches": launches, "spills": spill, "spill_stores": spill, "spill_loads": spill,
+                "ok": not spill}
+
+    new = {"triton": "3.9.0", "results": [row("_a", "HGMMA", "k[x,bf16], k[y,fp16]"),
+                                          row("_a", "HMMA.16816+HGMMA", "k[z,bf16]"),
+                                          row("_a", "none", "k[x,fp32]")]}
+    old = {"triton": "3.6.0", "results": [row("_a", "HGMMA", "k[x,bf16]", spill=8)] + new["results"][1:]}
+    paths = []
+    for name, report in (("new", new), ("old", old)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    proc = subprocess.run([sys.executable, "-m", "mvcl_fast.kernels.report", "--readme-table",
+                           *map(str, paths)], capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr
+    assert "| k | `a` | 3 | none / - / HGMMA / HGMMA+HMMA.16816 | 0 of 3 | 1 of 3, 16 |" in proc.stdout
+    assert "triton 3.9.0: 3 compiles, 0 fail; triton 3.6.0: 3 compiles, 1 fail." in proc.stdout

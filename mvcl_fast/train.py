@@ -797,9 +797,12 @@ class Trainer:
         if self.dist.is_main:
             weights = {k: v for k, v in self.model.state_dict().items()
                        if not k.startswith("anchor_encoder.")}   # inference never runs the anchor
-            best = {"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
-                    "label_names": self.label_names, "epoch": self.epoch, "dev": dev,
-                    "train_label_counts": self.train_label_counts, "model": weights}
+            # args: the run's options (its data folder, feature files, lengths), which
+            # mvcl_fast.analyze reads the run's data with
+            best = {"format": CHECKPOINT_FORMAT, "args": vars(self.args),
+                    "model_config": self.cfg.to_dict(), "label_names": self.label_names,
+                    "epoch": self.epoch, "dev": dev, "train_label_counts": self.train_label_counts,
+                    "model": weights}
             self.folder.replace(self.best_path.name, lambda file: torch.save(best, file))
         self.dist.barrier()   # the other ranks may load it next
 

@@ -55,6 +55,16 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def quiet_transformers(prog: str) -> None:
+    """transformers' warnings and progress bars off: the commands say what matters themselves."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise SystemExit(f"{prog} needs transformers: pip install 'mvcl_fast[train]'") from None
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """--precision as the dtype of torch.autocast on device (None: fp32, no autocast)."""
     cuda = device.type == "cuda"

@@ -68,7 +68,7 @@ from mvcl_fast.distributed import Distributed
 from mvcl_fast.errors import (CheckpointError, ConfigError, DataError, MVCLError,
                               first_line, is_disk_full, print_error, reraised_as)
 from mvcl_fast.loading import (CHECKPOINT_FORMAT, PRECISIONS, autocast_dtype, load_checkpoint,
-                               load_model, model_inputs)
+                               load_model, model_inputs, quiet_transformers)
 from mvcl_fast.metrics import METRIC_COLUMNS
 
 DEFAULT_SYNTHETIC_CACHE = Path(".cache") / "synthetic-mintrec"
@@ -1054,12 +1054,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise SystemExit("mvcl_fast.train needs transformers: pip install 'mvcl_fast[train]'")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers("mvcl_fast.train")
     try:
         args, state = resolve_args(parser, args, argv)
         os.environ["MVCL_FAST_BACKEND"] = args.backend

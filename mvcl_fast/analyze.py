@@ -104,7 +104,7 @@ def add_common_options(p: argparse.ArgumentParser, figure: str) -> None:
     p.add_argument("--batch-size", type=number(int, at_least=1), default=64,
                    help="utterances per forward pass, %(type)s")
     p.add_argument("--seed", type=number(int, at_least=0, below=2**32), default=0,
-                   help="random seed, %(type)s")
+                   help="random seed of the t-SNE / of the sampled batches, %(type)s")
     p.add_argument("--device", type=device_name, default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--debug", action="store_true",
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
             "The training split's fused embeddings from the run's best checkpoint, computed once; "
             "then, for each batch size, --batches random batches (index sets drawn without "
             "replacement, as the trainer's shuffled epochs draw them). Per intent: the distance of "
-            f"its batch prototype (mvcl_fast.batch_prototypes) to its mean over the split, as the "
+            "its batch prototype (mvcl_fast.batch_prototypes) to its mean over the split, as the "
             f"{DISTANCE}, and the share of batches without it. Reported by head / middle / tail "
             "intents (thirds of the intents the split holds, by their number of utterances).", 79))
     proto.add_argument("run", type=run_folder, metavar="RUN_DIR", help="a run folder, %(type)s")
@@ -186,7 +186,7 @@ def run_split(loaded: LoadedModel, args: argparse.Namespace, split: str):
 
 def embed(loaded: LoadedModel, split, args: argparse.Namespace, title: str):
     """(fused embeddings [N, H] fp32, the classifier's predictions [N]) of a split, on the CPU."""
-    device = torch.device(loaded.model.classifier.weight.device)
+    device = loaded.model.classifier.weight.device
     views, predictions = [], []
     for out in model_outputs(loaded, split, device, args.batch_size, precision="fp32",
                              progress=title):

@@ -1136,11 +1136,10 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
                     f"{trainer.best_score:.2f}"
                     + ("; the run had finished: its result again" if trainer.finished else ""))
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+    momentum = f" (momentum {args.prototype_momentum})" if args.prototypes == "ema" else ""
     trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "
                 f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} "
-                f"prototypes {args.prototypes}"
-                + (f" (momentum {args.prototype_momentum})" if args.prototypes == "ema" else "")
-                + " | "
+                f"prototypes {args.prototypes}{momentum} | "
                 f"precision {trainer.precision} | compile {'on' if trainer.compiled else 'off'} | "
                 f"backend {args.backend}")
     try:

@@ -67,19 +67,11 @@ def test_embeddings_of_two_runs_side_by_side(runs, tmp_path, capsys):
             assert math.isfinite(run[key]) and 0 <= run[key] <= 100
 
 
-def test_embeddings_default_output_is_in_the_run_folder(runs):
-    assert analyze.main(["embeddings", str(runs[0]), "--split", "train", "--perplexity", "10"]) == 0
-    results = json.loads((runs[0] / "embeddings.json").read_text())
-    (run,) = results["runs"]
-    assert results["split"] == "train" and run["utterances"] == TRAIN_UTTERANCES
-    assert (runs[0] / "embeddings.png").read_bytes()[:8] == PNG_MAGIC
-
-
-def test_prototypes_by_batch_size_and_frequency_group(runs, tmp_path, capsys):
-    png = tmp_path / "prototypes.png"
+def test_prototypes_by_batch_size_and_frequency_group(runs, capsys):
+    png = runs[0] / "prototypes.png"      # the default output: in the run folder
     sizes = [4, 16, 8, TRAIN_UTTERANCES]
     assert analyze.main(["prototypes", str(runs[0]), "--batch-sizes", *map(str, sizes),
-                         "--batches", "20", "--output", str(png)]) == 0
+                         "--batches", "20"]) == 0
     assert "share of batches without the intent" in capsys.readouterr().out
     assert png.read_bytes()[:8] == PNG_MAGIC
     results = json.loads(png.with_suffix(".json").read_text())

@@ -55,20 +55,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.prototype_bank",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=train.HelpFormatter)
-    p.add_argument("--batch-sizes", nargs="+", type=number(int, at_least=1), default=[8, 16, 32])
-    p.add_argument("--seeds", nargs="+", type=number(int, at_least=0), default=[0, 1, 2])
-    p.add_argument("--epochs", type=number(int, at_least=1), default=2)
+    p.add_argument("--batch-sizes", nargs="+", type=number(int, at_least=1), default=[8, 16, 32],
+                   metavar="N", help="training batch sizes")
+    p.add_argument("--seeds", nargs="+", type=number(int, at_least=0), default=[0, 1, 2],
+                   metavar="SEED", help="one run per seed, at least two")
+    p.add_argument("--epochs", type=number(int, at_least=1), default=2,
+                   help="epochs of every run (also its patience: no early stop)")
     p.add_argument("--momentum", type=number(float, at_least=0, below=1), default=0.9,
                    help="--prototype-momentum of the ema runs")
     p.add_argument("--text-layers", type=number(int, at_least=1), default=2,
                    help="layers of all-MiniLM-L6-v2 kept")
     p.add_argument("--train", type=number(int, at_least=20), default=500,
                    help="training utterances of the synthetic set")
-    p.add_argument("--dev", type=number(int, at_least=20), default=125)
-    p.add_argument("--test", type=number(int, at_least=20), default=250)
-    p.add_argument("--output-dir", type=Path, default=RESULTS,
+    p.add_argument("--dev", type=number(int, at_least=20), default=125,
+                   help="dev utterances of the synthetic set")
+    p.add_argument("--test", type=number(int, at_least=20), default=250,
+                   help="test utterances of the synthetic set")
+    p.add_argument("--output-dir", type=Path, default=RESULTS, metavar="DIR",
                    help="where the table, the plot and the JSON go")
-    p.add_argument("--runs-dir", type=Path, default=None,
+    p.add_argument("--runs-dir", type=Path, default=None, metavar="DIR",
                    help="keep the runs here (default: a temporary folder, removed at the end)")
     args = p.parse_args(argv)
     if len(set(args.seeds)) < 2:

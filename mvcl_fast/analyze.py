@@ -45,8 +45,8 @@ from mvcl_fast.train import HelpFormatter, device_name, number
 EMBEDDING = "fused"    # the view of mvcl_fast.model.ModelOutput.views the analyses read
 EMBEDDING_NOTE = ("the fused view (label-slot mean of the fused tokens), which the prototype loss "
                   "sees; in fp32")
-DISTANCE = ("cosine distance, 1 - cos(batch prototype, the intent's mean over the whole training "
-            "split), in [0, 2]; per intent the mean over the batches that hold it")
+DISTANCE = ("cosine distance 1 - cos(batch prototype, the intent's mean over the whole training "
+            "split), in [0, 2], averaged over the batches that hold the intent")
 EPILOG = """\
 examples:
   # two runs side by side: t-SNE of the test split's fused embeddings, silhouette, accuracies
@@ -90,7 +90,7 @@ def png_path(text: str) -> Path:
 png_path.__name__ = "a file name ending in .png"
 
 
-def add_common_options(p: argparse.ArgumentParser, figure: str) -> None:
+def add_common_options(p: argparse.ArgumentParser, figure: str, seeded: str) -> None:
     p.add_argument("--output", type=png_path, default=None, metavar="PNG",
                    help=f"the figure, %(type)s; the JSON goes beside it (default: {figure} in the "
                         "(first) run folder)")
@@ -104,7 +104,7 @@ def add_common_options(p: argparse.ArgumentParser, figure: str) -> None:
     p.add_argument("--batch-size", type=number(int, at_least=1), default=64,
                    help="utterances per forward pass, %(type)s")
     p.add_argument("--seed", type=number(int, at_least=0, below=2**32), default=0,
-                   help="random seed of the t-SNE / of the sampled batches, %(type)s")
+                   help=f"random seed of {seeded}, %(type)s")
     p.add_argument("--device", type=device_name, default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--debug", action="store_true",
@@ -133,12 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
             "nearest-prototype accuracy (prototypes: the per-intent means of the training split's "
             "embeddings, nearest by cosine) and the classifier's accuracy (both in %).", 79))
     emb.add_argument("runs", nargs="+", type=run_folder, metavar="RUN_DIR",
-                     help="run folders, %(type)s (one panel each)")
+                     help="the runs, each %(type)s; one panel each")
     emb.add_argument("--split", default="test", choices=("train", "dev", "test"),
                      help="the split mapped and scored")
     emb.add_argument("--perplexity", type=number(float, above=0), default=30.0,
                      help="t-SNE perplexity, %(type)s and below the split's number of utterances")
-    add_common_options(emb, "embeddings.png")
+    add_common_options(emb, "embeddings.png", "the t-SNE")
     emb.set_defaults(analysis=analyze_embeddings)
 
     proto = commands.add_parser(
@@ -148,17 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
         description=textwrap.fill(
             "The training split's fused embeddings from the run's best checkpoint, computed once; "
             "then, for each batch size, --batches random batches (index sets drawn without "
-            "replacement, as the trainer's shuffled epochs draw them). Per intent: the distance of "
-            "its batch prototype (mvcl_fast.batch_prototypes) to its mean over the split, as the "
-            f"{DISTANCE}, and the share of batches without it. Reported by head / middle / tail "
+            "replacement, as the trainer's shuffled epochs draw them). Per intent: the "
+            f"{DISTANCE} (batch prototypes by mvcl_fast.batch_prototypes), and the share of "
+            "batches without it. Reported by head / middle / tail "
             "intents (thirds of the intents the split holds, by their number of utterances).", 79))
-    proto.add_argument("run", type=run_folder, metavar="RUN_DIR", help="a run folder, %(type)s")
+    proto.add_argument("run", type=run_folder, metavar="RUN_DIR", help="the run, %(type)s")
     proto.add_argument("--batch-sizes", nargs="+", type=number(int, at_least=1),
                        default=[8, 16, 32, 64], metavar="N",
                        help="batch sizes, %(type)s each and at most the training split's size")
     proto.add_argument("--batches", type=number(int, at_least=1), default=200,
                        help="random batches per batch size, %(type)s")
-    add_common_options(proto, "prototypes.png")
+    add_common_options(proto, "prototypes.png", "the sampled batches")
     proto.set_defaults(analysis=analyze_prototypes)
     return p
 
@@ -415,7 +415,8 @@ def analyze_prototypes(args: argparse.Namespace) -> dict:
     }
     write_outputs(output_path(args), lambda file: save_prototypes_png(results, file), results)
     print(f"{args.run}: {len(split)} training utterances, {args.batches} batches per size; "
-          f"mean {DISTANCE.split(',')[0]} / share of batches without the intent:")
+          "mean cosine distance of the batch prototypes to the split means / share of batches "
+          "without the intent:")
     print("batch size  " + "  ".join(f"{name:>15}" for name in results["groups"]))
     for i, b in enumerate(sizes):
         cells = [f"{'-' if g['distance'][i] is None else format(g['distance'][i], '.4f'):>7} / "

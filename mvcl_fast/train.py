@@ -68,7 +68,7 @@ from mvcl_fast.distributed import Distributed
 from mvcl_fast.errors import (CheckpointError, ConfigError, DataError, MVCLError,
                               first_line, is_disk_full, print_error, reraised_as)
 from mvcl_fast.loading import (CHECKPOINT_FORMAT, PRECISIONS, autocast_dtype, load_checkpoint,
-                               load_model, model_inputs)
+                               load_model, model_inputs, quiet_transformers)
 from mvcl_fast.metrics import METRIC_COLUMNS
 
 DEFAULT_SYNTHETIC_CACHE = Path(".cache") / "synthetic-mintrec"
@@ -240,7 +240,7 @@ def apply_dataset_defaults(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mvcl_fast.model import ModelConfig
+    from mvcl_fast.model import PROTOTYPE_MODES, ModelConfig
 
     video_heads = ModelConfig.__dataclass_fields__["video_heads"].default
     p = argparse.ArgumentParser(
@@ -306,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "anchor encoder)")
     loss.add_argument("--tau", type=number(float, above=0), default=0.1,
                       help="temperature of both InfoNCE terms, %(type)s")
+    loss.add_argument("--prototypes", default="batch", choices=PROTOTYPE_MODES,
+                      help="the prototypes of the prototype InfoNCE term: batch = each batch's "
+                           "intent means (intents absent from the batch are no candidates); ema = "
+                           "a bank of intent prototypes, after every step moved towards the batch's "
+                           "means (bank = m * bank + (1 - m) * mean for the intents in the batch; "
+                           "an intent's first mean starts its row), detached, every intent a "
+                           "candidate. Until each intent of the training split has been in a batch "
+                           "(within the first epoch) ema uses the batch prototypes. The bank is in "
+                           "last.pt; under torchrun it is the global batch's on every process")
+    loss.add_argument("--prototype-momentum", type=number(float, at_least=0, below=1), default=0.9,
+                      help="momentum m of the --prototypes ema bank, %(type)s")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=number(int, at_least=1), default=8,
@@ -390,6 +401,9 @@ def check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     """The rules between options (each option's own range is checked by its argparse type)."""
     if args.resume is not None and args.overwrite:
         parser.error("--overwrite starts a run over and --resume continues it: pass one of them")
+    if args.prototypes == "ema" and args.lambda_proto == 0:
+        parser.error("--prototypes ema keeps a bank for the prototype InfoNCE term, which "
+                     "--lambda-proto 0 turns off: pass one of them")
     if args.name is not None and args.output_dir is not None:
         parser.error(f"--name picks the folder {runs.RUNS_ROOT}/NAME and --output-dir any folder: "
                      "pass one of them")
@@ -623,8 +637,11 @@ class Trainer:
             audio_width=args.audio_width, fusion_heads=args.fusion_heads, dropout=args.dropout)
         self.model = MVCLDAFPlusPlus(self.cfg, text_encoder).to(self.device)
         # Under DDP the prototypes and the multi-view negatives come from the global batch.
-        self.criterion = MVCLLoss(self.cfg.num_labels, args.lambda_proto, args.lambda_mv, args.tau,
-                                  group=self.dist.group)
+        self.criterion = MVCLLoss(
+            self.cfg.num_labels, args.lambda_proto, args.lambda_mv, args.tau, group=self.dist.group,
+            prototypes=args.prototypes, momentum=args.prototype_momentum,
+            embedding_dim=text_encoder.config.hidden_size,
+            bank_classes=torch.tensor(self.train_label_counts) > 0).to(self.device)
         self.with_anchor = args.lambda_mv != 0
         if not self.with_anchor:   # nothing reads the anchor encoder then: do not train or store it
             self.model.anchor_encoder.requires_grad_(False)
@@ -745,6 +762,7 @@ class Trainer:
             "model_config": self.cfg.to_dict(),
             "label_names": self.label_names,
             "model": self.model.state_dict(),
+            "criterion": self.criterion.state_dict(),   # the --prototypes ema bank; else empty
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict(),   # empty unless --precision fp16
@@ -776,6 +794,7 @@ class Trainer:
                                   f"process(es); resume it with the same number (this run has "
                                   f"{self.dist.world_size})", f"start it with {launch}")
         self.model.load_state_dict(state["model"])
+        self.criterion.load_state_dict(state.get("criterion", {}))   # none before --prototypes
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state.get("grad_scaler", {}))   # runs before --precision: none
@@ -797,9 +816,12 @@ class Trainer:
         if self.dist.is_main:
             weights = {k: v for k, v in self.model.state_dict().items()
                        if not k.startswith("anchor_encoder.")}   # inference never runs the anchor
-            best = {"format": CHECKPOINT_FORMAT, "model_config": self.cfg.to_dict(),
-                    "label_names": self.label_names, "epoch": self.epoch, "dev": dev,
-                    "train_label_counts": self.train_label_counts, "model": weights}
+            # args: the run's options (its data folder, feature files, lengths), which
+            # mvcl_fast.analyze reads the run's data with
+            best = {"format": CHECKPOINT_FORMAT, "args": vars(self.args),
+                    "model_config": self.cfg.to_dict(), "label_names": self.label_names,
+                    "epoch": self.epoch, "dev": dev, "train_label_counts": self.train_label_counts,
+                    "model": weights}
             self.folder.replace(self.best_path.name, lambda file: torch.save(best, file))
         self.dist.barrier()   # the other ranks may load it next
 
@@ -832,6 +854,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        # after backward: the loss read the bank as it was before this step
+        self.criterion.update_prototype_bank(out, labels)
         return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
 
     @torch.no_grad()
@@ -1051,12 +1075,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        raise SystemExit("mvcl_fast.train needs transformers: pip install 'mvcl_fast[train]'")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers("mvcl_fast.train")
     try:
         args, state = resolve_args(parser, args, argv)
         os.environ["MVCL_FAST_BACKEND"] = args.backend
@@ -1117,8 +1136,10 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
                     f"{trainer.best_score:.2f}"
                     + ("; the run had finished: its result again" if trainer.finished else ""))
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+    momentum = f" (momentum {args.prototype_momentum})" if args.prototypes == "ema" else ""
     trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "
-                f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} | "
+                f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} "
+                f"prototypes {args.prototypes}{momentum} | "
                 f"precision {trainer.precision} | compile {'on' if trainer.compiled else 'off'} | "
                 f"backend {args.backend}")
     try:

@@ -66,6 +66,8 @@ BAD_OPTIONS = [
     ("--modalities", "video,audio", "a comma-separated subset of text, video, audio that includes text"),
     ("--modalities", "text,smell", "a comma-separated subset"), ("--modalities", "text,text", "subset"),
     ("--modalities", "", "a comma-separated subset"), ("--seeds", "-1", "an integer >= 0"),
+    ("--prototype-momentum", "1", "a number >= 0 and < 1"),
+    ("--prototype-momentum", "-0.1", "a number >= 0 and < 1"),
 ]
 
 
@@ -88,6 +90,8 @@ def test_fusion_heads_must_divide_the_text_width(tiny_setup, tmp_path, capsys, n
     (["--seeds", "1", "1"], "argument --seeds: must be at least two different seeds, got 1 1"),
     (["--seeds", "3"], "argument --seeds: must be at least two different seeds"),
     (["--seeds", "0", "1", "--resume", "runs/x"], "resume a seed's run on its own"),
+    (["--prototypes", "ema", "--lambda-proto", "0"],
+     "--prototypes ema keeps a bank for the prototype InfoNCE term, which --lambda-proto 0 turns off"),
     (["--modalities", "text,audio", "--eval-drop-modality", "video"],
      "argument --eval-drop-modality: video is not one of the model's modalities (text,audio)"),
 ])
@@ -179,6 +183,14 @@ def test_resume_refuses_options_that_change_the_run(finished_run, capsys):
     assert "--epochs 4 (the run's: 1), --lr 0.001 (the run's: 5e-05) would change the run" in message
     assert "--batch-size" not in message
     assert (finished_run / "metrics.json").read_text() == before
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prototypes", "ema"], "--prototypes ema (the run's: batch) would change the run"),
+    (["--prototype-momentum", "0.5"], "--prototype-momentum 0.5 (the run's: 0.9) would change the run"),
+])
+def test_resume_refuses_another_prototype_mode(finished_run, capsys, extra, message):
+    assert message in usage_error(capsys, ["--resume", str(finished_run), *extra])
 
 
 def test_resume_takes_runtime_options_and_says_a_finished_run_is_reported_again(finished_run, capsys):

@@ -119,3 +119,34 @@ def test_nan_on_one_rank_raises_on_every_rank(tmp_path):
     expected = ["z contains NaN or Inf on at least one rank"] * 2 + [
         "views contains NaN or Inf on at least one rank"]
     assert _run_ranks(_nan_on_rank1, tmp_path) == [expected, expected]
+
+
+def _bank_rank(rank, steps, num_classes):
+    from mvcl_fast.model import ModelOutput, MVCLLoss
+
+    loss_fn = MVCLLoss(num_classes, lambda_mv=0, prototypes="ema", momentum=0.5, embedding_dim=6,
+                       group=dist.group.WORLD)
+    for fused, text, y in steps:
+        rows = slice(rank * len(y) // WORLD, (rank + 1) * len(y) // WORLD)
+        out = ModelOutput(torch.zeros(len(y[rows]), num_classes),
+                          {"text": text[rows], "fused": fused[rows]}, None)
+        loss_fn.update_prototype_bank(out, y[rows])
+    return loss_fn.state_dict()
+
+
+def test_ema_prototype_bank_is_the_global_batchs_on_every_rank(tmp_path):
+    """Each rank updates its bank from its half of the batch: both end with the bank that one
+    process keeps over the whole batches (class 3 is on rank 1 only, class 4 never)."""
+    from mvcl_fast.model import ModelOutput, MVCLLoss
+
+    labels = [torch.tensor([0, 1, 1, 2, 0, 3]), torch.tensor([2, 2, 0, 1, 1, 1])]
+    steps = [(torch.randn(6, 6), torch.randn(6, 6), y) for y in labels]
+    ranks = _run_ranks(_bank_rank, tmp_path, steps, 5)
+    whole = MVCLLoss(5, lambda_mv=0, prototypes="ema", momentum=0.5, embedding_dim=6)
+    for fused, text, y in steps:
+        whole.update_prototype_bank(ModelOutput(torch.zeros(6, 5), {"text": text, "fused": fused},
+                                                None), y)
+    for name in ("prototype_bank", "prototype_seen"):
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between the ranks"
+        torch.testing.assert_close(ranks[0][name], whole.state_dict()[name])
+    assert ranks[0]["prototype_seen"].tolist() == [True, True, True, True, False]

@@ -249,3 +249,73 @@ def test_cpu_lengths_with_a_cuda_model(tiny_bert, prompter):
     inputs = {k: v if k.endswith("_lengths") else v.cuda() for k, v in inputs.items()}
     out = model(**inputs, anchor_ids=anchor_ids.cuda())
     assert out.logits.is_cuda and torch.isfinite(out.logits).all()
+
+
+def loss_input(num_classes: int, labels, dim: int = 4):
+    """A ModelOutput with random fused and text views for labels (what MVCLLoss reads)."""
+    labels = torch.tensor(labels)
+    views = {"text": torch.randn(len(labels), dim), "fused": torch.randn(len(labels), dim)}
+    return model_lib.ModelOutput(torch.randn(len(labels), num_classes), views, None), labels
+
+
+def test_ema_prototype_bank_update_rule_and_when_the_loss_reads_it():
+    classes, momentum = 3, 0.75
+    loss_fn = MVCLLoss(classes, lambda_mv=0, prototypes="ema", momentum=momentum, embedding_dim=4)
+    batches = [loss_input(classes, y) for y in ([0, 1, 1, 0], [1, 2, 2, 1], [2, 0, 1, 1])]
+
+    def pooled(out, labels):
+        return torch.stack([out.views["fused"], out.views["text"]]), labels
+
+    def means(out, labels):
+        views, y = pooled(out, labels)
+        return model_lib.batch_prototypes(views.reshape(-1, 4), y.repeat(2), classes)[0]
+
+    (out1, y1), (out2, y2), (out3, y3) = batches
+    _, parts = loss_fn(out1, y1)
+    # no bank row yet for class 2: the batch prototypes, as prototypes="batch" uses
+    torch.testing.assert_close(parts["proto"], model_lib.prototype_infonce(*pooled(out1, y1), classes))
+    loss_fn.update_prototype_bank(out1, y1)
+    first = means(out1, y1)
+    assert torch.equal(loss_fn.prototype_seen, torch.tensor([True, True, False]))
+    assert torch.equal(loss_fn.prototype_bank[:2], first[:2]) and not loss_fn.prototype_bank[2].any()
+    assert not loss_fn.bank_ready()
+
+    loss_fn(out2, y2)
+    loss_fn.update_prototype_bank(out2, y2)
+    second = means(out2, y2)
+    expected = torch.stack([first[0], momentum * first[1] + (1 - momentum) * second[1], second[2]])
+    torch.testing.assert_close(loss_fn.prototype_bank, expected)
+    assert loss_fn.bank_ready()
+
+    # every class seen: the loss scores against the bank, every class a candidate
+    _, parts = loss_fn(out3, y3)
+    torch.testing.assert_close(parts["proto"], model_lib.prototype_infonce(
+        *pooled(out3, y3), classes, prototypes=expected))
+
+    # the bank is state: a fresh loss that loads it reads it at once, and forgets it on reload
+    state = loss_fn.state_dict()
+    assert set(state) == {"prototype_bank", "prototype_seen"}
+    fresh = MVCLLoss(classes, lambda_mv=0, prototypes="ema", embedding_dim=4)
+    fresh.load_state_dict(state)
+    assert fresh.bank_ready() and torch.equal(fresh.prototype_bank, expected)
+    fresh.load_state_dict(MVCLLoss(classes, prototypes="ema", embedding_dim=4).state_dict())
+    assert not fresh.bank_ready()
+
+
+def test_ema_bank_waits_only_for_the_classes_the_training_data_holds():
+    loss_fn = MVCLLoss(3, lambda_mv=0, prototypes="ema", embedding_dim=4,
+                       bank_classes=torch.tensor([True, True, False]))
+    loss_fn.update_prototype_bank(*loss_input(3, [0, 1]))
+    assert loss_fn.bank_ready()
+
+
+def test_batch_prototypes_keep_no_state_and_bad_bank_options_are_refused():
+    loss_fn = MVCLLoss(3)
+    assert loss_fn.state_dict() == {} and not loss_fn.bank_ready()
+    loss_fn.update_prototype_bank(*loss_input(3, [0, 1]))    # nothing to update
+    with pytest.raises(ValueError, match="prototypes must be one of"):
+        MVCLLoss(3, prototypes="mean")
+    with pytest.raises(ValueError, match="momentum must be in"):
+        MVCLLoss(3, prototypes="ema", momentum=1.0, embedding_dim=4)
+    with pytest.raises(ValueError, match="needs embedding_dim"):
+        MVCLLoss(3, prototypes="ema")

@@ -188,6 +188,48 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_setup, uninterrupted, 
     assert resumed_metrics["history"] == full_metrics["history"]
 
 
+def test_ema_prototype_bank_resumes_bitwise_from_a_weights_only_checkpoint(tiny_setup, tmp_path,
+                                                                             monkeypatch):
+    """Batches of 30: every intent of the split is in epoch 1's two batches, so the loss reads the
+    bank from step 3, the first after the cut (at step 2) and the resume."""
+    from mvcl_fast import loading
+
+    options = ("--prototypes", "ema", "--prototype-momentum", "0.8", "--batch-size", "30",
+               "--max-steps", "3")
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    assert train_lib.main(argv(tiny_setup, full_dir, *options)) == 0
+
+    real_step = train_lib.Trainer.train_step
+    bank_read = []
+
+    def step_then_ctrl_c(self, batch):
+        bank_read.append(self.criterion.bank_ready())
+        stats = real_step(self, batch)
+        if self.global_step + 1 == 2:
+            signal.raise_signal(signal.SIGINT)
+        return stats
+
+    monkeypatch.setattr(train_lib.Trainer, "train_step", step_then_ctrl_c)
+    assert train_lib.main(argv(tiny_setup, cut_dir, *options)) == 130
+    cut = last_state(cut_dir)
+    assert cut["global_step"] == 2 and cut["criterion"]["prototype_seen"].all()
+
+    loads = []
+    real_load = loading.torch.load
+    monkeypatch.setattr(loading.torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    assert train_lib.main(["--resume", str(cut_dir)]) == 0
+    assert bank_read == [False, False, True]    # the resumed step read the restored bank
+    assert loads and all(k.get("weights_only") is True for k in loads)   # last.pt, then best.pt
+    full, resumed = last_state(full_dir), last_state(cut_dir)
+    assert resumed["global_step"] == full["global_step"] == 3
+    assert set(full["criterion"]) == {"prototype_bank", "prototype_seen"}
+    for name, value in full["criterion"].items():
+        assert torch.equal(value, resumed["criterion"][name]), f"{name} differs after resume"
+    for name, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][name]), f"{name} differs after resume"
+    assert resumed["args"]["prototypes"] == "ema" and resumed["args"]["prototype_momentum"] == 0.8
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_setup, tmp_path, monkeypatch, capsys):
     out_dir = tmp_path / "nan"
     real_loss = MVCLLoss.forward

@@ -209,26 +209,35 @@ def model_inputs(tokens: dict, batch: dict, modalities, device: torch.device, *,
                  with_anchor: bool = False, blank: Optional[str] = None) -> dict:
     """The model's keyword arguments for a batch: its label-prompt tokens and its frames.
 
-    blank: a modality to blank out (evaluation without it): its frames zeroed, or for text
-    the utterance's word pieces hidden from attention ([CLS], label slots and [SEP] stay).
+    blank: a modality to blank out (evaluation without it): its frames zeroed. Text blanked,
+    or a model without text: the encoder reads the label prompt alone, [CLS] [MASK]*label_len
+    [SEP], the utterance's word pieces left out (the anchor: [CLS], the label words, [SEP]).
     """
     index = batch["index"]
-    attention_mask = tokens["attention_mask"][index]
+    input_ids, attention_mask = tokens["input_ids"][index], tokens["attention_mask"][index]
     label_start = tokens["label_start"][index]
-    keep = int(attention_mask.sum(dim=1).max())   # the batch's trailing padding is not encoded
-    attention_mask = attention_mask[:, :keep]
-    if blank == "text":
-        position = torch.arange(keep)[None, :]
-        attention_mask = attention_mask.masked_fill((position >= 1) & (position < label_start[:, None]), 0)
-    inputs = {"input_ids": tokens["input_ids"][index, :keep], "attention_mask": attention_mask,
-              "label_start": label_start}
+    anchor_ids = tokens["anchor_ids"][index] if with_anchor else None
+    if blank == "text" or "text" not in modalities:
+        # Columns 0 and label_start.. of each row: the slots move up to position 1, so that
+        # their position embeddings do not tell the utterance's length either.
+        prompt_len = int(attention_mask[0].sum() - label_start[0]) + 1   # the same in every row
+        offset = torch.arange(prompt_len)[None, :]
+        columns = torch.where(offset == 0, 0, label_start[:, None] + offset - 1)
+        input_ids, attention_mask = input_ids.gather(1, columns), attention_mask.gather(1, columns)
+        anchor_ids = None if anchor_ids is None else anchor_ids.gather(1, columns)
+        label_start = torch.ones_like(label_start)
+    else:
+        keep = int(attention_mask.sum(dim=1).max())   # the batch's trailing padding is not encoded
+        input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+        anchor_ids = None if anchor_ids is None else anchor_ids[:, :keep]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "label_start": label_start}
     for name in ("video", "audio"):
         if name in modalities:
             frames = batch[name]
             inputs.update({name: torch.zeros_like(frames) if blank == name else frames,
                            f"{name}_lengths": batch[f"{name}_length"]})
-    if with_anchor:
-        inputs["anchor_ids"] = tokens["anchor_ids"][index, :keep]
+    if anchor_ids is not None:
+        inputs["anchor_ids"] = anchor_ids
     # Lengths stay on the CPU: packing the LSTM sequences reads them there (the model
     # builds its padding masks on the frames' device).
     return {k: v if k.endswith("_lengths") else v.to(device, non_blocking=True)

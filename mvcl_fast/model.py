@@ -23,6 +23,13 @@ The design follows the published line TCL-MAP -> MVCL-DAF -> MVCL-DAF++
 
 Views for the contrastive losses are means of hidden states over the label
 slots: masked text, aligned video, aligned audio, fused, and the anchor.
+
+Any non-empty subset of the modalities can be used. The label prompt stays in
+every model, since the label slots are where it classifies: without text the
+encoder reads the prompt alone, ``[CLS] [MASK]*label_len [SEP]``
+(``mvcl_fast.loading.model_inputs`` leaves the words out, as it does to blank
+text at evaluation), and the model has no text view (it would be the same
+vector for every utterance).
 """
 from __future__ import annotations
 
@@ -58,13 +65,13 @@ def default_text_model() -> str:
 
 
 def parse_modalities(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """'text,video,audio' (any order, text required) -> ('text', 'video', 'audio')."""
+    """'audio,text' (any non-empty subset, any order) -> ('text', 'audio'), the model's order."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     unknown = sorted(set(names) - set(MODALITIES))
     if unknown:
         raise ValueError(f"unknown modality {', '.join(unknown)}: choose from {', '.join(MODALITIES)}")
-    if "text" not in names:
-        raise ValueError("the text modality is required (the label prompt lives in the text)")
+    if not names:
+        raise ValueError(f"no modality given: choose from {', '.join(MODALITIES)}")
     return tuple(m for m in MODALITIES if m in names)
 
 
@@ -428,7 +435,9 @@ class MVCLDAFPlusPlus(nn.Module):
         for block in self.daf:
             fused = block(fused, text_padding, context, tokens)
         logits = self.classifier(self.dropout(self.pooler(fused[:, 0])))
-        views = {"text": slot_mean(text, label_start, label_len)}
+        views = {}
+        if "text" in self.cfg.modalities:
+            views["text"] = slot_mean(text, label_start, label_len)
         for name, stream in streams.items():
             views[name] = slot_mean(stream.aligned, label_start, label_len)
         views["fused"] = slot_mean(fused, label_start, label_len)
@@ -445,8 +454,9 @@ PROTOTYPE_MODES = ("batch", "ema")
 class MVCLLoss(nn.Module):
     """CE + lambda_proto * prototype InfoNCE + lambda_mv * multi-view InfoNCE.
 
-    Prototype InfoNCE: the fused and text views against class prototypes
-    (one set shared by both views). ``prototypes="batch"``: the batch's class
+    Prototype InfoNCE: the fused and text views (the fused view alone in a
+    model without text) against class prototypes (one set shared by the
+    views). ``prototypes="batch"``: the batch's class
     means (absent classes masked out, gradient through the means).
     ``prototypes="ema"``: a bank of class prototypes, an exponential moving
     average of the batch means, detached, every class a candidate; see
@@ -503,7 +513,7 @@ class MVCLLoss(nn.Module):
         return self._bank_ready
 
     def _prototype_views(self, out: ModelOutput) -> Tensor:
-        return torch.stack([out.views["fused"], out.views["text"]])
+        return torch.stack([out.views[name] for name in ("fused", "text") if name in out.views])
 
     def forward(self, out: ModelOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         parts = {"ce": F.cross_entropy(out.logits, labels)}

@@ -112,26 +112,29 @@ class LabelPrompter:
     def longest_text(self, texts: Sequence[str]) -> int:
         return max((len(self.tokenizer.tokenize(t)) for t in texts), default=1)
 
-    def encode(self, texts: Sequence[str], labels: Tensor) -> dict[str, Tensor]:
+    def encode(self, texts: Sequence[str], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """The label-prompt inputs of texts; labels (the true intents) give the anchor input,
+        which only training reads (None: no anchor_ids, as for clips without labels)."""
         tok = self.tokenizer
         n, length = len(texts), self.seq_len
         input_ids = torch.full((n, length), tok.pad_token_id, dtype=torch.long)
         anchor_ids = torch.full((n, length), tok.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(n, length, dtype=torch.long)
         label_start = torch.zeros(n, dtype=torch.long)
-        for i, (text, label) in enumerate(zip(texts, labels.tolist())):
+        for i, text in enumerate(texts):
             words = tok.convert_tokens_to_ids(tok.tokenize(text))[: self.max_text_tokens]
             start = 1 + len(words)
-            label_words = self.label_tokens[label]
-            label_words = label_words + [tok.pad_token_id] * (self.label_len - len(label_words))
             masked = [tok.cls_token_id, *words, *[tok.mask_token_id] * self.label_len, tok.sep_token_id]
-            anchor = [tok.cls_token_id, *words, *label_words, tok.sep_token_id]
             input_ids[i, : len(masked)] = torch.tensor(masked)
-            anchor_ids[i, : len(anchor)] = torch.tensor(anchor)
             attention_mask[i, : len(masked)] = 1
             label_start[i] = start
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "anchor_ids": anchor_ids, "label_start": label_start}
+            if labels is not None:
+                label_words = self.label_tokens[int(labels[i])]
+                label_words = label_words + [tok.pad_token_id] * (self.label_len - len(label_words))
+                anchor = [tok.cls_token_id, *words, *label_words, tok.sep_token_id]
+                anchor_ids[i, : len(anchor)] = torch.tensor(anchor)
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask, "label_start": label_start}
+        return tokens if labels is None else {**tokens, "anchor_ids": anchor_ids}
 
 
 # --------------------------------------------------------------------- config

@@ -175,9 +175,10 @@ def read_clips(loaded: LoadedModel, tsv: str | Path, *, dataset: Optional[str] =
     it was trained on. The other arguments are mvcl_fast.data.load_tsv's."""
     from mvcl_fast.data import load_tsv
 
-    return _model_data(loaded, f"--input {tsv}", "a TSV", dataset, lambda: load_tsv(
-        tsv, loaded.dataset, labelled=False, video_feats_path=video_feats,
-        audio_feats_path=audio_feats, cache_dir=cache_dir))
+    return _model_data(
+        loaded, f"--input {tsv}", "a TSV (and feature pickles with each of its clips)", dataset,
+        lambda: load_tsv(tsv, loaded.dataset, labelled=False, video_feats_path=video_feats,
+                         audio_feats_path=audio_feats, cache_dir=cache_dir))
 
 
 def _model_data(loaded: LoadedModel, source: str, layout: str, dataset: Optional[str], load):

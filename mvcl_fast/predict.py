@@ -30,8 +30,8 @@ import torch
 from mvcl_fast import distributed, runs
 from mvcl_fast.data import UNLABELLED
 from mvcl_fast.errors import MVCLError, is_disk_full, print_error
-from mvcl_fast.loading import (BEST_CHECKPOINT, PRECISIONS, load_model, model_outputs, read_clips,
-                               read_split)
+from mvcl_fast.loading import (BEST_CHECKPOINT, PRECISIONS, load_model, model_outputs,
+                               quiet_transformers, read_clips, read_split)
 from mvcl_fast.train import HelpFormatter, device_name, number
 
 PREDICTIONS = "predictions.tsv"
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     if args.input is not None and args.split is not None:
         parser.error("--split picks a TSV of --data-dir; --input names the TSV itself: drop --split")
     args.split = args.split or "test"
+    quiet_transformers(parser.prog)
     try:
         predict(args)
         return 0

@@ -118,7 +118,7 @@ class LabelPrompter:
         tok = self.tokenizer
         n, length = len(texts), self.seq_len
         input_ids = torch.full((n, length), tok.pad_token_id, dtype=torch.long)
-        anchor_ids = torch.full((n, length), tok.pad_token_id, dtype=torch.long)
+        anchor_ids = input_ids.clone() if labels is not None else None
         attention_mask = torch.zeros(n, length, dtype=torch.long)
         label_start = torch.zeros(n, dtype=torch.long)
         for i, text in enumerate(texts):

@@ -27,8 +27,10 @@ or under ``cache_dir``; later loads memory-map it and read only the frames
 of the items asked for. Pickles go through a restricted unpickler that
 builds dicts, lists, tuples, strings, numbers and numpy arrays only.
 
-The synthetic data set (mvcl_fast.synthetic) is written in the MIntRec layout
-and goes through this same code path.
+``load_split`` reads a split of a data folder; ``load_tsv`` any one TSV in the
+layout, also new clips without labels (``labelled=False``, for
+``mvcl_fast.predict --input``). The synthetic data set (mvcl_fast.synthetic)
+is written in the MIntRec layout and goes through this same code path.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ import numpy as np
 import torch
 
 SPLITS = ("train", "dev", "test")
+UNLABELLED = -1   # MultimodalSplit.labels of clips read without labels (load_tsv, labelled=False)
 SYNTHETIC_META = "synthetic.json"  # written by mvcl_fast.synthetic next to the TSVs
 CACHE_FORMAT = 1
 CACHE_SUBFOLDER = ".mvcl-cache"
@@ -157,12 +160,15 @@ def _normalise_label(name: str) -> str:
     return " ".join(name.split()).lower()
 
 
-def _read_rows(path: Path, info: DatasetInfo) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
-    """(line number, row) for every data row, and notes for the log.
+def _read_rows(path: Path, info: DatasetInfo, labelled: bool = True
+               ) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
+    """(line number, row) for every data row, and notes for the log. labelled=False: the label
+    column is not read (it may be absent).
 
     No quote processing: a ``"`` is part of the text (csv's default quoting
     would let a quote at the start of a text swallow the following rows).
     """
+    columns = info.columns if labelled else (*info.key_columns, info.text_column)
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -174,21 +180,21 @@ def _read_rows(path: Path, info: DatasetInfo) -> tuple[list[tuple[int, dict[str,
     header = next(reader, None)
     if header is None:
         raise ValueError(f"{path}: the file is empty (expected a header row with columns "
-                         f"{', '.join(info.columns)})")
+                         f"{', '.join(columns)})")
     names = [_normalise_column(h) for h in header]
-    missing = [c for c in info.columns if c not in names]
+    missing = [c for c in columns if c not in names]
     notes = []
     if not missing:
-        where = {c: names.index(c) for c in info.columns}
-    elif len(header) >= len(info.columns):
+        where = {c: names.index(c) for c in columns}
+    elif len(header) >= len(columns):
         # The published loaders ignore the header and read the columns by position.
-        where = {c: i for i, c in enumerate(info.columns)}
+        where = {c: i for i, c in enumerate(columns)}
         notes.append(f"{path.name}: the header does not name the column(s) {', '.join(missing)} "
                      f"(header {header}); reading the columns by position as the published "
                      f"loaders do: " + ", ".join(f"{c} = column {i + 1}" for c, i in where.items()))
     else:
         raise ValueError(f"{path}: header row {header} lacks the column(s) {missing} needed for "
-                         f"{info.name} (columns {', '.join(info.columns)}, matched "
+                         f"{info.name} (columns {', '.join(columns)}, matched "
                          f"case-insensitively, else read by position), and has only "
                          f"{len(header)} columns")
     rows = []
@@ -467,7 +473,7 @@ class MultimodalSplit:
     """One split: texts, labels and the video [N, Tv, Dv] / audio [N, Ta, Da] frames."""
 
     texts: list[str]
-    labels: torch.Tensor          # int64 [N]
+    labels: torch.Tensor          # int64 [N]; UNLABELLED for clips read without labels
     video: Frames
     audio: Frames
     keys: list[str]
@@ -545,7 +551,27 @@ def load_split(data_dir: str | os.PathLike, dataset: str = "mintrec", split: str
         inner = f" (or {info.release_subfolder}/)" if info.release_subfolder else ""
         raise FileNotFoundError(f"{tsv} does not exist (a {info.name} folder{inner} holds "
                                 f"{', '.join(s + '.tsv' for s in SPLITS)} and the feature pickles)")
+    return load_tsv(tsv, info.name, video_len=video_len, audio_len=audio_len,
+                    video_feats_path=video_feats_path, audio_feats_path=audio_feats_path,
+                    cache_dir=cache_dir)
 
+
+def load_tsv(tsv: str | os.PathLike, dataset: str = "mintrec", *, labelled: bool = True,
+             video_len: int | None = None, audio_len: int | None = None,
+             video_feats_path: str | os.PathLike | None = None,
+             audio_feats_path: str | os.PathLike | None = None,
+             cache_dir: str | os.PathLike | None = None) -> MultimodalSplit:
+    """One TSV in the data set's layout and the features of its clips, as load_split reads a
+    split; the folder of the TSV stands for the data folder (feature pickles, synthetic.json).
+
+    labelled=False: new clips to label; the label column is not read (it may be absent or
+    empty) and every label is UNLABELLED.
+    """
+    info = dataset_info(dataset)
+    tsv = Path(tsv)
+    if not tsv.is_file():
+        raise FileNotFoundError(f"{tsv} does not exist")
+    folder = tsv.parent
     meta_path = folder / SYNTHETIC_META
     if (video_len is None or audio_len is None) and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -557,10 +583,10 @@ def load_split(data_dir: str | os.PathLike, dataset: str = "mintrec", split: str
         raise ValueError(f"video_len and audio_len must be >= 1, got {video_len}, {audio_len}")
 
     by_name = {_normalise_label(n): i for i, n in enumerate(info.labels)}
-    rows, notes = _read_rows(tsv, info)
+    rows, notes = _read_rows(tsv, info, labelled)
     texts, labels, keys, lines = [], [], [], []
     for line, row in rows:
-        label = by_name.get(_normalise_label(row[info.label_column]))
+        label = by_name.get(_normalise_label(row[info.label_column])) if labelled else UNLABELLED
         if label is None:
             raise ValueError(f"{tsv}, line {line}: unknown {info.name} label "
                              f"{row[info.label_column]!r}; valid labels: {', '.join(info.labels)}")

@@ -5,8 +5,8 @@ trained model, its data, batch inputs.
 trainer's final evaluation, ``predict`` and ``analyze``: the best checkpoint
 (read with ``weights_only=True``), its text encoder and tokenizer, its intent
 names and the options of the run that trained it. ``read_split`` loads a
-split of a data folder for such a model (its data set, its feature widths)
-and ``model_outputs`` runs the model over it batch by batch.
+split of a data folder for such a model (its data set, its feature widths),
+``read_clips`` new clips without labels, and ``model_outputs`` runs the model over it batch by batch.
 ``model_inputs`` turns a DataLoader batch into the model's keyword arguments
 the same way for training, evaluation and prediction.
 """
@@ -162,20 +162,40 @@ def read_split(loaded: LoadedModel, data_dir: str | Path, split: str, *, dataset
     trained on. The other arguments are mvcl_fast.data.load_split's."""
     from mvcl_fast.data import load_split
 
+    return _model_data(loaded, f"--data-dir {data_dir}", "a folder", dataset, lambda: load_split(
+        data_dir, loaded.dataset, split, video_len=video_len, audio_len=audio_len,
+        video_feats_path=video_feats, audio_feats_path=audio_feats, cache_dir=cache_dir))
+
+
+def read_clips(loaded: LoadedModel, tsv: str | Path, *, dataset: Optional[str] = None,
+               video_feats: Optional[str] = None, audio_feats: Optional[str] = None,
+               cache_dir: Optional[str] = None):
+    """New clips without labels for the loaded model: a TSV in the layout of its data set (the
+    label column absent, empty or not read) and the feature pickles of its clips, of the widths
+    it was trained on. The other arguments are mvcl_fast.data.load_tsv's."""
+    from mvcl_fast.data import load_tsv
+
+    return _model_data(
+        loaded, f"--input {tsv}", "a TSV (and feature pickles with each of its clips)", dataset,
+        lambda: load_tsv(tsv, loaded.dataset, labelled=False, video_feats_path=video_feats,
+                         audio_feats_path=audio_feats, cache_dir=cache_dir))
+
+
+def _model_data(loaded: LoadedModel, source: str, layout: str, dataset: Optional[str], load):
+    """load()'s MultimodalSplit, checked against the model: its data set and feature widths;
+    source (the option that named the data) starts every error message."""
     if dataset is not None and dataset != loaded.dataset:
         raise CheckpointError(f"--dataset {dataset}: {loaded.checkpoint} is a model of "
                               f"{loaded.dataset} (its {len(loaded.label_names)} intents)",
-                              f"pass a {loaded.dataset} folder, or a model trained on {dataset}")
-    with reraised_as(DataError, f"--data-dir {data_dir}: ",
-                     f"the model predicts the intents of {loaded.dataset}: pass a folder in its "
+                              f"pass {loaded.dataset} data, or a model trained on {dataset}")
+    with reraised_as(DataError, f"{source}: ",
+                     f"the model predicts the intents of {loaded.dataset}: pass {layout} in its "
                      "layout (README, Training MVCL-DAF++)"):
-        data = load_split(data_dir, loaded.dataset, split, video_len=video_len, audio_len=audio_len,
-                          video_feats_path=video_feats, audio_feats_path=audio_feats,
-                          cache_dir=cache_dir)
+        data = load()
     cfg = loaded.config
     for name, dim in (("video", data.video.dim), ("audio", data.audio.dim)):
         if name in cfg.modalities and dim != getattr(cfg, f"{name}_dim"):
-            raise DataError(f"--data-dir {data_dir}: {name} features of width {dim}; the model "
+            raise DataError(f"{source}: {name} features of width {dim}; the model "
                             f"was trained on {getattr(cfg, f'{name}_dim')}",
                             f"pass the {name} features of the release the run was trained on "
                             f"(--{name}-feats)")
@@ -186,15 +206,14 @@ def read_split(loaded: LoadedModel, data_dir: str | Path, split: str, *, dataset
 def model_outputs(loaded: LoadedModel, split, device: torch.device, batch_size: int,
                   precision: str = "auto", progress: Optional[str] = None) -> Iterator:
     """The model's outputs (mvcl_fast.model.ModelOutput, on device) over a split read by
-    read_split, in file order, one batch at a time; progress: a tqdm bar's title (None: no bar)."""
+    read_split or read_clips, in file order, one batch at a time; progress: a tqdm bar's title (None: no bar)."""
     from tqdm import tqdm
 
     from mvcl_fast.data import MultimodalDataset, collate
     from mvcl_fast.model import LabelPrompter
 
     cfg = loaded.config
-    tokens = LabelPrompter(loaded.tokenizer, loaded.label_names, cfg.max_text_tokens).encode(
-        split.texts, split.labels)
+    tokens = LabelPrompter(loaded.tokenizer, loaded.label_names, cfg.max_text_tokens).encode(split.texts)
     loader = torch.utils.data.DataLoader(MultimodalDataset(split), batch_size=batch_size,
                                          collate_fn=collate)
     dtype = autocast_dtype(precision, device)
@@ -209,26 +228,35 @@ def model_inputs(tokens: dict, batch: dict, modalities, device: torch.device, *,
                  with_anchor: bool = False, blank: Optional[str] = None) -> dict:
     """The model's keyword arguments for a batch: its label-prompt tokens and its frames.
 
-    blank: a modality to blank out (evaluation without it): its frames zeroed, or for text
-    the utterance's word pieces hidden from attention ([CLS], label slots and [SEP] stay).
+    blank: a modality to blank out (evaluation without it): its frames zeroed. Text blanked,
+    or a model without text: the encoder reads the label prompt alone, [CLS] [MASK]*label_len
+    [SEP], the utterance's word pieces left out (the anchor: [CLS], the label words, [SEP]).
     """
     index = batch["index"]
-    attention_mask = tokens["attention_mask"][index]
+    input_ids, attention_mask = tokens["input_ids"][index], tokens["attention_mask"][index]
     label_start = tokens["label_start"][index]
-    keep = int(attention_mask.sum(dim=1).max())   # the batch's trailing padding is not encoded
-    attention_mask = attention_mask[:, :keep]
-    if blank == "text":
-        position = torch.arange(keep)[None, :]
-        attention_mask = attention_mask.masked_fill((position >= 1) & (position < label_start[:, None]), 0)
-    inputs = {"input_ids": tokens["input_ids"][index, :keep], "attention_mask": attention_mask,
-              "label_start": label_start}
+    anchor_ids = tokens["anchor_ids"][index] if with_anchor else None
+    if blank == "text" or "text" not in modalities:
+        # Columns 0 and label_start.. of each row: the slots move up to position 1, so that
+        # their position embeddings do not tell the utterance's length either.
+        prompt_len = int(attention_mask[0].sum() - label_start[0]) + 1   # the same in every row
+        offset = torch.arange(prompt_len)[None, :]
+        columns = torch.where(offset == 0, 0, label_start[:, None] + offset - 1)
+        input_ids, attention_mask = input_ids.gather(1, columns), attention_mask.gather(1, columns)
+        anchor_ids = None if anchor_ids is None else anchor_ids.gather(1, columns)
+        label_start = torch.ones_like(label_start)
+    else:
+        keep = int(attention_mask.sum(dim=1).max())   # the batch's trailing padding is not encoded
+        input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
+        anchor_ids = None if anchor_ids is None else anchor_ids[:, :keep]
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "label_start": label_start}
     for name in ("video", "audio"):
         if name in modalities:
             frames = batch[name]
             inputs.update({name: torch.zeros_like(frames) if blank == name else frames,
                            f"{name}_lengths": batch[f"{name}_length"]})
-    if with_anchor:
-        inputs["anchor_ids"] = tokens["anchor_ids"][index, :keep]
+    if anchor_ids is not None:
+        inputs["anchor_ids"] = anchor_ids
     # Lengths stay on the CPU: packing the LSTM sequences reads them there (the model
     # builds its padding masks on the frames' device).
     return {k: v if k.endswith("_lengths") else v.to(device, non_blocking=True)

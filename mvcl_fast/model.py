@@ -23,6 +23,13 @@ The design follows the published line TCL-MAP -> MVCL-DAF -> MVCL-DAF++
 
 Views for the contrastive losses are means of hidden states over the label
 slots: masked text, aligned video, aligned audio, fused, and the anchor.
+
+Any non-empty subset of the modalities can be used. The label prompt stays in
+every model, since the label slots are where it classifies: without text the
+encoder reads the prompt alone, ``[CLS] [MASK]*label_len [SEP]``
+(``mvcl_fast.loading.model_inputs`` leaves the words out, as it does to blank
+text at evaluation), and the model has no text view (it would be the same
+vector for every utterance).
 """
 from __future__ import annotations
 
@@ -58,13 +65,13 @@ def default_text_model() -> str:
 
 
 def parse_modalities(spec: str | Sequence[str]) -> tuple[str, ...]:
-    """'text,video,audio' (any order, text required) -> ('text', 'video', 'audio')."""
+    """'audio,text' (any non-empty subset, any order) -> ('text', 'audio'), the model's order."""
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     unknown = sorted(set(names) - set(MODALITIES))
     if unknown:
         raise ValueError(f"unknown modality {', '.join(unknown)}: choose from {', '.join(MODALITIES)}")
-    if "text" not in names:
-        raise ValueError("the text modality is required (the label prompt lives in the text)")
+    if not names:
+        raise ValueError(f"no modality given: choose from {', '.join(MODALITIES)}")
     return tuple(m for m in MODALITIES if m in names)
 
 
@@ -105,26 +112,29 @@ class LabelPrompter:
     def longest_text(self, texts: Sequence[str]) -> int:
         return max((len(self.tokenizer.tokenize(t)) for t in texts), default=1)
 
-    def encode(self, texts: Sequence[str], labels: Tensor) -> dict[str, Tensor]:
+    def encode(self, texts: Sequence[str], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """The label-prompt inputs of texts; labels (the true intents) give the anchor input,
+        which only training reads (None: no anchor_ids, as for clips without labels)."""
         tok = self.tokenizer
         n, length = len(texts), self.seq_len
         input_ids = torch.full((n, length), tok.pad_token_id, dtype=torch.long)
-        anchor_ids = torch.full((n, length), tok.pad_token_id, dtype=torch.long)
+        anchor_ids = input_ids.clone() if labels is not None else None
         attention_mask = torch.zeros(n, length, dtype=torch.long)
         label_start = torch.zeros(n, dtype=torch.long)
-        for i, (text, label) in enumerate(zip(texts, labels.tolist())):
+        for i, text in enumerate(texts):
             words = tok.convert_tokens_to_ids(tok.tokenize(text))[: self.max_text_tokens]
             start = 1 + len(words)
-            label_words = self.label_tokens[label]
-            label_words = label_words + [tok.pad_token_id] * (self.label_len - len(label_words))
             masked = [tok.cls_token_id, *words, *[tok.mask_token_id] * self.label_len, tok.sep_token_id]
-            anchor = [tok.cls_token_id, *words, *label_words, tok.sep_token_id]
             input_ids[i, : len(masked)] = torch.tensor(masked)
-            anchor_ids[i, : len(anchor)] = torch.tensor(anchor)
             attention_mask[i, : len(masked)] = 1
             label_start[i] = start
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "anchor_ids": anchor_ids, "label_start": label_start}
+            if labels is not None:
+                label_words = self.label_tokens[int(labels[i])]
+                label_words = label_words + [tok.pad_token_id] * (self.label_len - len(label_words))
+                anchor = [tok.cls_token_id, *words, *label_words, tok.sep_token_id]
+                anchor_ids[i, : len(anchor)] = torch.tensor(anchor)
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask, "label_start": label_start}
+        return tokens if labels is None else {**tokens, "anchor_ids": anchor_ids}
 
 
 # --------------------------------------------------------------------- config
@@ -428,7 +438,9 @@ class MVCLDAFPlusPlus(nn.Module):
         for block in self.daf:
             fused = block(fused, text_padding, context, tokens)
         logits = self.classifier(self.dropout(self.pooler(fused[:, 0])))
-        views = {"text": slot_mean(text, label_start, label_len)}
+        views = {}
+        if "text" in self.cfg.modalities:
+            views["text"] = slot_mean(text, label_start, label_len)
         for name, stream in streams.items():
             views[name] = slot_mean(stream.aligned, label_start, label_len)
         views["fused"] = slot_mean(fused, label_start, label_len)
@@ -445,8 +457,9 @@ PROTOTYPE_MODES = ("batch", "ema")
 class MVCLLoss(nn.Module):
     """CE + lambda_proto * prototype InfoNCE + lambda_mv * multi-view InfoNCE.
 
-    Prototype InfoNCE: the fused and text views against class prototypes
-    (one set shared by both views). ``prototypes="batch"``: the batch's class
+    Prototype InfoNCE: the fused and text views (the fused view alone in a
+    model without text) against class prototypes (one set shared by the
+    views). ``prototypes="batch"``: the batch's class
     means (absent classes masked out, gradient through the means).
     ``prototypes="ema"``: a bank of class prototypes, an exponential moving
     average of the batch means, detached, every class a candidate; see
@@ -503,7 +516,7 @@ class MVCLLoss(nn.Module):
         return self._bank_ready
 
     def _prototype_views(self, out: ModelOutput) -> Tensor:
-        return torch.stack([out.views["fused"], out.views["text"]])
+        return torch.stack([out.views[name] for name in ("fused", "text") if name in out.views])
 
     def forward(self, out: ModelOutput, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         parts = {"ce": F.cross_entropy(out.logits, labels)}

@@ -100,9 +100,11 @@ examples:
   # feature cache in a writable folder when the data folder is read-only
   python -m mvcl_fast.train --dataset mintrec2 --data-dir data/MIntRec2.0 --cache-dir /tmp/mvcl
 
-  # ablations: text only, text + audio; without the prototype or the multi-view loss
+  # ablations: text only, text + audio, no text (the label prompt without the words);
+  # without the prototype or the multi-view loss
   python -m mvcl_fast.train --modalities text --name text-only
   python -m mvcl_fast.train --modalities audio,text --name text-audio
+  python -m mvcl_fast.train --modalities video,audio --name no-text
   python -m mvcl_fast.train --lambda-proto 0 --name no-proto
   python -m mvcl_fast.train --lambda-mv 0 --name no-multiview
 
@@ -192,19 +194,18 @@ device_name.__name__ = "auto, cpu, cuda or cuda:N"
 
 
 def modality_set(text: str) -> str:
-    """--modalities: a comma-separated subset of text, video, audio in any order, returned in the
-    model's order ('audio,text' -> 'text,audio'), so runs and resumes compare equal."""
+    """--modalities: a non-empty comma-separated subset of text, video, audio in any order,
+    returned in the model's order ('audio,text' -> 'text,audio'), so runs and resumes compare
+    equal."""
     from mvcl_fast.model import MODALITIES
 
     names = [name.strip() for name in text.split(",")]
-    # text is required: the label prompt the model classifies is part of the text input
-    if not all(name in MODALITIES for name in names) or len(set(names)) != len(names) \
-            or "text" not in names:
+    if not all(name in MODALITIES for name in names) or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"must be {modality_set.__name__}, got {text!r}")
     return ",".join(name for name in MODALITIES if name in names)
 
 
-modality_set.__name__ = "a comma-separated subset of text, video, audio that includes text"
+modality_set.__name__ = "a non-empty comma-separated subset of text, video, audio"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -260,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset", default="mintrec", choices=("mintrec", "mintrec2"),
                       help="benchmark layout and label set")
     data.add_argument("--modalities", type=modality_set, default="text,video,audio",
-                      help="modalities the model uses, %(type)s (the label prompt is in the "
-                           "text), in any order; the others are removed from the model")
+                      help="modalities the model uses, %(type)s, in any order; the others are "
+                           "removed from the model. The label prompt [CLS] text [MASK]*label_len "
+                           "[SEP] stays, since its label slots are where the model classifies: "
+                           "without text the encoder reads [CLS] [MASK]*label_len [SEP], the "
+                           "utterance's words left out (as --eval-drop-modality text does)")
     data.add_argument("--video-len", type=number(int, at_least=1), default=None,
                       help="video frames kept per clip, %(type)s (default: the data set's)")
     data.add_argument("--audio-len", type=number(int, at_least=1), default=None,

@@ -63,9 +63,10 @@ BAD_OPTIONS = [
     ("--video-len", "0", "an integer >= 1"), ("--name", "../../x", "a folder name inside runs/"),
     ("--name", "/abs/path", "a folder name inside runs/"), ("--name", "..", "a folder name"),
     ("--device", "gpu", "auto, cpu, cuda or cuda:N"),
-    ("--modalities", "video,audio", "a comma-separated subset of text, video, audio that includes text"),
-    ("--modalities", "text,smell", "a comma-separated subset"), ("--modalities", "text,text", "subset"),
-    ("--modalities", "", "a comma-separated subset"), ("--seeds", "-1", "an integer >= 0"),
+    ("--modalities", "text,smell", "a non-empty comma-separated subset of text, video, audio"),
+    ("--modalities", "smell", "a non-empty comma-separated subset"),
+    ("--modalities", "text,text", "subset"), ("--modalities", "", "a non-empty comma-separated subset"),
+    ("--modalities", ",", "a non-empty comma-separated subset"), ("--seeds", "-1", "an integer >= 0"),
     ("--prototype-momentum", "1", "a number >= 0 and < 1"),
     ("--prototype-momentum", "-0.1", "a number >= 0 and < 1"),
 ]
@@ -94,6 +95,8 @@ def test_fusion_heads_must_divide_the_text_width(tiny_setup, tmp_path, capsys, n
      "--prototypes ema keeps a bank for the prototype InfoNCE term, which --lambda-proto 0 turns off"),
     (["--modalities", "text,audio", "--eval-drop-modality", "video"],
      "argument --eval-drop-modality: video is not one of the model's modalities (text,audio)"),
+    (["--modalities", "video,audio", "--eval-drop-modality", "text"],
+     "argument --eval-drop-modality: text is not one of the model's modalities (video,audio)"),
 ])
 def test_contradicting_options_are_usage_errors(capsys, no_model_loaded, extra, message):
     assert message in usage_error(capsys, extra)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mvcl_fast.model as model_lib
+from mvcl_fast.loading import model_inputs
 from mvcl_fast.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss, load_text_encoder,
                              parse_modalities, slot_mean)
 
@@ -96,6 +97,22 @@ def test_label_prompter_layout(tiny_bert, prompter):
     assert mask.sum(1).tolist() == [1 + len(oh_really) + 3 + 1, prompter.seq_len]
 
 
+def test_without_text_the_encoder_reads_the_label_prompt_alone(prompter):
+    tok = prompter.tokenizer
+    tokens = prompter.encode(["oh really", "thank you so much for the help"], torch.tensor([2, 1]))
+    for modalities, blank in ((("text", "video"), "text"), (("video",), None)):
+        got = model_inputs(tokens, {"index": torch.tensor([1, 0]), "video": torch.zeros(2, 3, 4),
+                                    "video_length": torch.tensor([3, 2])},
+                           modalities, torch.device("cpu"), with_anchor=True, blank=blank)
+        assert got["input_ids"].tolist() == [[tok.cls_token_id, *[tok.mask_token_id] * 3,
+                                              tok.sep_token_id]] * 2
+        praise = tok.convert_tokens_to_ids(tok.tokenize("praise"))
+        assert got["anchor_ids"].tolist() == [
+            [tok.cls_token_id, *praise, *[tok.pad_token_id] * (3 - len(praise)), tok.sep_token_id],
+            [tok.cls_token_id, *tok.convert_tokens_to_ids(["ask", "for", "help"]), tok.sep_token_id]]
+        assert got["attention_mask"].tolist() == [[1] * 5] * 2 and got["label_start"].tolist() == [1, 1]
+
+
 def test_slot_mean_reads_the_label_slots():
     hidden = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 3)
     got = slot_mean(hidden, torch.tensor([1, 3]), 2)
@@ -104,13 +121,15 @@ def test_slot_mean_reads_the_label_slots():
 
 def test_parse_modalities():
     assert parse_modalities("audio, text") == ("text", "audio")
-    with pytest.raises(ValueError, match="text modality is required"):
-        parse_modalities("video,audio")
+    assert parse_modalities("audio,video") == ("video", "audio")
+    with pytest.raises(ValueError, match="no modality given"):
+        parse_modalities(" , ")
     with pytest.raises(ValueError, match="unknown modality depth"):
         parse_modalities("text,depth")
 
 
-@pytest.mark.parametrize("modalities", ["text", "text,video", "text,audio", "text,video,audio"])
+@pytest.mark.parametrize("modalities", ["text", "text,video", "text,audio", "text,video,audio",
+                                        "video,audio", "audio"])
 def test_forward_backward_shapes(tiny_bert, prompter, modalities):
     model = build(tiny_bert, prompter, modalities)
     inputs, anchor_ids, labels = batch(prompter)
@@ -118,6 +137,7 @@ def test_forward_backward_shapes(tiny_bert, prompter, modalities):
     width = model.text_encoder.config.hidden_size
     present = parse_modalities(modalities)
     assert out.logits.shape == (5, len(LABELS))
+    # without text there is no text view: the prompt alone reads the same for every utterance
     assert list(out.views) == [m for m in ("text", "video", "audio") if m in present] + ["fused"]
     assert all(v.shape == (5, width) for v in out.views.values())
     assert out.anchor.shape == (5, width)

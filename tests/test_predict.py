@@ -107,3 +107,81 @@ def test_a_missing_checkpoint_is_refused(tmp_path, tiny_setup, capsys):
     data_dir, _ = tiny_setup
     err = fails_with(capsys, [str(tmp_path), "--data-dir", data_dir])
     assert f"{tmp_path / 'best.pt'} does not exist" in err
+
+
+def write_clips(data_dir, folder, label_column: str):
+    """The test split as new clips in folder: clips.tsv (label column absent or empty) and the
+    feature pickles under other names in feats/."""
+    (folder / "feats").mkdir(parents=True)
+    for name in ("video_feats.pkl", "audio_feats.pkl"):
+        shutil.copy(f"{data_dir}/{name}", folder / "feats" / f"clips_{name}")
+    shutil.copy(f"{data_dir}/synthetic.json", folder)   # the frame lengths the run was trained on
+    rows = [line.split("\t") for line in open(f"{data_dir}/test.tsv", encoding="utf-8").read().splitlines()]
+    if label_column == "absent":
+        rows = [r[:-1] for r in rows]
+    else:
+        rows = [rows[0], *[[*r[:-1], ""] for r in rows[1:]]]
+    (folder / "clips.tsv").write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+    return ["--input", str(folder / "clips.tsv"), "--video-feats", "feats/clips_video_feats.pkl",
+            "--audio-feats", "feats/clips_audio_feats.pkl"]
+
+
+def read_predictions(folder):
+    with open(folder / "predictions.tsv", newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file, delimiter="\t"))
+
+
+@pytest.mark.parametrize("label_column", ["absent", "empty"])
+def test_new_clips_without_labels_are_labelled_without_metrics(trained, tiny_setup, tmp_path, capsys,
+                                                               label_column):
+    data_dir, _ = tiny_setup
+    scored, new = tmp_path / "scored", tmp_path / "new"
+    assert predict_lib.main([str(trained), "--data-dir", data_dir, "--output-dir", str(scored)]) == 0
+    clips = write_clips(data_dir, tmp_path / "clips", label_column)
+    assert predict_lib.main([str(trained), *clips, "--output-dir", str(new)]) == 0
+    assert "20 clips of" in capsys.readouterr().out
+    assert not (new / "prediction_metrics.json").exists()
+    got, expected = read_predictions(new), read_predictions(scored)
+    assert all(row["true"] == "" for row in got)
+    # the same clips and features as the test split: the same predictions
+    assert [{**row, "true": ""} for row in expected] == got
+
+
+def test_a_clip_missing_from_a_feature_pickle_is_named(trained, tiny_setup, tmp_path, capsys):
+    data_dir, _ = tiny_setup
+    clips = write_clips(data_dir, tmp_path / "clips", "absent")
+    tsv = tmp_path / "clips" / "clips.tsv"
+    tsv.write_text(tsv.read_text(encoding="utf-8") + "S09\tE99\t999\tWho are you?\n", encoding="utf-8")
+    err = fails_with(capsys, [str(trained), *clips, "--output-dir", str(tmp_path / "out")])
+    assert f"--input {tsv}: " in err and "clips_video_feats.pkl: no features for key 'S09_E99_999'" in err
+    assert "clips.tsv, line 22" in err
+    assert not (tmp_path / "out" / "predictions.tsv").exists()
+
+
+def test_clips_without_a_text_column_are_refused_naming_it(trained, tiny_setup, tmp_path, capsys):
+    data_dir, _ = tiny_setup
+    clips = write_clips(data_dir, tmp_path / "clips", "absent")
+    tsv = tmp_path / "clips" / "clips.tsv"
+    tsv.write_text("".join("\t".join(line.split("\t")[:3]) + "\n"
+                           for line in tsv.read_text(encoding="utf-8").splitlines()), encoding="utf-8")
+    err = fails_with(capsys, [str(trained), *clips])
+    assert f"{tsv}: header row ['season', 'episode', 'clip'] lacks the column(s) ['text']" in err
+
+
+def test_split_with_input_is_a_usage_error(trained, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_lib.main([str(trained), "--input", "clips.tsv", "--split", "dev"])
+    assert exit_info.value.code == 2
+    assert "--split picks a TSV of --data-dir; --input names the TSV itself" in capsys.readouterr().err
+
+
+def test_a_run_trained_without_text_predicts_from_the_label_prompt_and_its_features(
+        tiny_setup, tmp_path, capsys):
+    data_dir, _ = tiny_setup
+    run_dir = tmp_path / "no-text"
+    assert train_lib.main(argv(tiny_setup, run_dir, "--modalities", "video,audio", "--epochs", "1",
+                               "--max-steps", "2")) == 0
+    assert predict_lib.main([str(run_dir), "--data-dir", data_dir]) == 0
+    assert "(trained without text: the texts are not read)" in capsys.readouterr().out
+    got = json.loads((run_dir / "prediction_metrics.json").read_text())
+    assert got["metrics"] == json.loads((run_dir / "metrics.json").read_text())["test"]

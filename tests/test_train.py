@@ -12,7 +12,7 @@ import torch
 
 from mvcl_fast import train as train_lib
 from helpers import exit_spawned_rank
-from mvcl_fast.model import MVCLLoss
+from mvcl_fast.model import MVCLDAFPlusPlus, MVCLLoss, load_text_encoder
 from mvcl_fast.synthetic import TINY, ensure_synthetic
 from test_model import make_tiny_bert
 
@@ -61,12 +61,14 @@ def test_help_keeps_one_example_per_line_and_spells_out_the_modalities(capsys):
         assert line in text, line
     assert "{text,text" not in text
     flat = " ".join(text.split())
-    assert "a comma-separated subset of text, video, audio that includes text" in flat
+    assert "a non-empty comma- separated subset of text, video, audio" in flat   # wrapped at the hyphen
+    assert "without text the encoder reads [CLS] [MASK]*label_len [SEP]" in flat
     assert "--precision {auto,bf16,fp16,fp32}" in flat and "--eval-drop-modality MODALITY" in flat
 
 
 @pytest.mark.parametrize("given,stored", [("audio,text", "text,audio"), ("video, text", "text,video"),
-                                          ("text,audio,video", "text,video,audio"), ("text", "text")])
+                                          ("text,audio,video", "text,video,audio"), ("text", "text"),
+                                          ("audio,video", "video,audio"), ("audio", "audio")])
 def test_modalities_in_any_order_are_stored_in_the_models_order(given, stored):
     assert train_lib.build_parser().parse_args(["--modalities", given]).modalities == stored
 
@@ -294,6 +296,32 @@ def test_text_only_ablation_runs_without_audio_video_layers(tiny_setup, tmp_path
     assert not any(k.startswith("streams.") for k in state["model"])
     assert tuple(state["model_config"]["modalities"]) == ("text",)
     assert os.path.exists(out_dir / "metrics.json")
+
+
+@pytest.mark.parametrize("modalities", ["video,audio", "audio"])
+def test_runs_without_text_keep_the_label_prompt(tiny_setup, tmp_path, monkeypatch, modalities):
+    seen = []   # the encoder's inputs: the label prompt alone, [CLS] [MASK]*label_len [SEP]
+    real_forward = MVCLDAFPlusPlus.forward
+
+    def recording_forward(self, input_ids, attention_mask, label_start, **rest):
+        seen.append((input_ids, attention_mask, label_start))
+        return real_forward(self, input_ids, attention_mask, label_start, **rest)
+
+    monkeypatch.setattr(MVCLDAFPlusPlus, "forward", recording_forward)
+    out_dir = tmp_path / modalities.replace(",", "-")
+    assert train_lib.main(argv(tiny_setup, out_dir, "--modalities", modalities, "--epochs", "1",
+                               "--max-steps", "2")) == 0
+    state = last_state(out_dir)
+    assert tuple(state["model_config"]["modalities"]) == tuple(modalities.split(","))
+    assert {k.split(".")[1] for k in state["model"] if k.startswith("streams.")} == set(modalities.split(","))
+    tokenizer = load_text_encoder(tiny_setup[1])[0]
+    label_len = state["model_config"]["label_len"]
+    prompt = [tokenizer.cls_token_id, *[tokenizer.mask_token_id] * label_len, tokenizer.sep_token_id]
+    for input_ids, attention_mask, label_start in seen:
+        assert all(row == prompt for row in input_ids.tolist())
+        assert bool(attention_mask.all()) and bool((label_start == 1).all())
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["args"]["modalities"] == modalities and "acc" in metrics["test"]
 
 
 # ------------------------------------------------------------- DDP (2 gloo ranks)

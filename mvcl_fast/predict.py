@@ -142,6 +142,8 @@ def predict(args: argparse.Namespace) -> Optional[dict]:
     model = f"model {args.checkpoint}" + ("" if "text" in loaded.config.modalities
                                           else " (trained without text: the texts are not read)")
     if args.input is not None:
+        # Metrics an earlier labelled run left in the folder describe other predictions.
+        (folder / PREDICTION_METRICS).unlink(missing_ok=True)
         print(f"{len(split)} clips of {args.input} labelled, {model}; without labels, no metrics\n"
               f"predictions in {folder / PREDICTIONS}")
         return None

@@ -138,6 +138,8 @@ def test_new_clips_without_labels_are_labelled_without_metrics(trained, tiny_set
     scored, new = tmp_path / "scored", tmp_path / "new"
     assert predict_lib.main([str(trained), "--data-dir", data_dir, "--output-dir", str(scored)]) == 0
     clips = write_clips(data_dir, tmp_path / "clips", label_column)
+    new.mkdir()
+    (new / "prediction_metrics.json").write_text("{}")  # an earlier labelled run's, now stale
     assert predict_lib.main([str(trained), *clips, "--output-dir", str(new)]) == 0
     assert "20 clips of" in capsys.readouterr().out
     assert not (new / "prediction_metrics.json").exists()

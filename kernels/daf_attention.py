@@ -174,10 +174,10 @@ def _search_space(kernel: str) -> list:
 
 def _prune_to_lengths(configs, named_args, **kwargs):
     """Drop tiles longer than the bucketed sequences (>= 16, so the 16-wide tiles stay):
-    mostly masked work. The backward's configs have no BLOCK_M (the launcher sets it)."""
+    mostly masked work."""
     args = {**named_args, **kwargs}
     return [config for config in configs
-            if config.kwargs.get("BLOCK_M", 16) <= args["len_q_bucket"]
+            if config.kwargs["BLOCK_M"] <= args["len_q_bucket"]
             and config.kwargs["BLOCK_N"] <= args["len_k_bucket"]]
 
 
@@ -495,8 +495,9 @@ def daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse,
     # Contiguous, so that dq and dgate share strides, and dk, dv and their partial sums.
     dq, dgate = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
     dk, dv = (torch.empty(k.shape, device=k.device, dtype=k.dtype) for _ in range(2))
-    # Several row tiles leave fp32 partial dK/dV between them (in dk/dv when they are fp32).
-    if len_q > config["BLOCK_M"] and k.dtype != torch.float32:
+    # Several row tiles leave fp32 partial dK/dV between them (in dk/dv when they are fp32);
+    # under MVCL_FAST_AUTOTUNE the tuner may pick a shorter row tile than the pinned one.
+    if k.dtype != torch.float32 and (len_q > config["BLOCK_M"] or autotune_requested()):
         dk_part, dv_part = (torch.empty(k.shape, device=k.device, dtype=torch.float32)
                             for _ in range(2))
     else:

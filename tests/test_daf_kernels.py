@@ -308,3 +308,19 @@ def test_autotune_searches_and_prints_its_choice(kernel_device, monkeypatch, cap
     _check_against_reference(inputs, 2, _key_padding(2, 50, kernel_device), torch.float16)
     printed = capsys.readouterr().out
     assert "MVCL_FAST_AUTOTUNE: daf_attention fwd" in printed and "daf_attention bwd" in printed
+
+
+def test_autotuned_backward_gets_fp32_partials(monkeypatch):
+    """MVCL_FAST_AUTOTUNE=1 searches the backward's row tile too: half inputs whose pinned tile
+    holds every query still get fp32 dK/dV partials, in case the tuner picks a shorter tile."""
+    from mvcl_fast.kernels import daf_attention as kernels
+
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "1")
+    monkeypatch.setattr(kernels, "triton_interpreter_enabled", lambda: False)
+    partials = []
+    monkeypatch.setattr(kernels, "_launch", lambda name, kernel, tuner, grid, args, *rest:
+                        partials.append(args[12].dtype))
+    q = torch.empty(1, 48, 64, dtype=torch.bfloat16)  # one head of 64: the pinned tile is 64 rows
+    assert kernels._backward_config(q.dtype, "ieee", 64, 48, kernels.PINNED_CONFIGS)["BLOCK_M"] == 64
+    kernels.daf_attention_backward(q, q, q, q, q, None, q, torch.empty(1, 1, 48), 1)
+    assert partials == [torch.float32]

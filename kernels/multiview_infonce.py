@@ -485,9 +485,9 @@ def _lse_config(dtype: torch.dtype, dim: int) -> _Config:
     return _Config(64, 64, 64, 0, 4, 3)
 
 
-def _grad_config(dtype: torch.dtype, dim: int) -> _Config:
+def _grad_config(dtype: torch.dtype, dim: int, sm90: bool = True) -> _Config:
     """Configs whose output chunks (block_do + block_do_tail) hold all of D up to
-    MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL."""
+    MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL (on sm_80, 512 for fp16/bf16)."""
     if dtype == torch.float32:
         # ptxas spills the single-chunk FMA form on sm_90a; the loop form does not.
         if dim <= 64:
@@ -509,8 +509,18 @@ def _grad_config(dtype: torch.dtype, dim: int) -> _Config:
     # Past 768 the 512-wide chunks: a 768-wide one would pad more (D = 1024: 1536 columns).
     if dim <= 512 or dim > MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL:
         return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
+    if not sm90:   # sm_80's mma.sync code spills the tail (44 B at 32 x 32): 512-wide chunks
+        return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
     # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
     return _Config(32, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=MAX_BLOCK_DO_TAIL)
+
+
+def _sm90(x: torch.Tensor) -> bool:
+    """Whether the kernels compile for sm_90 or later: a CUDA tensor's device answers (the AOT
+    report's capture answers its target); the interpreter takes sm_90's configs."""
+    if _interpreting():
+        return True
+    return torch.cuda.get_device_capability(x.device if x.is_cuda else None)[0] >= 9
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -636,7 +646,7 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
         lse_cols, col_terms = lse_rows, row_terms
     d_anchor = torch.empty((n, padded_dim), dtype=anchor.dtype, device=anchor.device)
     d_views = torch.empty((num_views, n, padded_dim), dtype=views.dtype, device=views.device)
-    cfg = _grad_config(anchor.dtype, padded_dim)
+    cfg = _grad_config(anchor.dtype, padded_dim, _sm90(anchor))
     with _on_device(anchor):
         # Own rows in R, then (a DDP rank's share) the rows outside it.
         for own_in_r, own_count in ((True, num_rows), (False, n - num_rows)):
@@ -721,26 +731,33 @@ def aot_specs() -> list[KernelSpec]:
                     fn=_lse_kernel,
                     signature=_signature(_lse_kernel, constexprs, t, {"anchor_ptr", "views_ptr"}),
                     constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            cfg = _grad_config(dtype, dim)
-            chunked = cfg.d_chunked(dim)
-            if (cfg, chunked) in seen_grad:
-                continue
-            seen_grad.add((cfg, chunked))
-            for symmetric, own_in_r in _grad_variants():
-                constexprs = {"SYMMETRIC": symmetric, "OWN_IN_R": own_in_r, "EPS": NORM_EPS,
-                              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                              "BLOCK_D": cfg.block_d, "BLOCK_DO": cfg.block_do,
-                              "BLOCK_DO_TAIL": cfg.block_do_tail,
-                              "D_CHUNKED": chunked, "OPERAND": _TL_DTYPE[dtype],
-                              "PRECISION": precision}
-                specs.append(KernelSpec(
-                    name=(f"multiview_grad[{t},{precision},SYMMETRIC={symmetric},"
-                          f"OWN_IN_R={own_in_r},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},"
-                          f"BLOCK_D={cfg.block_d},BLOCK_DO={cfg.block_do},"
-                          f"BLOCK_DO_TAIL={cfg.block_do_tail},D_CHUNKED={chunked}]"),
-                    fn=_grad_kernel,
-                    signature=_signature(_grad_kernel, constexprs, t, _GRAD_INPUT_PTRS),
-                    constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            for cfg in dict.fromkeys(_grad_config(dtype, dim, sm90) for sm90 in (True, False)):
+                specs += _grad_specs(cfg, cfg.d_chunked(dim), dtype, precision, seen_grad)
+    return specs
+
+
+def _grad_specs(cfg: _Config, chunked: bool, dtype, precision: str, seen: set) -> list:
+    """The gradient kernel's specs of one config, every (SYMMETRIC, OWN_IN_R); none if seen."""
+    if (cfg, chunked) in seen:
+        return []
+    seen.add((cfg, chunked))
+    t = _SIG_DTYPE[dtype]
+    specs = []
+    for symmetric, own_in_r in _grad_variants():
+        constexprs = {"SYMMETRIC": symmetric, "OWN_IN_R": own_in_r, "EPS": NORM_EPS,
+                      "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                      "BLOCK_D": cfg.block_d, "BLOCK_DO": cfg.block_do,
+                      "BLOCK_DO_TAIL": cfg.block_do_tail,
+                      "D_CHUNKED": chunked, "OPERAND": _TL_DTYPE[dtype],
+                      "PRECISION": precision}
+        specs.append(KernelSpec(
+            name=(f"multiview_grad[{t},{precision},SYMMETRIC={symmetric},"
+                  f"OWN_IN_R={own_in_r},BLOCK_M={cfg.block_m},BLOCK_N={cfg.block_n},"
+                  f"BLOCK_D={cfg.block_d},BLOCK_DO={cfg.block_do},"
+                  f"BLOCK_DO_TAIL={cfg.block_do_tail},D_CHUNKED={chunked}]"),
+            fn=_grad_kernel,
+            signature=_signature(_grad_kernel, constexprs, t, _GRAD_INPUT_PTRS),
+            constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     return specs
 
 

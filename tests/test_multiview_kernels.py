@@ -256,8 +256,8 @@ def test_aot_specs_cover_every_kernel_and_config():
         assert launchable(kernels._lse_kernel, dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
             D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand, PRECISION=precision), cfg), (dtype, dim)
-        cfg = kernels._grad_config(dtype, dim)
-        for symmetric, own_in_r in kernels._grad_variants():
+        for sm90, (symmetric, own_in_r) in itertools.product((True, False), kernels._grad_variants()):
+            cfg = kernels._grad_config(dtype, dim, sm90)
             assert launchable(kernels._grad_kernel, dict(
                 SYMMETRIC=symmetric, OWN_IN_R=own_in_r, EPS=kernels.NORM_EPS,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,

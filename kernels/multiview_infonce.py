@@ -89,13 +89,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from mvcl_fast.backend import triton_interpreter_enabled
 from mvcl_fast.kernels.aot import KernelSpec
 
 NORM_EPS = 1e-12  # as F.normalize and mvcl_fast.reference
@@ -518,7 +518,7 @@ def _grad_config(dtype: torch.dtype, dim: int, sm90: bool = True) -> _Config:
 def _sm90(x: torch.Tensor) -> bool:
     """Whether the kernels compile for sm_90 or later: a CUDA tensor's device answers (the AOT
     report's capture answers its target); the interpreter takes sm_90's configs."""
-    if _interpreting():
+    if triton_interpreter_enabled():
         return True
     return torch.cuda.get_device_capability(x.device if x.is_cuda else None)[0] >= 9
 
@@ -527,13 +527,9 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 _SIG_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _operand_dtype(dtype: torch.dtype):
     """tl.dot operand type: the input dtype, except bf16 under the interpreter (no bf16 dot)."""
-    if dtype == torch.bfloat16 and _interpreting():
+    if dtype == torch.bfloat16 and triton_interpreter_enabled():
         return tl.float32
     return _TL_DTYPE[dtype]
 

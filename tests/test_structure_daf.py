@@ -105,7 +105,7 @@ def test_the_mintrec_shape_is_one_launch_per_direction(structures):
     assert s.launches <= MAX_LAUNCHES and not s.aten, s.table()
     assert s.syncs == []
     assert [k.name for k in s.kernels] == ["_daf_fwd_kernel", "_daf_bwd_kernel"]
-    assert kernels._backward_config(DTYPE, "ieee", 64, 80)["BLOCK_M"] == 32
+    assert kernels._backward_config(DTYPE, "ieee", 64, 80, kernels.PINNED_CONFIGS)["BLOCK_M"] == 32
     assert s.kernels[1].programs == B * 12
     element, len_q, dim = DTYPE.itemsize, 80, 768
     q_side, k_side = B * len_q * dim * element, B * LK * dim * element

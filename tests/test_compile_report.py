@@ -83,7 +83,27 @@ def test_every_launched_specialisation_compiles_without_spills(python, tmp_path)
     assert proc.returncode == 0, table + proc.stderr
 
 
-PROBE_LAUNCHES = textwrap.dedent('''
+# The matmul tile both probe modules compile, where their source says TILE_PRODUCT (each
+# decorates it its own way).
+TILE_PRODUCT = '''\
+    def tile_product(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        rm = tl.arange(0, BM)
+        rn = tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+            b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
+            acc += tl.dot(a, b)
+        tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+'''
+
+
+def probe_module(source: str) -> str:
+    return textwrap.dedent(source.replace("    TILE_PRODUCT\n", TILE_PRODUCT))
+
+
+PROBE_LAUNCHES = probe_module('''
     import torch
     import triton
     import triton.language as tl
@@ -99,16 +119,7 @@ PROBE_LAUNCHES = textwrap.dedent('''
     @triton.autotune(configs=[triton.Config({"BM": bm}, num_warps=w) for bm, w in ((64, 4), (128, 8), (256, 8))],
                      key=["K"], prune_configs_by={"early_config_prune": _small_tiles})
     @triton.jit
-    def tile_product(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        rm = tl.arange(0, BM)
-        rn = tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, K, BK):
-            a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
-            b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
-            acc += tl.dot(a, b)
-        tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+    TILE_PRODUCT
 
     def aot_launches():
         x = torch.empty(65)
@@ -157,22 +168,13 @@ def test_report_compiles_the_specialisations_and_configs_launches_ask_for(python
     assert "HGMMA" in proc.stdout and "FAILED sm_80 probe_launches - (-): launch 'broken'" in proc.stdout
 
 
-PROBE_SPECS = textwrap.dedent('''
+PROBE_SPECS = probe_module('''
     import triton
     import triton.language as tl
     from mvcl_fast.kernels.aot import KernelSpec
 
     @triton.jit
-    def tile_product(a_ptr, b_ptr, c_ptr, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        rm = tl.arange(0, BM)
-        rn = tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k in range(0, K, BK):
-            a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
-            b = tl.load(b_ptr + (k + rk)[:, None] * BN + rn[None, :])
-            acc += tl.dot(a, b)
-        tl.store(c_ptr + rm[:, None] * BN + rn[None, :], acc)
+    TILE_PRODUCT
 
     SIG = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32"}
 

@@ -34,6 +34,18 @@ Prototype InfoNCE (SPEC op 2) as one op, forward and backward:
   the class sums itself first (FUSED_SUMS): 2 launches and 2 passes over z.
   Explicit prototypes skip the sums; their gradient dP is scaled by extra programs
   of the backward launch.
+- Many classes (more than one class tile), the class split: a row program would walk
+  every class tile for the lse, again for G and again per D chunk of dz (1,920 tile
+  steps a row tile at C = 1024, D = 768, one program at N = 32). Instead
+  `_infonce_lse_kernel` (row tile, class chunk) stages the base-2 logits in fp32 with
+  the online-softmax partials of its chunk, |z| and 1 / |S|;
+  `_infonce_class_grad_kernel` (class tile, D chunk, row split) combines the partials
+  into the lse, takes G from the staged logits and accumulates dS_hat (and the loss);
+  the finalize kernel applies dS's Jacobian; the backward (STAGED) reads the logits
+  instead of recomputing them. Every launch then either fills the GPU or walks at most
+  about MAX_SERIAL_STEPS tiles, and the logits are computed once. The staging costs
+  R C fp32, as eager's own logits; past STAGED_LOGITS_LIMIT the row programs
+  recompute instead (memory flat).
 - Precision: fp32 inputs use tf32x3 for every dot (about fp32). For fp16/bf16 the
   raw rows enter the tensor cores as they are (exact); the fp32 operands (S_hat, G)
   are split into a high and a low half (x = hi + lo, about 16 mantissa bits), two or
@@ -66,9 +78,15 @@ NUM_STAGES = 1
 K_CHUNK = 32    # D chunk of the logits dots
 D_OUT = 64      # D chunk of the gradient GEMMs and of the sums
 FINAL_COLS = 256
+# The backward reading staged logits: 8 warps (4 spilled 32 B in fp32 under triton 3.9).
+STAGED_BWD_WARPS = 8
 # A program walks at most about this many serial tile steps while the GPU has SMs to spare.
 MAX_SERIAL_STEPS = 64
-TARGET_PROGRAMS = 264  # 2 per SM of a 132-SM H100/H200
+SM_COUNT = 132  # an H100/H200
+TARGET_PROGRAMS = 2 * SM_COUNT
+# The class split stages the logits (fp32) of at most this many (row, class) pairs, 1 GiB: no
+# more than eager PyTorch's own fp32 logits. Beyond it the row programs recompute them.
+STAGED_LOGITS_LIMIT = 1 << 28
 LOSS_CHUNK = 256
 
 # Dot modes: fp32 (tf32x3), a half dtype on the tensor cores, or the interpreter's fp32 stand-in.
@@ -536,17 +554,159 @@ def _infonce_finalize_kernel(part_ptr, num_parts, s_ptr, counts_ptr, ds_ptr, los
 
 
 @triton.jit
-def _infonce_bwd_kernel(grad_ptr, z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, ds_ptr, dz_ptr, dp_ptr,
-                        R, N, D, C, stride_zv, stride_zn, stride_sc, inv_tau, inv_rows, d_split,
-                        SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, THROUGH: tl.constexpr,
-                        NEED_DP: tl.constexpr, ONE_TILE: tl.constexpr, MODE: tl.constexpr,
+def _staged_offsets(R, C):
+    """Offsets in the class split's staged statistics: logits [R, C], then |z| [R], then inv_s [C]
+    (int32 is enough: the split stages at most STAGED_LOGITS_LIMIT logits)."""
+    return R * C, R * C + R
+
+
+@triton.jit
+def _infonce_lse_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, stats_ptr, lse_part_ptr,
+                        R, N, D, C, stride_zv, stride_zn, stride_sc, inv_tau, tiles_per_chunk,
+                        SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, MODE: tl.constexpr,
                         HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr, DP_BLOCK: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr):
+    """Class split, step 1: the logits of one (row tile, class chunk), staged for the later steps.
+
+    Writes the base-2 logits (-inf where a class does not compete) and this chunk's online
+    softmax partials, lse_part[0, chunk] = max and lse_part[1, chunk] = sum of 2^(logit - max);
+    chunk 0 writes the rows' norms, row tile 0 the classes' 1 / |S|.
+    """
+    pid = tl.program_id(0)
+    class_tiles = tl.cdiv(C, BLOCK_C)
+    num_chunks = tl.cdiv(class_tiles, tiles_per_chunk)
+    tile = pid // num_chunks
+    chunk = pid % num_chunks
+    z_norm_at, inv_s_at = _staged_offsets(R, C)
+    rows, row_ok, n, z_off = _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M)
+    scale2 = inv_tau * LOG2E
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    z_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for class_tile in range(chunk * tiles_per_chunk,
+                            tl.minimum((chunk + 1) * tiles_per_chunk, class_tiles)):
+        cls = class_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+        logits2, inv_s, candidate, z_norm = _tile_logits(
+            z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
+            HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+        tl.store(stats_ptr + rows.to(tl.int64)[:, None] * C + cls[None, :], logits2,
+                 mask=row_ok[:, None] & (cls < C)[None, :])
+        if tile == 0:
+            tl.store(stats_ptr + inv_s_at + cls, inv_s, mask=cls < C)
+        m_new = tl.maximum(m, tl.max(logits2, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: shift by 0
+        l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(logits2 - shift[:, None]), axis=1)
+        m = m_new
+    tl.store(lse_part_ptr + chunk * R + rows, m, mask=row_ok)
+    tl.store(lse_part_ptr + (num_chunks + chunk) * R + rows, l, mask=row_ok)
+    if chunk == 0:
+        tl.store(stats_ptr + z_norm_at + rows, z_norm, mask=row_ok)
+
+
+@triton.jit
+def _combined_lse2(lse_part_ptr, rows, row_ok, R, num_chunks, BLOCK_M: tl.constexpr):
+    """The rows' base-2 lse from the class chunks' partials (-inf when no class competes)."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for chunk in range(0, num_chunks):
+        m = tl.maximum(m, tl.load(lse_part_ptr + chunk * R + rows, mask=row_ok, other=0.0))
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for chunk in range(0, num_chunks):
+        m_chunk = tl.load(lse_part_ptr + chunk * R + rows, mask=row_ok, other=0.0)
+        l += tl.load(lse_part_ptr + (num_chunks + chunk) * R + rows, mask=row_ok,
+                     other=0.0) * tl.exp2(m_chunk - shift)
+    return shift + tl.log2(l)
+
+
+@triton.jit
+def _infonce_class_grad_kernel(z_ptr, y_ptr, stats_ptr, lse_part_ptr, lse_ptr, loss_part_ptr,
+                               part_ptr, R, N, D, C, stride_zv, stride_zn, inv_tau, inv_rows,
+                               num_chunks, num_splits, NEED_DS: tl.constexpr, MODE: tl.constexpr,
+                               HALF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                               BLOCK_DO: tl.constexpr):
+    """Class split, step 2: a program owns (class tile, D chunk, row split) and walks its rows.
+
+    G = softmax - onehot comes from the staged logits and the combined lse, so no logit is
+    recomputed; it accumulates dS_hat^T [cols, cls] = z_hat^T G / (R tau) into
+    part[split] (NEED_DS). The programs of class tile 0 and D chunk 0 (all of them without
+    NEED_DS) also write the rows' lse and their split's loss partial.
+    """
+    pid = tl.program_id(0)
+    d_chunks = tl.cdiv(D, BLOCK_DO)
+    class_tiles = tl.cdiv(C, BLOCK_C)
+    if NEED_DS:
+        cols = (pid % d_chunks) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+        cls = ((pid // d_chunks) % class_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+        split = pid // (d_chunks * class_tiles)
+        writes_loss = pid % (d_chunks * class_tiles) == 0
+    else:
+        split = pid
+        writes_loss = True
+    z_norm_at, _ = _staged_offsets(R, C)
+    row_tiles = tl.cdiv(R, BLOCK_M)
+    per_split = tl.cdiv(row_tiles, num_splits)
+    acc = tl.zeros([BLOCK_DO, BLOCK_C], dtype=tl.float32)
+    loss_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for tile in range(split * per_split, tl.minimum((split + 1) * per_split, row_tiles)):
+        rows, row_ok, n, z_off = _row_offsets(tile, R, N, stride_zv, stride_zn, BLOCK_M)
+        labels, valid = _labels(y_ptr, n, row_ok, C)
+        lse2 = _combined_lse2(lse_part_ptr, rows, row_ok, R, num_chunks, BLOCK_M)
+        logit_rows = stats_ptr + rows.to(tl.int64) * C
+        if writes_loss:
+            tl.store(lse_ptr + rows, lse2 * LN2, mask=row_ok)
+            target = tl.load(logit_rows + labels, mask=valid, other=0.0)
+            loss = tl.where(valid, (lse2 - target) * LN2, float("nan"))
+            loss_sum += tl.where(row_ok, loss, 0.0)
+        if NEED_DS:
+            logits2 = tl.load(logit_rows[:, None] + cls[None, :],
+                              mask=row_ok[:, None] & (cls < C)[None, :], other=float("-inf"))
+            g = _logit_grad(logits2, lse2, labels, row_ok, cls)
+            inv_z = _inv_norm(tl.load(stats_ptr + z_norm_at + rows, mask=row_ok, other=1.0))
+            acc = _ds_hat_chunk(z_ptr, z_off, row_ok, inv_z, g, cols, D, acc, MODE, HALF)
+    if NEED_DS:
+        tl.store(part_ptr + (split.to(tl.int64) * C + cls)[None, :] * D + cols[:, None],
+                 acc * (inv_rows * inv_tau), mask=(cols < D)[:, None] & (cls < C)[None, :])
+    if writes_loss:
+        tl.store(loss_part_ptr + split, tl.sum(loss_sum, axis=0) * inv_rows)
+
+
+@triton.jit
+def _bwd_class_tile(z_ptr, z_off, rows, row_ok, s_ptr, counts_ptr, stats_ptr, cls, stride_sc, R,
+                    D, C, scale2, SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr,
+                    STAGED: tl.constexpr, MODE: tl.constexpr, HALF: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_DO: tl.constexpr):
+    """(base-2 logits, inv_s, |z|) of a (row tile, class tile): recomputed from z and S, or
+    (STAGED) loaded from the class split's staged statistics."""
+    if STAGED:
+        z_norm_at, inv_s_at = _staged_offsets(R, C)
+        logits2 = tl.load(stats_ptr + rows.to(tl.int64)[:, None] * C + cls[None, :],
+                          mask=row_ok[:, None] & (cls < C)[None, :], other=float("-inf"))
+        inv_s = tl.load(stats_ptr + inv_s_at + cls, mask=cls < C, other=0.0)
+        z_norm = tl.load(stats_ptr + z_norm_at + rows, mask=row_ok, other=1.0)
+    else:
+        logits2, inv_s, _, z_norm = _tile_logits(
+            z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
+            HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+    return logits2, inv_s, z_norm
+
+
+@triton.jit
+def _infonce_bwd_kernel(grad_ptr, z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, ds_ptr, stats_ptr,
+                        dz_ptr, dp_ptr, R, N, D, C, stride_zv, stride_zn, stride_sc, inv_tau,
+                        inv_rows, d_split,
+                        SUMS: tl.constexpr, HAS_COUNTS: tl.constexpr, THROUGH: tl.constexpr,
+                        NEED_DP: tl.constexpr, ONE_TILE: tl.constexpr, STAGED: tl.constexpr,
+                        MODE: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+                        DP_BLOCK: tl.constexpr):
     """dz of a row tile (the D chunks of its share), and (NEED_DP) dP = grad * dS_unit.
 
     Programs [0, row tiles * d_split) own (row tile, D share); the rest scale dP. With
     dLoss/dL = grad / R (softmax - onehot) = grad / R G:
     dz = grad / R inv_z (G S_hat / tau - radial z_hat sum_c G L) + grad dS_{y} (THROUGH).
+    Several class tiles: the logits of each are recomputed, or (STAGED) read from the class
+    split's staged statistics with the rows' norms and the classes' inv_s.
     """
     pid = tl.program_id(0)
     row_programs = tl.cdiv(R, BLOCK_M) * d_split
@@ -579,11 +739,14 @@ def _infonce_bwd_kernel(grad_ptr, z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, ds_p
             z_norm = tl.zeros([BLOCK_M], dtype=tl.float32)
             for c0 in range(0, C, BLOCK_C):
                 cls = c0 + tl.arange(0, BLOCK_C)
-                logits2, inv_s, candidate, z_norm = _tile_logits(
-                    z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
-                    HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+                logits2, inv_s, z_norm = _bwd_class_tile(
+                    z_ptr, z_off, rows, row_ok, s_ptr, counts_ptr, stats_ptr, cls, stride_sc, R,
+                    D, C, scale2, SUMS, HAS_COUNTS, STAGED, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K,
+                    BLOCK_DO)
                 g = _logit_grad(logits2, lse2, labels, row_ok, cls)
-                g_dot_l += tl.sum(tl.where(candidate[None, :], g * logits2 * LN2, 0.0), axis=1)
+                # A class that does not compete has logit -inf (and G = 0): it adds nothing.
+                g_dot_l += tl.sum(tl.where(logits2 != float("-inf"), g * logits2 * LN2, 0.0),
+                                  axis=1)
         inv_z = _inv_norm(z_norm)
         radial = tl.where(z_norm >= NORM_EPS, g_dot_l, 0.0)
         row_scale = grad * inv_rows * inv_z
@@ -595,11 +758,12 @@ def _infonce_bwd_kernel(grad_ptr, z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, ds_p
                 dz_hat = _dz_hat_tile(s_ptr, cls, inv_s, g, cols, stride_sc, C, D, dz_hat, MODE,
                                       HALF)
             else:
-                for c0 in range(0, C, BLOCK_C):  # G of each class tile again: logits recomputed
+                for c0 in range(0, C, BLOCK_C):  # G of each class tile again
                     cls = c0 + tl.arange(0, BLOCK_C)
-                    logits2, inv_s, candidate, z_norm_c = _tile_logits(
-                        z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2,
-                        SUMS, HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
+                    logits2, inv_s, z_norm_c = _bwd_class_tile(
+                        z_ptr, z_off, rows, row_ok, s_ptr, counts_ptr, stats_ptr, cls, stride_sc,
+                        R, D, C, scale2, SUMS, HAS_COUNTS, STAGED, MODE, HALF, BLOCK_M, BLOCK_C,
+                        BLOCK_K, BLOCK_DO)
                     g = _logit_grad(logits2, lse2, labels, row_ok, cls)
                     dz_hat = _dz_hat_tile(s_ptr, cls, inv_s, g, cols, stride_sc, C, D, dz_hat,
                                           MODE, HALF)
@@ -697,6 +861,18 @@ def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool) -> tuple
     return triton.cdiv(row_tiles, per_program), per_program
 
 
+def splits_classes(rows: int, num_classes: int) -> bool:
+    """Whether the loss takes the class split: several class tiles (one tile's logits stay in
+    registers, and the row programs are the better plan), and logits small enough to stage."""
+    return num_classes > class_block(num_classes) and rows * num_classes <= STAGED_LOGITS_LIMIT
+
+
+def staged_size(rows: int, num_classes: int) -> int:
+    """Elements of the class split's staged statistics (fp32): logits [R, C], |z| [R], inv_s [C];
+    0 when the rows' programs recompute the logits instead."""
+    return rows * num_classes + rows + num_classes if splits_classes(rows, num_classes) else 0
+
+
 def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Optional[torch.Tensor],
                               counts: Optional[torch.Tensor], num_classes: int, tau: float,
                               need_ds: bool):
@@ -704,12 +880,19 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
 
     Returns (loss 0-dim in z.dtype, lse [V, N] fp32, S [C, D] (fp32 sums, or the prototypes),
     counts [C] int64 (empty without), dS_unit [C, D] fp32: the gradient of the loss for grad 1
-    reaching S (empty unless need_ds)). counts with explicit prototypes masks absent classes.
+    reaching S (empty unless need_ds), the staged statistics (fp32 [staged_size], empty unless
+    the class split runs)). counts with explicit prototypes masks absent classes.
     """
     z, y = _unit_stride(z), y.contiguous()
     views, n, dim = z.shape
     rows, device = views * n, z.device
     sums = prototypes is None
+    if splits_classes(rows, num_classes):
+        if sums:
+            s, counts = class_sums(z, y, num_classes, mean=False)
+        else:
+            s = _unit_stride(prototypes)
+        return _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds)
     programs, per_program = _forward_plan(rows, dim, num_classes, need_ds)
     single = programs == 1
     fused_sums = sums and single
@@ -745,17 +928,61 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
             part, programs, s, counts, ds, loss_out, loss, num_classes, dim, s.stride(0),
             BLOCK_C=block_c, BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS,
             num_stages=NUM_STAGES, **flags)
-    return loss, lse, s, counts, ds
+    return loss, lse, s, counts, ds, torch.empty(0, dtype=torch.float32, device=device)
+
+
+def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
+    """The forward when classes are many and rows few: (row tile, class chunk) programs stage
+    the logits and the softmax partials, then (class tile, D chunk, row split) programs take G
+    from them for dS_hat and the loss, and the finalize kernel applies dS's Jacobian and adds
+    the splits in order. 3 launches after the sums; the backward reads the staged logits."""
+    views, n, dim = z.shape
+    rows, device = views * n, z.device
+    has_counts = counts is not None
+    if not has_counts:
+        counts = torch.empty(0, dtype=torch.int64, device=device)
+    block_c = class_block(num_classes)
+    class_tiles, row_tiles = triton.cdiv(num_classes, block_c), triton.cdiv(rows, ROWS)
+    # One class tile is a step per K chunk of the logits and per D chunk of its norms.
+    tiles_per_chunk = max(1, MAX_SERIAL_STEPS // (triton.cdiv(dim, K_CHUNK) + triton.cdiv(dim, D_OUT)))
+    chunks = triton.cdiv(class_tiles, tiles_per_chunk)
+    stats = torch.empty(staged_size(rows, num_classes), dtype=torch.float32, device=device)
+    lse_part = torch.empty((2, chunks, rows), dtype=torch.float32, device=device)
+    dot = _dot_meta(z.dtype)
+    _infonce_lse_kernel[(row_tiles * chunks,)](
+        z, y, s, counts, stats, lse_part, rows, n, dim, num_classes, z.stride(0), z.stride(1),
+        s.stride(0), 1.0 / tau, tiles_per_chunk, SUMS=sums, HAS_COUNTS=has_counts, BLOCK_M=ROWS,
+        BLOCK_C=block_c, BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES, **dot)
+    splits = _sum_splits(rows, dim, num_classes)  # the same (class tile, D chunk) grid
+    lse = torch.empty((views, n), dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=z.dtype, device=device)
+    loss_part = torch.empty(splits, dtype=torch.float32, device=device)
+    part = torch.empty((splits if need_ds else 0, num_classes, dim), dtype=torch.float32,
+                       device=device)
+    programs = class_tiles * triton.cdiv(dim, D_OUT) if need_ds else 1
+    _infonce_class_grad_kernel[(programs * splits,)](
+        z, y, stats, lse_part, lse, loss_part, part, rows, n, dim, num_classes, z.stride(0),
+        z.stride(1), 1.0 / tau, 1.0 / rows, chunks, splits, NEED_DS=need_ds, BLOCK_M=ROWS,
+        BLOCK_C=block_c, BLOCK_DO=D_OUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **dot)
+    # One split: dS is finalised in place in its part (each element read before it is written).
+    ds = part[0] if need_ds and splits == 1 else torch.empty(
+        (num_classes, dim) if need_ds else 0, dtype=torch.float32, device=device)
+    _infonce_finalize_kernel[(1 + (class_tiles if need_ds else 0),)](
+        part, splits, s, counts, ds, loss_part, loss, num_classes, dim, s.stride(0),
+        SUMS=sums, HAS_COUNTS=has_counts, NEED_DS=need_ds, BLOCK_C=block_c, BLOCK_D=D_OUT,
+        LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return loss, lse, s, counts, ds, stats
 
 
 def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torch.Tensor,
                                s: torch.Tensor, counts: torch.Tensor, lse: torch.Tensor,
-                               ds: torch.Tensor, tau: float, sums: bool, through: bool,
-                               need_dp: bool):
+                               ds: torch.Tensor, stats: torch.Tensor, tau: float, sums: bool,
+                               through: bool, need_dp: bool):
     """(dz [V, N, D] in z.dtype, dP [C, D] in the prototypes' dtype or empty) in one launch.
 
     through: the batch prototypes' path (dz += grad dS_{y}); need_dp: explicit prototypes
-    that want their gradient (grad dS_unit).
+    that want their gradient (grad dS_unit); stats: the class split's staged statistics.
     """
     z, y = _unit_stride(z), y.contiguous()
     views, n, dim = z.shape
@@ -763,21 +990,24 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
     block_c = class_block(num_classes)
     row_tiles = triton.cdiv(rows, ROWS)
     d_chunks = triton.cdiv(dim, D_OUT)
+    staged = stats.numel() > 0
     # A program walks its row tile's logits and then its D chunks of dz; several programs share
-    # the D chunks (each recomputing the logits) only where one would walk too many steps.
+    # the D chunks (each recomputing, or loading when staged, the logits) only where one would
+    # walk too many steps.
     class_tiles = triton.cdiv(num_classes, block_c)
-    logit_steps = triton.cdiv(dim, K_CHUNK) * class_tiles
+    logit_steps = class_tiles * (1 if staged else triton.cdiv(dim, K_CHUNK))
     steps = logit_steps + d_chunks * (class_tiles + (logit_steps if class_tiles > 1 else 0))
     d_split = max(1, min(d_chunks, triton.cdiv(steps, MAX_SERIAL_STEPS)))
     dz = torch.empty((views, n, dim), dtype=z.dtype, device=z.device)
     dp = torch.empty((num_classes, dim) if need_dp else 0, dtype=s.dtype, device=z.device)
     dp_programs = triton.cdiv(num_classes * dim, FINAL_COLS * 4) if need_dp else 0
     _infonce_bwd_kernel[(row_tiles * d_split + dp_programs,)](
-        grad_loss, z, y, s, counts, lse, ds, dz, dp, rows, n, dim, num_classes, z.stride(0),
-        z.stride(1), s.stride(0), 1.0 / tau, 1.0 / rows, d_split, SUMS=sums,
+        grad_loss, z, y, s, counts, lse, ds, stats, dz, dp, rows, n, dim, num_classes,
+        z.stride(0), z.stride(1), s.stride(0), 1.0 / tau, 1.0 / rows, d_split, SUMS=sums,
         HAS_COUNTS=counts.numel() > 0, THROUGH=through, NEED_DP=need_dp,
-        ONE_TILE=num_classes <= block_c, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK,
-        BLOCK_DO=D_OUT, DP_BLOCK=FINAL_COLS * 4, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        ONE_TILE=num_classes <= block_c, STAGED=staged, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK,
+        BLOCK_DO=D_OUT, DP_BLOCK=FINAL_COLS * 4, num_stages=NUM_STAGES,
+        num_warps=STAGED_BWD_WARPS if staged else NUM_WARPS,
         **_dot_meta(z.dtype))
     return dz, dp
 
@@ -832,19 +1062,39 @@ def aot_specs() -> list[KernelSpec]:
                      "loss_ptr": f"*{t}", "C": "i32", "D": "i32", "stride_sc": "i32"},
                     dict(SUMS=sums, HAS_COUNTS=sums, NEED_DS=True, BLOCK_C=block_c,
                          BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK), num_warps=NUM_WARPS, num_stages=NUM_STAGES))
-                specs.append(KernelSpec(
-                    f"infonce_bwd[{tag}]", _infonce_bwd_kernel,
-                    {**shared, "grad_ptr": f"*{t}", "ds_ptr": "*fp32", "dz_ptr": f"*{t}",
-                     "dp_ptr": f"*{t}", "d_split": "i32"},
-                    dict(flags, THROUGH=sums, NEED_DP=not sums, DP_BLOCK=FINAL_COLS * 4),
-                    num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                for staged in (False, True) if not one_tile else (False,):
+                    specs.append(KernelSpec(
+                        f"infonce_bwd[{tag},STAGED={staged}]", _infonce_bwd_kernel,
+                        {**shared, "grad_ptr": f"*{t}", "ds_ptr": "*fp32", "stats_ptr": "*fp32",
+                         "dz_ptr": f"*{t}", "dp_ptr": f"*{t}", "d_split": "i32"},
+                        dict(flags, THROUGH=sums, NEED_DP=not sums, STAGED=staged,
+                             DP_BLOCK=FINAL_COLS * 4),
+                        num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                if not one_tile:  # the class split
+                    specs.append(KernelSpec(
+                        f"infonce_lse[{tag}]", _infonce_lse_kernel,
+                        {**z, "s_ptr": s_type, "counts_ptr": "*i64", "stats_ptr": "*fp32",
+                         "lse_part_ptr": "*fp32", "stride_sc": "i32", "inv_tau": "fp32",
+                         "tiles_per_chunk": "i32"},
+                        dict(SUMS=sums, HAS_COUNTS=sums, BLOCK_M=ROWS, BLOCK_C=block_c,
+                             BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, **dot),
+                        num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+        for need_ds in (True, False):
+            specs.append(KernelSpec(
+                f"infonce_class_grad[{t},NEED_DS={need_ds}]", _infonce_class_grad_kernel,
+                {**z, "stats_ptr": "*fp32", "lse_part_ptr": "*fp32", "lse_ptr": "*fp32",
+                 "loss_part_ptr": "*fp32", "part_ptr": "*fp32", "inv_tau": "fp32",
+                 "inv_rows": "fp32", "num_chunks": "i32", "num_splits": "i32"},
+                dict(NEED_DS=need_ds, BLOCK_M=ROWS, BLOCK_C=32, BLOCK_DO=D_OUT, **dot),
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES))
     return specs
 
 
 def aot_launches():
     """Forward + backward of the prototype InfoNCE (batch prototypes, V = 1 and 3; explicit
     prototypes) and of the scatter-mean, at the benchmark shapes (N = 32, 1024, 65536 x
-    C = 20, 30, 1024; D = 768) and the structure test's (N = 256, D = 128, C = 20), each dtype."""
+    C = 20, 30, 1024; D = 768), the structure test's (N = 256, D = 128, C = 20) and one past
+    the staging limit, each dtype."""
     from mvcl_fast.kernels.aot import mode_name
 
     def step(views, n, dim, num_classes, dtype, explicit):
@@ -852,18 +1102,20 @@ def aot_launches():
             z = torch.empty(views, n, dim, dtype=dtype)
             y = torch.randint(num_classes, (n,))
             prototypes = torch.empty(num_classes, dim, dtype=dtype) if explicit else None
-            _, lse, s, counts, ds = prototype_infonce_forward(z, y, prototypes, None, num_classes,
-                                                              0.1, True)
+            _, lse, s, counts, ds, stats = prototype_infonce_forward(
+                z, y, prototypes, None, num_classes, 0.1, True)
             prototype_infonce_backward(torch.ones((), dtype=dtype), z, y,
                                        s if prototypes is None else prototypes, counts, lse, ds,
-                                       0.1, not explicit, not explicit, explicit)
+                                       stats, 0.1, not explicit, not explicit, explicit)
             if views == 1 and not explicit:
                 means, counts = batch_prototypes_forward(z[0], y, num_classes)
                 batch_prototypes_backward(means, y, counts)
         return launch
 
+    # C = 2048 at 3 x 65536 rows: too many logits to stage, the row programs recompute them.
     shapes = [(v, n, 768, c, e) for n in (32, 1024, 65536) for c in (20, 30, 1024)
-              for v, e in ((1, False), (3, False), (1, True))] + [(1, 256, 128, 20, False)]
+              for v, e in ((1, False), (3, False), (1, True))] + [
+        (1, 256, 128, 20, False), (3, 65536, 768, 2048, False)]
     return [(f"prototypes[V={v},N={n},D={d},C={c},{'explicit' if e else 'batch'},"
              f"{mode_name(dtype, False)}]", step(v, n, d, c, dtype, e))
             for dtype in TORCH_TO_TRITON for v, n, d, c, e in shapes]

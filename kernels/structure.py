@@ -15,7 +15,9 @@ tensors to the kernels) and records:
   loads and stores counted as *distinct addresses per launch* (a tile read
   twice by one program, or by two programs, counts once: what HBM would move
   with a perfect cache, the floor a kernel's design is judged against), and the
-  multiply-adds of its ``tl.dot`` calls (M x N x K each).
+  multiply-adds of its ``tl.dot`` calls (M x N x K each), and the most ``tl.dot``
+  calls one program made: its serial tile steps (a program's GEMM loop makes one
+  dot per step in fp32; the half dtypes split operands into two or three).
 - **aten launches**: every aten op that runs a device kernel. Views, ``empty``
   allocations, ``detach`` and other metadata-only ops launch nothing and are
   not counted; the aten ops Triton's interpreter itself runs to stage a launch
@@ -67,10 +69,17 @@ class KernelLaunch:
     bytes_stored: int = 0
     macs: int = 0
     dots: list = field(default_factory=list)   # (M, N, K) of each tl.dot call, per program
+    max_program_dots: int = 0                    # the most tl.dot calls of one program
+    _program_dots: int = field(default=0, repr=False)
     _loads: list = field(default_factory=list, repr=False)
     _stores: list = field(default_factory=list, repr=False)
 
+    def end_program(self):
+        self.max_program_dots = max(self.max_program_dots, self._program_dots)
+        self._program_dots = 0
+
     def finish(self):
+        self.end_program()
         self.bytes_loaded = _distinct_bytes(self._loads)
         self.bytes_stored = _distinct_bytes(self._stores)
         self._loads, self._stores = [], []
@@ -104,10 +113,11 @@ class Structure:
 
     def table(self) -> str:
         """One line per launch: what `--structure` reports print."""
-        lines = [f"{'launch':<40} {'programs':>8} {'loaded':>10} {'stored':>10} {'MACs':>12}"]
+        lines = [f"{'launch':<40} {'programs':>8} {'loaded':>10} {'stored':>10} {'MACs':>12} "
+                 f"{'dots/program':>12}"]
         for k in self.kernels:
             lines.append(f"{k.name:<40} {k.programs:>8} {k.bytes_loaded:>10} {k.bytes_stored:>10} "
-                         f"{k.macs:>12}")
+                         f"{k.macs:>12} {k.max_program_dots:>12}")
         lines += [f"aten.{name}" for name in self.aten]
         lines.append(f"{self.launches} launches ({len(self.kernels)} Triton, {len(self.aten)} aten), "
                      f"{len(self.syncs)} syncs, {self.bytes} bytes, {self.macs} MACs")
@@ -161,7 +171,7 @@ def _triton_hooks(recorder: _Recorder):
     builder = interp.InterpreterBuilder
     saved = {name: getattr(builder, name) for name in
              ("create_masked_load", "create_masked_store", "create_dot", "create_atomic_rmw",
-              "create_atomic_cas", "set_grid_dim")}
+              "create_atomic_cas", "set_grid_dim", "set_grid_idx")}
     saved_call = interp.GridExecutor.__call__
     current: list[KernelLaunch] = []
 
@@ -201,6 +211,7 @@ def _triton_hooks(recorder: _Recorder):
             n = b.data.shape[-1]
             batch = int(np.prod(a.data.shape[:-2], dtype=np.int64))
             current[-1].macs += batch * m * n * k
+            current[-1]._program_dots += 1
             if len(current[-1].dots) < 64:
                 current[-1].dots.append((m, n, k))
         return saved["create_dot"](self, a, b, d, *args)
@@ -209,6 +220,11 @@ def _triton_hooks(recorder: _Recorder):
         if current:
             current[-1].programs = x * y * z
         return saved["set_grid_dim"](self, x, y, z)
+
+    def set_grid_idx(self, x, y, z):  # a new program starts
+        if current:
+            current[-1].end_program()
+        return saved["set_grid_idx"](self, x, y, z)
 
     def launch(executor, *args, **kwargs):
         record = KernelLaunch(getattr(executor.fn, "__name__", str(executor.fn)))
@@ -225,7 +241,7 @@ def _triton_hooks(recorder: _Recorder):
 
     patches = dict(create_masked_load=masked_load, create_masked_store=masked_store,
                    create_dot=dot, create_atomic_rmw=atomic_rmw, create_atomic_cas=atomic_cas,
-                   set_grid_dim=set_grid_dim)
+                   set_grid_dim=set_grid_dim, set_grid_idx=set_grid_idx)
     for name, fn in patches.items():
         setattr(builder, name, fn)
     interp.GridExecutor.__call__ = launch

@@ -33,6 +33,13 @@ OPCHECK_CASES = {
         prototypes._prototype_infonce,
         (_grad(1, 6, 8), torch.tensor([0, 1, 1, 2, 0, 3]), _grad(4, 8), None, 4, 0.3, False,
          True)),
+    "prototype_infonce_class_split": lambda: (   # 40 classes: the kernels stage the logits
+        prototypes._prototype_infonce,
+        (_grad(2, 6, 8), torch.tensor([0, 39, 1, 20, 0, 33]), None, None, 40, 0.1, True, True)),
+    "prototype_infonce_class_split_explicit": lambda: (
+        prototypes._prototype_infonce,
+        (_grad(1, 6, 8), torch.tensor([0, 39, 1, 20, 0, 33]), _grad(40, 8), None, 40, 0.2, False,
+         True)),
     "multiview_infonce": lambda: (multiview._multiview_infonce, (_grad(5, 8), _grad(3, 5, 8), 0.1, False)),
     "multiview_infonce_symmetric": lambda: (
         multiview._multiview_infonce, (_grad(5, 8), _grad(2, 5, 8), 0.2, True)),

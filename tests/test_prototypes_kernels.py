@@ -207,13 +207,28 @@ def test_prototype_infonce_half(kernel_device, dtype, views, n, dim, num_classes
 @pytest.mark.parametrize("explicit", [False, True], ids=["batch", "explicit"])
 def test_prototype_infonce_split_work(kernel_device, monkeypatch, explicit):
     """Small work limits: the sums split their rows (and add the splits), the forward spreads
-    the rows over programs (and the finalize kernel adds their partials)."""
+    the rows over programs (and the finalize kernel adds their partials); with 100 classes the
+    class split runs one class tile per chunk and splits its class-side rows."""
     from mvcl_fast.kernels import prototypes as module
 
     monkeypatch.setattr(module, "MAX_SERIAL_STEPS", 1)
     monkeypatch.setattr(module, "TARGET_PROGRAMS", 4096)
     _check_infonce(kernel_device, torch.float32, 3, 70, 100, 100, explicit=explicit)
     _check_infonce(kernel_device, torch.bfloat16, 3, 70, 200, 20, explicit=explicit)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["batch", "explicit"])
+def test_prototype_infonce_many_classes_without_staging(kernel_device, monkeypatch, explicit):
+    """Logits too many to stage: the row programs recompute them per class tile (also split
+    over several programs, whose partials the finalize kernel adds)."""
+    from mvcl_fast.kernels import prototypes as module
+
+    monkeypatch.setattr(module, "STAGED_LOGITS_LIMIT", 0)
+    _check_infonce(kernel_device, torch.float32, 3, 33, 100, 100, explicit=explicit)
+    _check_infonce(kernel_device, torch.bfloat16, 0, 33, 40, 130, "absent", explicit=explicit)
+    monkeypatch.setattr(module, "MAX_SERIAL_STEPS", 1)
+    monkeypatch.setattr(module, "TARGET_PROGRAMS", 4096)
+    _check_infonce(kernel_device, torch.float32, 3, 70, 100, 100, explicit=explicit)
 
 
 def test_batch_prototypes_split_rows(kernel_device, monkeypatch):

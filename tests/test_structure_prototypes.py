@@ -74,6 +74,23 @@ def test_every_gemm_is_on_the_tensor_core_path(kernels):
     assert s.macs == (1 + 2 + 2 + 2 + 3) * N * 32 * D, s.macs
 
 
+def test_many_classes_fill_the_gpu_or_stay_short(kernels):
+    """The benchmark's many-class shape, N=32 D=768 C=1024, in fp32 (one tl.dot per tile step):
+    the class split gives every launch a grid that fills the card or programs of at most ~64
+    tile steps (the one-program forward walked 1,920), within the launch budget, 0 syncs."""
+    from mvcl_fast.kernels.prototypes import MAX_SERIAL_STEPS, SM_COUNT
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(32, 768, generator=g).requires_grad_()
+    y = torch.randint(0, 1024, (32,), generator=g)
+    s = count_structure(lambda: mvcl_fast.prototype_infonce(z, y, 1024, validate=False).backward())
+    print(s.table())
+    assert s.syncs == [] and s.launches <= MAX_LAUNCHES, s.table()
+    assert "_infonce_lse_kernel" in [k.name for k in s.kernels], s.table()
+    for k in s.kernels:
+        assert k.programs >= SM_COUNT or k.max_program_dots <= MAX_SERIAL_STEPS, s.table()
+
+
 def test_validate_true_costs_one_sync(kernels):
     z, y, _ = _inputs(1)
     s = count_structure(lambda: mvcl_fast.prototype_infonce(z, y, C, validate=True))

@@ -81,18 +81,20 @@ _batch_prototypes.register_autograd(_batch_prototypes_grad, setup_context=_batch
 @torch.library.custom_op("mvcl_fast::prototype_infonce", mutates_args=())
 def _prototype_infonce(z: Tensor, y: Tensor, prototypes: Optional[Tensor],
                        counts: Optional[Tensor], num_classes: int, tau: float, through: bool,
-                       need_ds: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss in z.dtype, lse [V, N], class sums, counts, dS_unit); the last three empty when unused.
+                       need_ds: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss in z.dtype, lse [V, N], class sums, counts, dS_unit, staged statistics); the last
+    four empty when unused.
 
     prototypes None: the batch prototypes of z (their class sums; through: the gradient
-    flows through them). counts (with prototypes): absent classes are masked out.
+    flows through them). counts (with prototypes): absent classes are masked out. The staged
+    statistics are the kernels' class split's (the logits, for the backward to read).
     """
     if use_triton("prototype_infonce", z):
-        loss, lse, s, out_counts, ds = kernel_module(KERNELS).prototype_infonce_forward(
+        loss, lse, s, out_counts, ds, stats = kernel_module(KERNELS).prototype_infonce_forward(
             z, y, prototypes, counts, num_classes, tau, need_ds)
         if prototypes is not None:  # outputs may not alias inputs: the backward reads the inputs
             s, out_counts = _empty(z), _empty(z, torch.int64)
-        return loss, lse, s, out_counts, ds
+        return loss, lse, s, out_counts, ds, stats
     checks.check_values([], [], ("y", y, num_classes))  # the reference would index out of range
     batch = prototypes is None
     if batch:
@@ -105,30 +107,34 @@ def _prototype_infonce(z: Tensor, y: Tensor, prototypes: Optional[Tensor],
     loss, lse = reference.prototype_logits_loss(z, y, prototypes, class_mask, tau)
     # The statistics the kernel path saves, in its shapes (zeros: the reference's backward
     # recomputes instead of reading them).
-    sums, out_counts, ds = _statistics(z, batch, num_classes, need_ds, z.new_zeros)
-    return loss.to(z.dtype), lse, sums, out_counts, ds
+    sums, out_counts, ds, stats = _statistics(z, batch, num_classes, need_ds, z.new_zeros)
+    return loss.to(z.dtype), lse, sums, out_counts, ds, stats
 
 
 def _statistics(z, batch, num_classes, need_ds, new):
-    """(class sums [C, D] fp32, counts [C], dS_unit [C, D] fp32), empty where the path has none."""
+    """(class sums [C, D] fp32, counts [C], dS_unit [C, D] fp32, staged statistics fp32), empty
+    where the path has none. Only the kernels' class split stages (the reference recomputes)."""
     dim = z.shape[-1]
     sums = new((num_classes, dim) if batch else 0, dtype=torch.float32)
     out_counts = new(num_classes if batch else 0, dtype=torch.int64)
-    return sums, out_counts, new((num_classes, dim) if need_ds else 0, dtype=torch.float32)
+    ds = new((num_classes, dim) if need_ds else 0, dtype=torch.float32)
+    staged = (kernel_module(KERNELS).staged_size(z.shape[0] * z.shape[1], num_classes)
+              if use_triton("prototype_infonce", z) else 0)
+    return sums, out_counts, ds, new(staged, dtype=torch.float32)
 
 
 @_prototype_infonce.register_fake
 def _(z, y, prototypes, counts, num_classes, tau, through, need_ds):
     acc = reference.compute_dtype(z.dtype)
-    sums, out_counts, ds = _statistics(z, prototypes is None, num_classes, need_ds, z.new_empty)
-    return z.new_empty(()), z.new_empty(z.shape[:2], dtype=acc), sums, out_counts, ds
+    statistics = _statistics(z, prototypes is None, num_classes, need_ds, z.new_empty)
+    return z.new_empty(()), z.new_empty(z.shape[:2], dtype=acc), *statistics
 
 
 @torch.library.custom_op("mvcl_fast::prototype_infonce_backward", mutates_args=())
 def _prototype_infonce_backward(grad_loss: Tensor, z: Tensor, y: Tensor,
                                 prototypes: Optional[Tensor], counts: Optional[Tensor],
                                 sums: Tensor, out_counts: Tensor, lse: Tensor, ds: Tensor,
-                                num_classes: int, tau: float, through: bool,
+                                stats: Tensor, num_classes: int, tau: float, through: bool,
                                 need_dp: bool) -> tuple[Tensor, Tensor]:
     """(dz, dP) of the fused op; dP is empty unless need_dp (explicit prototypes)."""
     if use_triton("prototype_infonce", z):
@@ -137,7 +143,8 @@ def _prototype_infonce_backward(grad_loss: Tensor, z: Tensor, y: Tensor,
         class_counts = out_counts if batch else (_empty(z, torch.int64) if counts is None
                                                  else counts)
         return kernel_module(KERNELS).prototype_infonce_backward(
-            grad_loss, z, y, s, class_counts, lse, ds, tau, batch, through and batch, need_dp)
+            grad_loss, z, y, s, class_counts, lse, ds, stats, tau, batch, through and batch,
+            need_dp)
 
     def loss_of(z_, p_):
         if p_ is None:
@@ -154,8 +161,8 @@ def _prototype_infonce_backward(grad_loss: Tensor, z: Tensor, y: Tensor,
 
 
 @_prototype_infonce_backward.register_fake
-def _(grad_loss, z, y, prototypes, counts, sums, out_counts, lse, ds, num_classes, tau, through,
-      need_dp):
+def _(grad_loss, z, y, prototypes, counts, sums, out_counts, lse, ds, stats, num_classes, tau,
+      through, need_dp):
     # Gradients come back contiguous whatever the inputs' strides.
     dp = prototypes.new_empty(prototypes.shape) if need_dp else _empty(z, z.dtype)
     return z.new_empty(z.shape), dp
@@ -163,22 +170,22 @@ def _(grad_loss, z, y, prototypes, counts, sums, out_counts, lse, ds, num_classe
 
 def _prototype_infonce_setup(ctx, inputs, output):
     z, y, prototypes, counts, num_classes, tau, through, need_ds = inputs
-    _, lse, sums, out_counts, ds = output
-    ctx.mark_non_differentiable(lse, sums, out_counts, ds)
+    _, lse, sums, out_counts, ds, stats = output
+    ctx.mark_non_differentiable(lse, sums, out_counts, ds, stats)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(z, y, prototypes, counts, sums, out_counts, lse, ds)
+    ctx.save_for_backward(z, y, prototypes, counts, sums, out_counts, lse, ds, stats)
     ctx.num_classes, ctx.tau, ctx.through, ctx.need_ds = num_classes, tau, through, need_ds
 
 
 def _prototype_infonce_grad(ctx, grad_loss, *unused):
-    z, y, prototypes, counts, sums, out_counts, lse, ds = ctx.saved_tensors
+    z, y, prototypes, counts, sums, out_counts, lse, ds, stats = ctx.saved_tensors
     need_dp = prototypes is not None and ctx.needs_input_grad[2]
     if need_dp and not ctx.need_ds:
         raise RuntimeError("prototype_infonce: the prototypes need a gradient but the forward was "
                            "called with need_ds=False")
     grad_z, grad_p = _prototype_infonce_backward(
-        grad_loss, z, y, prototypes, counts, sums, out_counts, lse, ds, ctx.num_classes, ctx.tau,
-        ctx.through, need_dp)
+        grad_loss, z, y, prototypes, counts, sums, out_counts, lse, ds, stats, ctx.num_classes,
+        ctx.tau, ctx.through, need_dp)
     return grad_z, None, grad_p if need_dp else None, None, None, None, None, None
 
 

@@ -41,7 +41,8 @@ atomics, deterministic, every output element written by exactly one program.
 Multiply-adds: the recompute and the gradient GEMM of each side, 4 units of
 V N^2 D in all (the forward's log-sum-exps are 1, 2 when symmetric), where a
 program's accumulators span D (D <= MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL = 768: a
-512-wide chunk and a 256-wide tail, so D = 768 pads nothing); past that, D is
+512-wide chunk and a 256-wide tail, so D = 768 pads nothing; fp16/bf16 on sm_90
+up to WIDE_D = 1024 with a 512-wide tail in 16-row tiles); past that, D is
 split into chunks that each recompute the logits. The chain through the L2
 normalisation, dx = (g - x_hat (x_hat . g)) / max(||x||, 1e-12), needs
 x_hat . g over the whole row, which equals sum_j dS_ij S_ij (because
@@ -270,7 +271,8 @@ def _grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, lse_rows_ptr, lse_cols_ptr, r
 
     A program's output chunk is BLOCK_DO columns, plus BLOCK_DO_TAIL more in a second
     accumulator when > 0 (D = 768 as 512 + 256: one chunk, so the logits are computed once,
-    where one power-of-two chunk would be 1024 wide, a quarter of it padding).
+    where one power-of-two chunk would be 1024 wide, a quarter of it padding; D = 1024 as
+    512 + 512).
 
     Grid axis 0: own_tiles anchor row tiles first (own = anchor, other =
     every view in turn: these programs do V times the work, so they start
@@ -463,10 +465,12 @@ NORMS_BLOCK_R, NORMS_BLOCK_D = 8, 128
 LOSS_BLOCK = 1024
 # The widest D-chunk a backward program accumulates, and the tail chunk beside it: up to
 # their sum the backward is 4 units of V N^2 D multiply-adds; past it each further chunk
-# recomputes the logits (1 unit per side).
+# recomputes the logits (1 unit per side). fp16/bf16 on sm_90 hold up to WIDE_D columns
+# (a 512-wide tail, in 16-row tiles).
 MAX_BLOCK_DO, MAX_BLOCK_DO_TAIL = 512, 256
+WIDE_D = 1024
 # One representative D per bucket: the configs below are constant inside each.
-D_BUCKETS = (32, 64, 128, 256, 512, 768, 4096)
+D_BUCKETS = (32, 64, 128, 256, 512, 768, 1024, 4096)
 
 # Every config below compiles without spills for sm_90a under triton 3.6.0 and 3.9 at the
 # specialisations the launchers use (python -m mvcl_fast.kernels.report). Row tiles of 64
@@ -487,7 +491,7 @@ def _lse_config(dtype: torch.dtype, dim: int) -> _Config:
 
 def _grad_config(dtype: torch.dtype, dim: int, sm90: bool = True) -> _Config:
     """Configs whose output chunks (block_do + block_do_tail) hold all of D up to
-    MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL (on sm_80, 512 for fp16/bf16)."""
+    MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL for fp32, WIDE_D for fp16/bf16 on sm_90 (512 on sm_80)."""
     if dtype == torch.float32:
         # ptxas spills the single-chunk FMA form on sm_90a; the loop form does not.
         if dim <= 64:
@@ -506,13 +510,16 @@ def _grad_config(dtype: torch.dtype, dim: int, sm90: bool = True) -> _Config:
         return _Config(32, 64, 128, 128, 4, 2)
     if dim <= 256:
         return _Config(64, 64, 128, 256, 8, 2)
-    # Past 768 the 512-wide chunks: a 768-wide one would pad more (D = 1024: 1536 columns).
-    if dim <= 512 or dim > MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL:
+    # Past WIDE_D the 512-wide chunks: a wider one would pad more (D = 1536: 2048 columns).
+    # sm_80's mma.sync code spills the tail (44 B at 32 x 32): 512-wide chunks there.
+    if dim <= 512 or dim > WIDE_D or not sm90:
         return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
-    if not sm90:   # sm_80's mma.sync code spills the tail (44 B at 32 x 32): 512-wide chunks
-        return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
-    # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
-    return _Config(32, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=MAX_BLOCK_DO_TAIL)
+    if dim <= MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL:
+        # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
+        return _Config(32, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=MAX_BLOCK_DO_TAIL)
+    # 1024 columns: 16-row tiles hold them in registers (216-232 of 255, both Tritons). The
+    # fp32 FMA form spills at this width, so fp32 keeps 512-wide chunks past 768.
+    return _Config(16, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=WIDE_D - MAX_BLOCK_DO)
 
 
 def _sm90(x: torch.Tensor) -> bool:
@@ -761,9 +768,9 @@ _GRAD_INPUT_PTRS = {"anchor_ptr", "views_ptr", "grad_loss_ptr", "d_anchor_ptr", 
 
 
 def aot_launches():
-    """Forward + backward at the benchmark shapes (N = 32, 4096, 65536; V = 4; D = 768) and the
-    structure test's (N = 256, D = 128) in every dtype mode, one- and two-directional, and the
-    row share of DDP rank 1 of 2 at N = 4096."""
+    """Forward + backward at the benchmark shapes (N = 32, 4096, 65536; V = 4; D = 768), the
+    structure test's (N = 256, D = 128) and the widest one-chunk D (N = 4096, D = 1024) in every
+    dtype mode, one- and two-directional, and the row share of DDP rank 1 of 2 at N = 4096."""
     from mvcl_fast.kernels.aot import DTYPE_MODES, matmul_tf32, mode_name
 
     def step(n, dim, dtype, tf32, symmetric, ranks=1):
@@ -784,7 +791,8 @@ def aot_launches():
         for symmetric in (False, True):
             tag = f"{mode_name(dtype, tf32)}{',symmetric' if symmetric else ''}"
             launches += [(f"multiview[N={n},D={dim},{tag}]", step(n, dim, dtype, tf32, symmetric))
-                         for n, dim in ((32, 768), (4096, 768), (65536, 768), (256, 128))]
+                         for n, dim in ((32, 768), (4096, 768), (65536, 768), (256, 128),
+                                        (4096, 1024))]
             launches.append((f"multiview[N=4096,D=768,rank 1 of 2,{tag}]",
                              step(4096, 768, dtype, tf32, symmetric, ranks=2)))
     return launches

@@ -31,7 +31,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRID = list(itertools.product((1, 2, 63, 257), (16, 384, 700, 1000), (1, 4), (False, True), DTYPES))
 # (N, D, V, symmetric, dtype) run by the interpreter: every value of every axis at least once,
 # N=257 with D <= 384, D=700 (a gradient chunk of 512 + a tail of 256, partly padding) and
-# D=1000 (padded rows, chunked D) with N <= 63.
+# D=1000 (padded rows; fp16/bf16 in one 512 + 512 chunk of 16 rows, fp32 in D-chunks) with
+# N <= 63.
 INTERPRETER_GRID = {
     (1, 16, 1, False, "fp32"), (1, 384, 4, True, "fp16"),
     (2, 16, 4, True, "fp16"), (2, 1000, 1, True, "fp32"), (2, 384, 1, False, "bf16"),

@@ -11,8 +11,9 @@ at N=256, V=4, D=128 in bf16 without finiteness checks, as on CUDA:
 - multiply-adds of the tl.dot calls, in units of V N^2 D: the forward's
   log-sum-exps 1 per direction, the backward 4 (one recompute and one
   gradient GEMM for each side), at every D up to MAX_BLOCK_DO +
-  MAX_BLOCK_DO_TAIL = 768, where the backward's accumulators span D (past it
-  each further D-chunk adds one recompute per side);
+  MAX_BLOCK_DO_TAIL = 768 (fp16/bf16 on sm_90: WIDE_D = 1024), where the
+  backward's accumulators span D (past it each further D-chunk adds one
+  recompute per side);
 - at N=4096 every kernel's grid has at least one program per SM of a
   132-SM card.
 """
@@ -85,6 +86,13 @@ def test_backward_in_one_d_chunk(dtype, dim):
     assert kernels._grad_grid(kernels._grad_config(dtype, dim), dim, 4096, V)[1] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dim", [800, 1000, kernels.WIDE_D])
+def test_half_backward_in_one_d_chunk_up_to_1024_on_sm90(dtype, dim):
+    assert kernels._grad_grid(kernels._grad_config(dtype, dim), dim, 4096, V)[1] == 1
+    assert kernels._grad_grid(kernels._grad_config(dtype, dim, sm90=False), dim, 4096, V)[1] == 2
+
+
 def test_backward_units_at_768():
     """D = 768 (the benchmark's width): one program's accumulators hold 512 + 256 columns, so
     the backward is the 4 units of V N^2 D, counted, where one power-of-two chunk per program
@@ -97,10 +105,21 @@ def test_backward_units_at_768():
     assert grad.macs == BACKWARD_UNITS * num_views * n * n * dim, s.table()
 
 
+def test_backward_units_at_1024():
+    """D = 1024 in bf16 (sm_90's configs, as the interpreter takes): 512 + 512 columns in 16-row
+    tiles, the 4 units, counted (two 512-wide chunks would be 6)."""
+    n, num_views, dim = 32, 2, 1024
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MVCL_FAST_BACKEND", "triton")
+        s = _structure(True, n, num_views, dim)
+    grad = next(k for k in s.kernels if k.name == "_grad_kernel")
+    assert grad.macs == BACKWARD_UNITS * num_views * n * n * dim, s.table()
+
+
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "symmetric"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("dim", [128, 768])
+@pytest.mark.parametrize("dim", [128, 768, 1024])
 def test_grids_fill_the_card_at_4096(dtype, dim, symmetric):
     lse = kernels._lse_grid(kernels._lse_config(dtype, dim), 4096, V, symmetric)
     grad = kernels._grad_grid(kernels._grad_config(dtype, dim), dim, 4096, V)

@@ -55,10 +55,11 @@ def _record(benchmark, op, shape, s, floor, eager):
         bytes_over_floor=round(s.bytes / floor, 3), macs=s.macs, eager_launches=eager.launches,
         eager_syncs=len(eager.syncs),
         kernels=[dict(name=k.name, programs=k.programs, loaded=k.bytes_loaded,
-                      stored=k.bytes_stored, macs=k.macs) for k in s.kernels])
+                      stored=k.bytes_stored, macs=k.macs, max_program_dots=k.max_program_dots)
+                 for k in s.kernels])
 
 
-MULTIVIEW_SHAPES = [(256, 4, 128), (64, 4, 768)]
+MULTIVIEW_SHAPES = [(256, 4, 128), (64, 4, 768), (32, 4, 1024)]
 
 
 @pytest.mark.parametrize("n,num_views,dim", MULTIVIEW_SHAPES,

@@ -789,7 +789,8 @@ def _dot_meta(dtype: torch.dtype) -> dict:
 
 
 def _sum_splits(rows: int, dim: int, num_classes: int) -> int:
-    """Row splits of the sums: one unless a program would walk too many row tiles on an idle GPU."""
+    """Row splits of a (class tile, D chunk) grid, the sums' or the class split's dS_hat: one
+    unless a program would walk too many row tiles on an idle GPU."""
     row_tiles = triton.cdiv(rows, ROWS)
     programs = triton.cdiv(num_classes, class_block(num_classes)) * triton.cdiv(dim, D_OUT)
     if row_tiles <= MAX_SERIAL_STEPS or 2 * programs >= TARGET_PROGRAMS:
@@ -954,7 +955,10 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
         s.stride(0), 1.0 / tau, tiles_per_chunk, SUMS=sums, HAS_COUNTS=has_counts, BLOCK_M=ROWS,
         BLOCK_C=block_c, BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, num_warps=NUM_WARPS,
         num_stages=NUM_STAGES, **dot)
-    splits = _sum_splits(rows, dim, num_classes)  # the same (class tile, D chunk) grid
+    if need_ds:  # the same (class tile, D chunk) grid as the sums
+        splits = _sum_splits(rows, dim, num_classes)
+    else:  # the loss alone: one program per split, so split the rows as finely as the steps ask
+        splits = min(triton.cdiv(row_tiles, MAX_SERIAL_STEPS), TARGET_PROGRAMS)
     lse = torch.empty((views, n), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=z.dtype, device=device)
     loss_part = torch.empty(splits, dtype=torch.float32, device=device)
@@ -1069,7 +1073,8 @@ def aot_specs() -> list[KernelSpec]:
                          "dz_ptr": f"*{t}", "dp_ptr": f"*{t}", "d_split": "i32"},
                         dict(flags, THROUGH=sums, NEED_DP=not sums, STAGED=staged,
                              DP_BLOCK=FINAL_COLS * 4),
-                        num_warps=NUM_WARPS, num_stages=NUM_STAGES))
+                        num_warps=STAGED_BWD_WARPS if staged else NUM_WARPS,
+                        num_stages=NUM_STAGES))
                 if not one_tile:  # the class split
                     specs.append(KernelSpec(
                         f"infonce_lse[{tag}]", _infonce_lse_kernel,

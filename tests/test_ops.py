@@ -40,6 +40,10 @@ OPCHECK_CASES = {
         prototypes._prototype_infonce,
         (_grad(1, 6, 8), torch.tensor([0, 39, 1, 20, 0, 33]), _grad(40, 8), None, 40, 0.2, False,
          True)),
+    "prototype_infonce_class_split_counts": lambda: (   # global prototypes, absent classes
+        prototypes._prototype_infonce,
+        (_grad(2, 6, 8), torch.tensor([0, 39, 1, 20, 0, 33]), _grad(40, 8),
+         (torch.arange(40) % 4 != 2).long(), 40, 0.1, False, True)),
     "multiview_infonce": lambda: (multiview._multiview_infonce, (_grad(5, 8), _grad(3, 5, 8), 0.1, False)),
     "multiview_infonce_symmetric": lambda: (
         multiview._multiview_infonce, (_grad(5, 8), _grad(2, 5, 8), 0.2, True)),

@@ -231,6 +231,29 @@ def test_prototype_infonce_many_classes_without_staging(kernel_device, monkeypat
     _check_infonce(kernel_device, torch.float32, 3, 70, 100, 100, explicit=explicit)
 
 
+@pytest.mark.parametrize("steps", [64, 1], ids=["one-split", "row-splits"])
+def test_prototype_infonce_class_split_loss_only(kernel_device, monkeypatch, steps):
+    """No gradient (need_ds False): the class split's loss programs split the rows by
+    themselves; the loss matches the reference's without a backward."""
+    from mvcl_fast.kernels import prototypes as module
+
+    monkeypatch.setattr(module, "MAX_SERIAL_STEPS", steps)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 70, 48, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 100, (70,), generator=g)
+    with torch.no_grad(), poisoned_allocations():
+        got = mvcl_fast.prototype_infonce(z.float().to(kernel_device), y.to(kernel_device), 100,
+                                          TAU)
+    same = reference.prototype_infonce(z.float(), y, 100, TAU)
+    truth = reference.prototype_infonce(z, y, 100, TAU)
+    assert_no_worse_than_reference("loss", got.cpu(), same, truth, torch.float32)
+
+
+def test_prototype_infonce_class_split_detached_prototypes(kernel_device):
+    """Batch prototypes detached: no dS (need_ds False), dz from the staged logits alone."""
+    _check_infonce(kernel_device, torch.float32, 3, 33, 100, 100, detach=True)
+
+
 def test_batch_prototypes_split_rows(kernel_device, monkeypatch):
     from mvcl_fast.kernels import prototypes as module
 

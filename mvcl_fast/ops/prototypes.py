@@ -183,6 +183,9 @@ def _prototype_infonce_grad(ctx, grad_loss, *unused):
     if need_dp and not ctx.need_ds:
         raise RuntimeError("prototype_infonce: the prototypes need a gradient but the forward was "
                            "called with need_ds=False")
+    if prototypes is None and ctx.through and not ctx.need_ds:
+        raise RuntimeError("prototype_infonce: the gradient flows through the batch prototypes "
+                           "(through=True) but the forward was called with need_ds=False")
     grad_z, grad_p = _prototype_infonce_backward(
         grad_loss, z, y, prototypes, counts, sums, out_counts, lse, ds, stats, ctx.num_classes,
         ctx.tau, ctx.through, need_dp)

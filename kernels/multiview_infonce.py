@@ -43,7 +43,8 @@ V N^2 D in all (the forward's log-sum-exps are 1, 2 when symmetric), where a
 program's accumulators span D (D <= MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL = 768: a
 512-wide chunk and a 256-wide tail, so D = 768 pads nothing; fp16/bf16 on sm_90
 up to WIDE_D = 1024 with a 512-wide tail in 16-row tiles); past that, D is
-split into chunks that each recompute the logits. The chain through the L2
+split into chunks (those 1024 columns, else 512) that each recompute the logits:
+2 units for each further chunk (D = 2048 in fp16/bf16 on sm_90: 6 units). The chain through the L2
 normalisation, dx = (g - x_hat (x_hat . g)) / max(||x||, 1e-12), needs
 x_hat . g over the whole row, which equals sum_j dS_ij S_ij (because
 x_hat . k_hat_j = tau S_ij): every program accumulates it from its tiles, so
@@ -510,15 +511,15 @@ def _grad_config(dtype: torch.dtype, dim: int, sm90: bool = True) -> _Config:
         return _Config(32, 64, 128, 128, 4, 2)
     if dim <= 256:
         return _Config(64, 64, 128, 256, 8, 2)
-    # Past WIDE_D the 512-wide chunks: a wider one would pad more (D = 1536: 2048 columns).
     # sm_80's mma.sync code spills the tail (44 B at 32 x 32): 512-wide chunks there.
-    if dim <= 512 or dim > WIDE_D or not sm90:
+    if dim <= 512 or not sm90:
         return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
     if dim <= MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL:
         # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
         return _Config(32, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=MAX_BLOCK_DO_TAIL)
-    # 1024 columns: 16-row tiles hold them in registers (216-232 of 255, both Tritons). The
-    # fp32 FMA form spills at this width, so fp32 keeps 512-wide chunks past 768.
+    # 1024 columns: 16-row tiles hold them in registers (216-232 of 255, both Tritons). Past
+    # WIDE_D, 1024-wide chunks halve the recomputes of 512-wide ones (D = 2048: 6 units, not
+    # 10). The fp32 FMA form spills at this width, so fp32 keeps 512-wide chunks past 768.
     return _Config(16, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=WIDE_D - MAX_BLOCK_DO)
 
 

@@ -96,6 +96,14 @@ def test_matches_reference(kernel_device, n, dim, num_views, symmetric, dtype):
     _check_against_reference(anchor, views, tau, symmetric)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_wide_chunks_past_1024(kernel_device, dtype):
+    """D = 1500 in a half dtype: two 1024-wide gradient chunks (512 + 512 each), the second one
+    partly past D and its tail wholly past it."""
+    anchor, views = _inputs(33, 1500, 2, DTYPES[dtype], kernel_device)
+    _check_against_reference(anchor, views, 0.1, True)
+
+
 @cuda_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,dim,num_views", [(4097, 768, 4), (1000, 4096, 2), (3000, 100, 8)])

@@ -93,6 +93,11 @@ def test_half_backward_in_one_d_chunk_up_to_1024_on_sm90(dtype, dim):
     assert kernels._grad_grid(kernels._grad_config(dtype, dim, sm90=False), dim, 4096, V)[1] == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_backward_chunks_are_1024_wide_past_1024_on_sm90(dtype):
+    assert kernels._grad_grid(kernels._grad_config(dtype, 4096), 4096, 4096, V)[1] == 4
+
+
 def test_backward_units_at_768():
     """D = 768 (the benchmark's width): one program's accumulators hold 512 + 256 columns, so
     the backward is the 4 units of V N^2 D, counted, where one power-of-two chunk per program
@@ -114,6 +119,17 @@ def test_backward_units_at_1024():
         s = _structure(True, n, num_views, dim)
     grad = next(k for k in s.kernels if k.name == "_grad_kernel")
     assert grad.macs == BACKWARD_UNITS * num_views * n * n * dim, s.table()
+
+
+def test_backward_units_past_1024():
+    """D = 2048 in bf16: two 1024-wide chunks, each recomputing the logits (1 unit a side),
+    plus the gradient GEMMs: 6 units, counted (four 512-wide chunks would be 10)."""
+    n, num_views, dim = 32, 2, 2048
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MVCL_FAST_BACKEND", "triton")
+        s = _structure(True, n, num_views, dim)
+    grad = next(k for k in s.kernels if k.name == "_grad_kernel")
+    assert grad.macs == 6 * num_views * n * n * dim, s.table()
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "symmetric"])

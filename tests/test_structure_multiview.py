@@ -98,38 +98,24 @@ def test_half_backward_chunks_are_1024_wide_past_1024_on_sm90(dtype):
     assert kernels._grad_grid(kernels._grad_config(dtype, 4096), 4096, 4096, V)[1] == 4
 
 
-def test_backward_units_at_768():
-    """D = 768 (the benchmark's width): one program's accumulators hold 512 + 256 columns, so
-    the backward is the 4 units of V N^2 D, counted, where one power-of-two chunk per program
-    would be 1024 wide and two 512-wide chunks 6.7 units."""
-    n, num_views, dim = 64, 2, 768
+# (N, D, units) counted in bf16 with sm_90's configs (the interpreter takes them).
+WIDE_CASES = [
+    (64, 768, 4),    # 512 + 256 columns: one chunk (two 512-wide chunks: 6.7 units)
+    (32, 1024, 4),   # 512 + 512 in 16-row tiles: one chunk (two 512-wide chunks: 6)
+    (32, 2048, 6),   # two 1024-wide chunks, each recomputing the logits (four 512-wide: 10)
+]
+
+
+@pytest.mark.parametrize("n,dim,units", WIDE_CASES, ids=[f"D={d}" for _, d, _ in WIDE_CASES])
+def test_backward_units_at_wide_d(n, dim, units):
+    """The backward's multiply-adds at wide D, counted: 4 units of V N^2 D while one program's
+    accumulators span D, then 2 more (a recompute each side) per further D-chunk."""
+    num_views = 2
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MVCL_FAST_BACKEND", "triton")
         s = _structure(True, n, num_views, dim)
     grad = next(k for k in s.kernels if k.name == "_grad_kernel")
-    assert grad.macs == BACKWARD_UNITS * num_views * n * n * dim, s.table()
-
-
-def test_backward_units_at_1024():
-    """D = 1024 in bf16 (sm_90's configs, as the interpreter takes): 512 + 512 columns in 16-row
-    tiles, the 4 units, counted (two 512-wide chunks would be 6)."""
-    n, num_views, dim = 32, 2, 1024
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MVCL_FAST_BACKEND", "triton")
-        s = _structure(True, n, num_views, dim)
-    grad = next(k for k in s.kernels if k.name == "_grad_kernel")
-    assert grad.macs == BACKWARD_UNITS * num_views * n * n * dim, s.table()
-
-
-def test_backward_units_past_1024():
-    """D = 2048 in bf16: two 1024-wide chunks, each recomputing the logits (1 unit a side),
-    plus the gradient GEMMs: 6 units, counted (four 512-wide chunks would be 10)."""
-    n, num_views, dim = 32, 2, 2048
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MVCL_FAST_BACKEND", "triton")
-        s = _structure(True, n, num_views, dim)
-    grad = next(k for k in s.kernels if k.name == "_grad_kernel")
-    assert grad.macs == 6 * num_views * n * n * dim, s.table()
+    assert grad.macs == units * num_views * n * n * dim, s.table()
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "symmetric"])

@@ -243,6 +243,21 @@ def _tile_logits(z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, 
 
 
 @triton.jit
+def _softmax_shift(m):
+    """The online softmax's shift: its running max, or 0 while every logit so far is masked
+    (m = -inf), so that no -inf - -inf is taken."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _online_softmax(m, l, logits2):
+    """(max, sum of 2^(logit - max)) per row after one more tile of base-2 logits."""
+    m_new = tl.maximum(m, tl.max(logits2, axis=1))
+    shift = _softmax_shift(m_new)
+    return m_new, l * tl.exp2(m - shift) + tl.sum(tl.exp2(logits2 - shift[:, None]), axis=1)
+
+
+@triton.jit
 def _logit_grad(logits2, lse2, labels, row_ok, cls):
     """G = softmax - onehot (dLoss/dlogit for grad_loss = R); 0 for rows out of range."""
     prob = tl.exp2(logits2 - lse2[:, None])
@@ -481,8 +496,7 @@ def _infonce_fwd_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, loss_ptr, part
             logits2, inv_s, candidate, z_norm = _tile_logits(
                 z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
                 HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
-            m = tl.max(logits2, axis=1)
-            m = tl.where(m == float("-inf"), 0.0, m)
+            m = _softmax_shift(tl.max(logits2, axis=1))
             lse2 = m + tl.log2(tl.sum(tl.exp2(logits2 - m[:, None]), axis=1))
             target = tl.sum(tl.where(cls[None, :] == labels[:, None], logits2, 0.0), axis=1)
         else:
@@ -496,11 +510,7 @@ def _infonce_fwd_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, lse_ptr, loss_ptr, part
                     z_ptr, z_off, row_ok, s_ptr, counts_ptr, cls, stride_sc, D, C, scale2, SUMS,
                     HAS_COUNTS, MODE, HALF, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_DO)
                 target += tl.sum(tl.where(cls[None, :] == labels[:, None], logits2, 0.0), axis=1)
-                m_new = tl.maximum(m, tl.max(logits2, axis=1))
-                # A row whose classes so far are all masked keeps m = -inf: shift by 0 instead.
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(logits2 - shift[:, None]), axis=1)
-                m = m_new
+                m, l = _online_softmax(m, l, logits2)
             lse2 = m + tl.log2(l)
         tl.store(lse_ptr + rows, lse2 * LN2, mask=row_ok)
         loss = tl.where(valid, (lse2 - target) * LN2, float("nan"))
@@ -593,10 +603,7 @@ def _infonce_lse_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, stats_ptr, lse_part_ptr
                  mask=row_ok[:, None] & (cls < C)[None, :])
         if tile == 0:
             tl.store(stats_ptr + inv_s_at + cls, inv_s, mask=cls < C)
-        m_new = tl.maximum(m, tl.max(logits2, axis=1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: shift by 0
-        l = l * tl.exp2(m - shift) + tl.sum(tl.exp2(logits2 - shift[:, None]), axis=1)
-        m = m_new
+        m, l = _online_softmax(m, l, logits2)
     tl.store(lse_part_ptr + chunk * R + rows, m, mask=row_ok)
     tl.store(lse_part_ptr + (num_chunks + chunk) * R + rows, l, mask=row_ok)
     if chunk == 0:
@@ -605,17 +612,18 @@ def _infonce_lse_kernel(z_ptr, y_ptr, s_ptr, counts_ptr, stats_ptr, lse_part_ptr
 
 @triton.jit
 def _combined_lse2(lse_part_ptr, rows, row_ok, R, num_chunks, BLOCK_M: tl.constexpr):
-    """The rows' base-2 lse from the class chunks' partials (-inf when no class competes)."""
+    """The rows' base-2 lse from the class chunks' partials, merged online in one pass over
+    them (-inf when no class competes)."""
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for chunk in range(0, num_chunks):
-        m = tl.maximum(m, tl.load(lse_part_ptr + chunk * R + rows, mask=row_ok, other=0.0))
-    shift = tl.where(m == float("-inf"), 0.0, m)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     for chunk in range(0, num_chunks):
         m_chunk = tl.load(lse_part_ptr + chunk * R + rows, mask=row_ok, other=0.0)
-        l += tl.load(lse_part_ptr + (num_chunks + chunk) * R + rows, mask=row_ok,
-                     other=0.0) * tl.exp2(m_chunk - shift)
-    return shift + tl.log2(l)
+        l_chunk = tl.load(lse_part_ptr + (num_chunks + chunk) * R + rows, mask=row_ok, other=0.0)
+        m_new = tl.maximum(m, m_chunk)
+        shift = _softmax_shift(m_new)
+        l = l * tl.exp2(m - shift) + l_chunk * tl.exp2(m_chunk - shift)
+        m = m_new
+    return _softmax_shift(m) + tl.log2(l)
 
 
 @triton.jit
@@ -945,7 +953,8 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
     block_c = class_block(num_classes)
     class_tiles, row_tiles = triton.cdiv(num_classes, block_c), triton.cdiv(rows, ROWS)
     # One class tile is a step per K chunk of the logits and per D chunk of its norms.
-    tiles_per_chunk = max(1, MAX_SERIAL_STEPS // (triton.cdiv(dim, K_CHUNK) + triton.cdiv(dim, D_OUT)))
+    tile_steps = triton.cdiv(dim, K_CHUNK) + triton.cdiv(dim, D_OUT)
+    tiles_per_chunk = max(1, MAX_SERIAL_STEPS // tile_steps)
     chunks = triton.cdiv(class_tiles, tiles_per_chunk)
     stats = torch.empty(staged_size(rows, num_classes), dtype=torch.float32, device=device)
     lse_part = torch.empty((2, chunks, rows), dtype=torch.float32, device=device)
@@ -1009,8 +1018,8 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
         grad_loss, z, y, s, counts, lse, ds, stats, dz, dp, rows, n, dim, num_classes,
         z.stride(0), z.stride(1), s.stride(0), 1.0 / tau, 1.0 / rows, d_split, SUMS=sums,
         HAS_COUNTS=counts.numel() > 0, THROUGH=through, NEED_DP=need_dp,
-        ONE_TILE=num_classes <= block_c, STAGED=staged, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_K=K_CHUNK,
-        BLOCK_DO=D_OUT, DP_BLOCK=FINAL_COLS * 4, num_stages=NUM_STAGES,
+        ONE_TILE=num_classes <= block_c, STAGED=staged, BLOCK_M=ROWS, BLOCK_C=block_c,
+        BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, DP_BLOCK=FINAL_COLS * 4, num_stages=NUM_STAGES,
         num_warps=STAGED_BWD_WARPS if staged else NUM_WARPS,
         **_dot_meta(z.dtype))
     return dz, dp

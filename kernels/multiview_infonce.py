@@ -44,9 +44,9 @@ program's accumulators span D (D <= MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL = 768: a
 512-wide chunk and a 256-wide tail, so D = 768 pads nothing; fp16/bf16 on sm_90
 up to WIDE_D = 1024 with a 512-wide tail in 16-row tiles); past that, D is
 split into chunks (those 1024 columns, else 512) that each recompute the logits:
-2 units for each further chunk (D = 2048 in fp16/bf16 on sm_90: 6 units). The chain through the L2
-normalisation, dx = (g - x_hat (x_hat . g)) / max(||x||, 1e-12), needs
-x_hat . g over the whole row, which equals sum_j dS_ij S_ij (because
+2 units for each further chunk (D = 2048 in fp16/bf16 on sm_90: 6 units).
+The chain through the L2 normalisation, dx = (g - x_hat (x_hat . g)) /
+max(||x||, 1e-12), needs x_hat . g over the whole row, which equals sum_j dS_ij S_ij (because
 x_hat . k_hat_j = tau S_ij): every program accumulates it from its tiles, so
 each D-chunk finishes the chain in its epilogue.
 

@@ -414,6 +414,148 @@ def _grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, lse_rows_ptr, lse_cols_ptr, r
 
 
 @triton.jit
+def _staged_ds_kernel(anchor_ptr, views_ptr, rnorm_ptr, lse_rows_ptr, lse_cols_ptr,
+                      row_terms_ptr, col_terms_ptr, ds_ptr, row_proj_ptr, col_proj_ptr,
+                      N, D, num_views, chunk_start, chunk_rows, ds_stride_view, ds_stride_row,
+                      row_proj_stride, anchor_stride_row, views_stride_view, views_stride_row,
+                      inv_tau, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, OPERAND: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """dS of one [BLOCK_M anchor rows, BLOCK_N view rows] tile of view pid 2, staged.
+
+    Grid (row tiles of the chunk [chunk_start, chunk_start + chunk_rows), view row tiles, V).
+    dS_ij = P_row_ij [+ P_col_ij] - I_ij with the diagonal expm1(-term) as in _grad_kernel,
+    stored in the inputs' dtype (the dot operand _grad_kernel rounds it to), and the tile's
+    partial sums of dS_ij S_ij (x_hat . g before scaling, see _store_row_grad): over its
+    columns to row_proj[v, pid 1, local row], over its valid rows to col_proj[v, pid 0, j].
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    v = tl.program_id(2)
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = local < chunk_rows
+    rows = chunk_start + tl.minimum(local, chunk_rows - 1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    safe_cols = tl.minimum(cols, N - 1)
+    view = views_ptr + v.to(tl.int64) * views_stride_view
+    a_rows = _row_starts(anchor_ptr, rows, anchor_stride_row)
+    k_rows = _row_starts(view, safe_cols, views_stride_row)
+    offs_d = tl.arange(0, BLOCK_D)
+    first_d = _within(offs_d, D)
+    a_first = tl.load(a_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
+    k_first = tl.load(k_rows + offs_d[None, :], mask=first_d, other=0.0).to(OPERAND)
+    dots = _row_dots(a_first, k_first, a_rows, k_rows, D, BLOCK_D, True, OPERAND, PRECISION)
+    a_scale = tl.load(rnorm_ptr + num_views * N + rows) * inv_tau
+    logits = dots * a_scale[:, None] * tl.load(rnorm_ptr + v * N + safe_cols)[None, :]
+    probs = tl.exp2((logits - tl.load(lse_rows_ptr + v * N + rows)[:, None]) * LOG2E)
+    diagonal = _expm1(-tl.load(row_terms_ptr + v * N + rows))
+    if SYMMETRIC:
+        probs += tl.exp2((logits - tl.load(lse_cols_ptr + v * N + safe_cols)[None, :]) * LOG2E)
+        diagonal += _expm1(-tl.load(col_terms_ptr + v * N + rows))
+    ds = tl.where(rows[:, None] == cols[None, :], diagonal[:, None], probs)
+    ds = tl.where(valid[:, None] & (cols[None, :] < N), ds, 0.0)
+    weighted = ds * logits
+    tl.store(row_proj_ptr + (v * tl.num_programs(1) + pid_n) * row_proj_stride + local,
+             tl.sum(weighted, axis=1), mask=valid)
+    tl.store(col_proj_ptr + (v * tl.num_programs(0) + pid_m) * N + cols,
+             tl.sum(weighted, axis=0), mask=cols < N)
+    out = (ds_ptr + v.to(tl.int64) * ds_stride_view + local.to(tl.int64)[:, None] * ds_stride_row
+           + cols[None, :])
+    tl.store(out, ds.to(ds_ptr.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))
+
+
+@triton.jit(do_not_specialize=["chunk", "num_chunks"])
+def _staged_grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, ds_ptr, row_proj_ptr, col_proj_ptr,
+                        view_acc_ptr, chunk_proj_ptr, grad_loss_ptr, d_anchor_ptr, d_views_ptr,
+                        N, D, num_views, chunk_start, chunk_rows, chunk, num_chunks,
+                        anchor_tiles, view_tiles, proj_col_tiles, proj_row_tiles,
+                        ds_stride_view, ds_stride_row, row_proj_stride, anchor_stride_row,
+                        views_stride_view, views_stride_row, inv_tau, grad_scale,
+                        EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_DO: tl.constexpr, OPERAND: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """Both gradient GEMMs of one row chunk from the staged dS, columns pid 1 of BLOCK_DO.
+
+    Grid axis 0: anchor_tiles tiles of the chunk's anchor rows (g_i = sum_v sum_j dS_v,ij
+    k_hat_vj over all N view rows: complete, so they finish the chain and store), then
+    view_tiles row tiles of each view (g_vj = sum_i dS_v,ij a_hat_i over the chunk's anchor
+    rows). A view row's sum is complete after the last chunk: with several chunks the fp32
+    accumulator goes to view_acc between launches and each chunk's x_hat . g partial to
+    chunk_proj[chunk], which the last chunk's programs add up (no program reads what another
+    of its launch writes).
+    """
+    pid = tl.program_id(0)
+    pid_do = tl.program_id(1)
+    offs_do = pid_do * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    in_do = _within(offs_do, D)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_DO], dtype=tl.float32)
+    proj = tl.zeros([BLOCK_M], dtype=tl.float32)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) * grad_scale
+    anchor_rnorm = rnorm_ptr + num_views * N
+    if pid < anchor_tiles:
+        local = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = local < chunk_rows
+        local = tl.minimum(local, chunk_rows - 1)
+        rows = chunk_start + local
+        ds_rows = ds_ptr + local.to(tl.int64)[:, None] * ds_stride_row
+        view = views_ptr
+        for v in range(num_views):   # the pointers step a view at a time (no i32 product)
+            for k0 in range(0, N, BLOCK_K):
+                keys = k0 + offs_k
+                ds = tl.load(ds_rows + keys[None, :], mask=keys[None, :] < N, other=0.0)
+                safe_keys = tl.minimum(keys, N - 1)
+                k_out = tl.load(_row_starts(view, safe_keys, views_stride_row) + offs_do[None, :],
+                                mask=in_do, other=0.0)
+                k_hat = (k_out.to(tl.float32)
+                         * tl.load(rnorm_ptr + v * N + safe_keys)[:, None]).to(OPERAND)
+                acc = tl.dot(ds.to(OPERAND), k_hat, acc, input_precision=PRECISION)
+            for t in range(proj_col_tiles):
+                proj += tl.load(row_proj_ptr + (v * proj_col_tiles + t) * row_proj_stride + local)
+            view += views_stride_view
+            ds_rows += ds_stride_view
+        own_rnorm = tl.load(anchor_rnorm + rows)
+        radial = tl.where(own_rnorm < 1.0 / EPS, proj * scale, 0.0)
+        _store_row_grad(acc, offs_do, _row_starts(anchor_ptr, rows, anchor_stride_row), own_rnorm,
+                        radial, scale * inv_tau, d_anchor_ptr, rows, valid, D)
+    else:
+        v = (pid - anchor_tiles) // view_tiles
+        rows = ((pid - anchor_tiles) % view_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = rows < N
+        rows = tl.minimum(rows, N - 1)
+        ds_cols = ds_ptr + v.to(tl.int64) * ds_stride_view + rows[:, None]
+        for k0 in range(0, chunk_rows, BLOCK_K):
+            keys = k0 + offs_k                                   # local anchor rows
+            ds = tl.load(ds_cols + keys.to(tl.int64)[None, :] * ds_stride_row,
+                         mask=keys[None, :] < chunk_rows, other=0.0)
+            anchor_rows = chunk_start + tl.minimum(keys, chunk_rows - 1)
+            a_out = tl.load(_row_starts(anchor_ptr, anchor_rows, anchor_stride_row)
+                            + offs_do[None, :], mask=in_do, other=0.0)
+            a_hat = (a_out.to(tl.float32)
+                     * tl.load(anchor_rnorm + anchor_rows)[:, None]).to(OPERAND)
+            acc = tl.dot(ds.to(OPERAND), a_hat, acc, input_precision=PRECISION)
+        for t in range(proj_row_tiles):
+            proj += tl.load(col_proj_ptr + (v * proj_row_tiles + t) * N + rows)
+        acc_at = (view_acc_ptr + (v.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
+                  + offs_do[None, :])
+        if chunk > 0:
+            acc += tl.load(acc_at, mask=in_do)
+        if chunk < num_chunks - 1:
+            tl.store(acc_at, acc, mask=valid[:, None] & in_do)
+            if pid_do == 0:
+                tl.store(chunk_proj_ptr + (chunk * num_views + v) * N + rows, proj, mask=valid)
+        else:
+            for c in range(chunk):
+                proj += tl.load(chunk_proj_ptr + (c * num_views + v) * N + rows)
+            own_rnorm = tl.load(rnorm_ptr + v * N + rows)
+            radial = tl.where(own_rnorm < 1.0 / EPS, proj * scale, 0.0)
+            view = views_ptr + v.to(tl.int64) * views_stride_view
+            _store_row_grad(acc, offs_do, _row_starts(view, rows, views_stride_row), own_rnorm,
+                            radial, scale * inv_tau, d_views_ptr + v.to(tl.int64) * N * D, rows,
+                            valid, D)
+
+
+@triton.jit
 def _store_row_grad(acc, offs, own_rows, own_rnorm, radial, acc_scale, out_base, rows, valid, D):
     """The chain through the L2 normalisation for the columns offs of the own rows:
     dx = (g - x_hat (x_hat . g)) / max(||x||, eps) with g = acc * acc_scale."""
@@ -521,6 +663,26 @@ def _grad_config(dtype: torch.dtype, dim: int, sm90: bool = True) -> _Config:
     # WIDE_D, 1024-wide chunks halve the recomputes of 512-wide ones (D = 2048: 6 units, not
     # 10). The fp32 FMA form spills at this width, so fp32 keeps 512-wide chunks past 768.
     return _Config(16, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=WIDE_D - MAX_BLOCK_DO)
+
+
+# The staged backward (D past a program's output chunk, see _staged_backward): plain GEMM tiles,
+# dS of an anchor-row chunk at most STAGED_DS_BYTES, chunks a multiple of STAGED_CHUNK_ALIGN rows.
+STAGED_DS_BYTES = 1 << 30
+STAGED_CHUNK_ALIGN = 128
+
+
+def _staged_ds_config(dtype: torch.dtype) -> _Config:
+    """_staged_ds_kernel's tiles (block_m anchor rows x block_n view rows, block_d deep)."""
+    if dtype == torch.float32:
+        return _Config(64, 64, 32, 0, 4, 2)
+    return _Config(128, 128, 64, 0, 8, 3)
+
+
+def _staged_grad_config(dtype: torch.dtype) -> _Config:
+    """_staged_grad_kernel's tiles: block_m own rows x block_do columns, block_n deep."""
+    if dtype == torch.float32:   # the FMA form spills 2.4 KB at 32 deep, 4 warps
+        return _Config(64, 16, 0, 64, 8, 2)
+    return _Config(128, 64, 0, 128, 8, 3)
 
 
 def _sm90(x: torch.Tensor) -> bool:
@@ -651,11 +813,17 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
     d_anchor = torch.empty((n, padded_dim), dtype=anchor.dtype, device=anchor.device)
     d_views = torch.empty((num_views, n, padded_dim), dtype=views.dtype, device=views.device)
     cfg = _grad_config(anchor.dtype, padded_dim, _sm90(anchor))
+    # The whole batch with D wider than a program's output chunk stages dS instead of
+    # recomputing the logits once per D-chunk.
+    staged = num_rows == n and padded_dim > cfg.out_chunk
+    # Own rows in R, then (a DDP rank's share) the rows outside it.
+    shares = [] if staged else [(own_in_r, count) for own_in_r, count in
+                                ((True, num_rows), (False, n - num_rows)) if count > 0]
     with _on_device(anchor):
-        # Own rows in R, then (a DDP rank's share) the rows outside it.
-        for own_in_r, own_count in ((True, num_rows), (False, n - num_rows)):
-            if own_count == 0:
-                continue
+        if staged:
+            _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols,
+                             row_terms, col_terms, rnorm, d_anchor, d_views)
+        for own_in_r, own_count in shares:
             _grad_kernel[_grad_grid(cfg, padded_dim, own_count, num_views)](
                 anchor, views, rnorm, lse_rows, lse_cols, row_terms, col_terms, grad_loss,
                 d_anchor, d_views, n, row_start, num_rows, padded_dim, num_views,
@@ -670,6 +838,78 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
     if padded_dim != dim:  # the padding columns hold zero gradients
         d_anchor, d_views = d_anchor[:, :dim].contiguous(), d_views[..., :dim].contiguous()
     return d_anchor, d_views
+
+
+def staged_chunk_rows(n: int, num_views: int, element_size: int) -> int:
+    """Anchor rows per chunk of the staged backward: its dS [V, rows, N] within STAGED_DS_BYTES
+    (a multiple of STAGED_CHUNK_ALIGN rows, at least one such block, at most N)."""
+    rows = STAGED_DS_BYTES // (num_views * _ds_stride(n) * element_size)
+    return min(n, max(STAGED_CHUNK_ALIGN, rows // STAGED_CHUNK_ALIGN * STAGED_CHUNK_ALIGN))
+
+
+def _ds_stride(n: int) -> int:
+    """Row stride of the staged dS: N rounded up so every row starts 16-byte aligned."""
+    return triton.cdiv(n, 16) * 16
+
+
+def _staged_grids(ds_cfg: _Config, grad_cfg: _Config, n: int, rows: int, dim: int,
+                  num_views: int) -> tuple[tuple, tuple]:
+    """Grids of one chunk of `rows` anchor rows: _staged_ds_kernel's (row tiles, view row tiles,
+    V) and _staged_grad_kernel's (the chunk's anchor row tiles + every view's row tiles, D
+    tiles)."""
+    own_tiles = triton.cdiv(rows, grad_cfg.block_m) + num_views * triton.cdiv(n, grad_cfg.block_m)
+    return ((triton.cdiv(rows, ds_cfg.block_m), triton.cdiv(n, ds_cfg.block_n), num_views),
+            (own_tiles, triton.cdiv(dim, grad_cfg.block_do)))
+
+
+def _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_cols, row_terms,
+                     col_terms, rnorm, d_anchor, d_views):
+    """The whole-batch backward where D is wider than one program's output chunk: 3 units of
+    V N^2 D instead of 2 per further D-chunk of _grad_kernel.
+
+    Per chunk of anchor rows, _staged_ds_kernel computes each logit tile once over all of D
+    and stages dS in the inputs' dtype (with the row and column partial sums of dS * S);
+    _staged_grad_kernel then runs both gradient GEMMs from it, d_anchor = dS @ k_hat and
+    d_views = dS^T @ a_hat, tiled over D like any GEMM. One chunk (2 launches) up to
+    STAGED_DS_BYTES of dS (V N^2 <= 2^29 in a half dtype: N = 11,585 at V = 4), else 2 per
+    chunk, the view gradients accumulated in fp32 between them.
+    """
+    num_views, n, dim = views.shape
+    ds_cfg, grad_cfg = _staged_ds_config(anchor.dtype), _staged_grad_config(anchor.dtype)
+    chunk_rows = staged_chunk_rows(n, num_views, anchor.element_size())
+    num_chunks = triton.cdiv(n, chunk_rows)
+    device = anchor.device
+    f32 = dict(dtype=torch.float32, device=device)
+    ds = torch.empty(num_views, chunk_rows, _ds_stride(n), dtype=anchor.dtype, device=device)
+    col_tiles = triton.cdiv(n, ds_cfg.block_n)
+    row_proj = torch.empty(num_views, col_tiles, chunk_rows, **f32)
+    col_proj = torch.empty(num_views, triton.cdiv(chunk_rows, ds_cfg.block_m), n, **f32)
+    # Several chunks: the view rows' fp32 sums and x_hat . g partials between launches.
+    view_acc = torch.empty(num_views, n, dim, **f32) if num_chunks > 1 else row_proj
+    chunk_proj = torch.empty(num_chunks - 1, num_views, n, **f32) if num_chunks > 1 else row_proj
+    operand, precision = _operand_dtype(anchor.dtype), _dot_precision(anchor.dtype)
+    view_tiles = triton.cdiv(n, grad_cfg.block_m)
+    for chunk in range(num_chunks):
+        start = chunk * chunk_rows
+        rows = min(chunk_rows, n - start)
+        ds_grid, grad_grid = _staged_grids(ds_cfg, grad_cfg, n, rows, dim, num_views)
+        row_tiles, anchor_tiles = ds_grid[0], triton.cdiv(rows, grad_cfg.block_m)
+        _staged_ds_kernel[ds_grid](
+            anchor, views, rnorm, lse_rows, lse_cols, row_terms, col_terms, ds, row_proj,
+            col_proj, n, dim, num_views, start, rows, ds.stride(0), ds.stride(1),
+            row_proj.stride(1), anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,
+            SYMMETRIC=symmetric, BLOCK_M=ds_cfg.block_m, BLOCK_N=ds_cfg.block_n,
+            BLOCK_D=ds_cfg.block_d, OPERAND=operand, PRECISION=precision,
+            num_warps=ds_cfg.num_warps, num_stages=ds_cfg.num_stages)
+        _staged_grad_kernel[grad_grid](
+            anchor, views, rnorm, ds, row_proj, col_proj, view_acc, chunk_proj, grad_loss,
+            d_anchor, d_views, n, dim, num_views, start, rows, chunk, num_chunks, anchor_tiles,
+            view_tiles, col_tiles, row_tiles, ds.stride(0), ds.stride(1), row_proj.stride(1),
+            anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,
+            (0.5 if symmetric else 1.0) / (num_views * n), EPS=NORM_EPS,
+            BLOCK_M=grad_cfg.block_m, BLOCK_K=grad_cfg.block_n, BLOCK_DO=grad_cfg.block_do,
+            OPERAND=operand, PRECISION=precision,
+            num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages)
 
 
 # ----------------------------------------------------------------------------
@@ -737,6 +977,33 @@ def aot_specs() -> list[KernelSpec]:
                     constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             for cfg in dict.fromkeys(_grad_config(dtype, dim, sm90) for sm90 in (True, False)):
                 specs += _grad_specs(cfg, cfg.d_chunked(dim), dtype, precision, seen_grad)
+        specs += _staged_specs(dtype, precision)
+    return specs
+
+
+def _staged_specs(dtype, precision: str) -> list:
+    """The staged backward's two kernels in one dtype mode (_staged_ds_kernel per SYMMETRIC)."""
+    t = _SIG_DTYPE[dtype]
+    ds_cfg, grad_cfg = _staged_ds_config(dtype), _staged_grad_config(dtype)
+    specs = []
+    for symmetric in (False, True):
+        constexprs = {"SYMMETRIC": symmetric, "BLOCK_M": ds_cfg.block_m,
+                      "BLOCK_N": ds_cfg.block_n, "BLOCK_D": ds_cfg.block_d,
+                      "OPERAND": _TL_DTYPE[dtype], "PRECISION": precision}
+        specs.append(KernelSpec(
+            name=f"multiview_staged_ds[{t},{precision},SYMMETRIC={symmetric}]",
+            fn=_staged_ds_kernel,
+            signature=_signature(_staged_ds_kernel, constexprs, t,
+                                 {"anchor_ptr", "views_ptr", "ds_ptr"}),
+            constexprs=constexprs, num_warps=ds_cfg.num_warps, num_stages=ds_cfg.num_stages))
+    constexprs = {"EPS": NORM_EPS, "BLOCK_M": grad_cfg.block_m, "BLOCK_K": grad_cfg.block_n,
+                  "BLOCK_DO": grad_cfg.block_do, "OPERAND": _TL_DTYPE[dtype],
+                  "PRECISION": precision}
+    specs.append(KernelSpec(
+        name=f"multiview_staged_grad[{t},{precision}]", fn=_staged_grad_kernel,
+        signature=_signature(_staged_grad_kernel, constexprs, t,
+                             _GRAD_INPUT_PTRS | {"ds_ptr"}),
+        constexprs=constexprs, num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages))
     return specs
 
 
@@ -770,8 +1037,9 @@ _GRAD_INPUT_PTRS = {"anchor_ptr", "views_ptr", "grad_loss_ptr", "d_anchor_ptr", 
 
 def aot_launches():
     """Forward + backward at the benchmark shapes (N = 32, 4096, 65536; V = 4; D = 768), the
-    structure test's (N = 256, D = 128) and the widest one-chunk D (N = 4096, D = 1024) in every
-    dtype mode, one- and two-directional, and the row share of DDP rank 1 of 2 at N = 4096."""
+    structure test's (N = 256, D = 128), the widest one-chunk D (N = 4096, D = 1024) and the
+    staged backward in one chunk and in many (D = 2048, N = 4096 and 65536) in every dtype
+    mode, one- and two-directional, and the row share of DDP rank 1 of 2 at N = 4096."""
     from mvcl_fast.kernels.aot import DTYPE_MODES, matmul_tf32, mode_name
 
     def step(n, dim, dtype, tf32, symmetric, ranks=1):
@@ -793,7 +1061,7 @@ def aot_launches():
             tag = f"{mode_name(dtype, tf32)}{',symmetric' if symmetric else ''}"
             launches += [(f"multiview[N={n},D={dim},{tag}]", step(n, dim, dtype, tf32, symmetric))
                          for n, dim in ((32, 768), (4096, 768), (65536, 768), (256, 128),
-                                        (4096, 1024))]
+                                        (4096, 1024), (4096, 2048), (65536, 2048))]
             launches.append((f"multiview[N=4096,D=768,rank 1 of 2,{tag}]",
                              step(4096, 768, dtype, tf32, symmetric, ranks=2)))
     return launches

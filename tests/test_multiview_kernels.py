@@ -31,8 +31,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 GRID = list(itertools.product((1, 2, 63, 257), (16, 384, 700, 1000), (1, 4), (False, True), DTYPES))
 # (N, D, V, symmetric, dtype) run by the interpreter: every value of every axis at least once,
 # N=257 with D <= 384, D=700 (a gradient chunk of 512 + a tail of 256, partly padding) and
-# D=1000 (padded rows; fp16/bf16 in one 512 + 512 chunk of 16 rows, fp32 in D-chunks) with
-# N <= 63.
+# D=1000 (padded rows; fp16/bf16 in one 512 + 512 chunk of 16 rows, fp32 wider than its
+# 768-column chunk: the staged backward) with N <= 63.
 INTERPRETER_GRID = {
     (1, 16, 1, False, "fp32"), (1, 384, 4, True, "fp16"),
     (2, 16, 4, True, "fp16"), (2, 1000, 1, True, "fp32"), (2, 384, 1, False, "bf16"),
@@ -97,11 +97,32 @@ def test_matches_reference(kernel_device, n, dim, num_views, symmetric, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_wide_chunks_past_1024(kernel_device, dtype):
-    """D = 1500 in a half dtype: two 1024-wide gradient chunks (512 + 512 each), the second one
-    partly past D and its tail wholly past it."""
+def test_staged_backward_past_1024(kernel_device, dtype):
+    """D = 1500 in a half dtype, wider than any output chunk: the whole batch's backward stages
+    dS and tiles both gradient GEMMs over D, the last D tile partly past D."""
     anchor, views = _inputs(33, 1500, 2, DTYPES[dtype], kernel_device)
     _check_against_reference(anchor, views, 0.1, True)
+
+
+@pytest.mark.parametrize("symmetric,dtype,dim", [(True, "fp32", 800), (False, "bf16", 1100),
+                                                 (True, "fp16", 1100)],
+                         ids=["sym-fp32", "rows-bf16", "sym-fp16"])
+def test_staged_backward_in_row_chunks(kernel_device, monkeypatch, symmetric, dtype, dim):
+    """dS staged for 128 anchor rows at a time (the smallest chunk): N = 300 in 3 chunks, the
+    last one short, so the view gradients accumulate across launches."""
+    monkeypatch.setattr(kernels, "STAGED_DS_BYTES", 1)
+    assert kernels.staged_chunk_rows(300, 2, 4) == kernels.STAGED_CHUNK_ALIGN == 128
+    anchor, views = _inputs(300, dim, 2, DTYPES[dtype], kernel_device, view_noise=2.0)
+    _check_against_reference(anchor, views, 0.2, symmetric)
+
+
+def test_staged_chunk_rows_respect_the_limit():
+    for n, num_views, size in ((4096, 4, 2), (65536, 4, 2), (100_000, 8, 4), (50, 3, 2)):
+        rows = kernels.staged_chunk_rows(n, num_views, size)
+        assert rows == n or (rows % kernels.STAGED_CHUNK_ALIGN == 0 and rows * num_views
+                             * kernels._ds_stride(n) * size <= kernels.STAGED_DS_BYTES)
+    assert kernels.staged_chunk_rows(4096, 4, 2) == 4096        # one chunk at N = 4096
+    assert kernels.staged_chunk_rows(65536, 4, 2) == 2048
 
 
 @cuda_only
@@ -272,6 +293,17 @@ def test_aot_specs_cover_every_kernel_and_config():
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                 BLOCK_DO=cfg.block_do, BLOCK_DO_TAIL=cfg.block_do_tail,
                 D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand, PRECISION=precision), cfg), (dtype, dim)
+    for dtype, precision in kernels._dtype_modes():
+        operand = kernels._TL_DTYPE[dtype]
+        cfg = kernels._staged_ds_config(dtype)
+        for symmetric in (False, True):
+            assert launchable(kernels._staged_ds_kernel, dict(
+                SYMMETRIC=symmetric, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                BLOCK_D=cfg.block_d, OPERAND=operand, PRECISION=precision), cfg), dtype
+        cfg = kernels._staged_grad_config(dtype)
+        assert launchable(kernels._staged_grad_kernel, dict(
+            EPS=kernels.NORM_EPS, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n,
+            BLOCK_DO=cfg.block_do, OPERAND=operand, PRECISION=precision), cfg), dtype
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "sym"])
@@ -286,6 +318,13 @@ def test_row_range_matches_reference(kernel_device, row_start, num_rows, symmetr
     softmaxes of the rows inside it), and no row's gradient is left unwritten.
     """
     _check_row_range(70, 48, 3, row_start, num_rows, symmetric, DTYPES[dtype], kernel_device)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_row_range_past_one_output_chunk(kernel_device, dtype):
+    """A rank's share at D wider than a program's output chunk: D-chunks that each recompute
+    the logits (the staged backward is the whole batch's)."""
+    _check_row_range(70, 1100, 2, 5, 40, True, DTYPES[dtype], kernel_device)
 
 
 @cuda_only

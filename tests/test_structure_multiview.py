@@ -9,11 +9,11 @@ at N=256, V=4, D=128 in bf16 without finiteness checks, as on CUDA:
 - Triton traffic within 2.5x the floor: read the anchor and the views once,
   write their gradients once (bytes at distinct addresses per launch);
 - multiply-adds of the tl.dot calls, in units of V N^2 D: the forward's
-  log-sum-exps 1 per direction, the backward 4 (one recompute and one
-  gradient GEMM for each side), at every D up to MAX_BLOCK_DO +
+  log-sum-exps 1 per direction, the backward at most 4 at every D: one
+  recompute and one gradient GEMM for each side up to MAX_BLOCK_DO +
   MAX_BLOCK_DO_TAIL = 768 (fp16/bf16 on sm_90: WIDE_D = 1024), where the
-  backward's accumulators span D (past it each further D-chunk adds one
-  recompute per side);
+  backward's accumulators span D; past it 3 (the logits once, dS staged,
+  then the two gradient GEMMs from it);
 - at N=4096 every kernel's grid has at least one program per SM of a
   132-SM card.
 """
@@ -98,24 +98,31 @@ def test_half_backward_chunks_are_1024_wide_past_1024_on_sm90(dtype):
     assert kernels._grad_grid(kernels._grad_config(dtype, 4096), 4096, 4096, V)[1] == 4
 
 
-# (N, D, units) counted in bf16 with sm_90's configs (the interpreter takes them).
+BACKWARD_KERNELS = ("_grad_kernel", "_staged_ds_kernel", "_staged_grad_kernel")
+# (N, D, units, backward kernels) counted in bf16 with sm_90's configs (the interpreter takes
+# them).
 WIDE_CASES = [
-    (64, 768, 4),    # 512 + 256 columns: one chunk (two 512-wide chunks: 6.7 units)
-    (32, 1024, 4),   # 512 + 512 in 16-row tiles: one chunk (two 512-wide chunks: 6)
-    (32, 2048, 6),   # two 1024-wide chunks, each recomputing the logits (four 512-wide: 10)
+    (64, 768, 4, ["_grad_kernel"]),     # 512 + 256 columns: one chunk (512-wide ones: 6.7 units)
+    (32, 1024, 4, ["_grad_kernel"]),    # 512 + 512 in 16-row tiles (512-wide chunks: 6)
+    # dS staged: the logits once, then both GEMMs, at any D (1024-wide chunks recomputing them:
+    # 6 units, 10 at D = 4096); N = 128 is one of its tiles (the counts are of whole tiles).
+    (128, 2048, 3, ["_staged_ds_kernel", "_staged_grad_kernel"]),
 ]
 
 
-@pytest.mark.parametrize("n,dim,units", WIDE_CASES, ids=[f"D={d}" for _, d, _ in WIDE_CASES])
-def test_backward_units_at_wide_d(n, dim, units):
+@pytest.mark.parametrize("n,dim,units,backward", WIDE_CASES,
+                         ids=[f"D={d}" for _, d, _, _ in WIDE_CASES])
+def test_backward_units_at_wide_d(n, dim, units, backward):
     """The backward's multiply-adds at wide D, counted: 4 units of V N^2 D while one program's
-    accumulators span D, then 2 more (a recompute each side) per further D-chunk."""
+    accumulators span D, 3 with dS staged past that."""
     num_views = 2
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MVCL_FAST_BACKEND", "triton")
         s = _structure(True, n, num_views, dim)
-    grad = next(k for k in s.kernels if k.name == "_grad_kernel")
-    assert grad.macs == units * num_views * n * n * dim, s.table()
+    assert [k.name for k in s.kernels if k.name in BACKWARD_KERNELS] == backward, s.table()
+    assert sum(k.macs for k in s.kernels if k.name in BACKWARD_KERNELS) == (
+        units * num_views * n * n * dim), s.table()
+    assert s.launches <= MAX_LAUNCHES and s.syncs == [], s.table()
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "symmetric"])
@@ -127,3 +134,15 @@ def test_grids_fill_the_card_at_4096(dtype, dim, symmetric):
     grad = kernels._grad_grid(kernels._grad_config(dtype, dim), dim, 4096, V)
     assert lse[0] * lse[1] * lse[2] >= SMS
     assert grad[0] * grad[1] >= SMS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dim", [2048, 4096])
+def test_staged_grids_fill_the_card_at_4096(dtype, dim):
+    rows = kernels.staged_chunk_rows(4096, V, dtype.itemsize)
+    assert rows == 4096                     # one chunk: 2 backward launches
+    ds_grid, grad_grid = kernels._staged_grids(kernels._staged_ds_config(dtype),
+                                               kernels._staged_grad_config(dtype), 4096, rows,
+                                               dim, V)
+    assert ds_grid[0] * ds_grid[1] * ds_grid[2] >= SMS
+    assert grad_grid[0] * grad_grid[1] >= SMS

@@ -31,7 +31,7 @@ Forward: 3 launches, symmetric or not.
   3. ``_loss_kernel``, one program: the weighted sum of the terms
      (deterministic, no atomics), stored in the anchor's dtype.
 
-Backward: 1 launch (2 for a DDP rank's share), no aten op: ``_grad_kernel``
+Backward: 1 launch (2 for a DDP rank's share, 2 per row chunk staged), no aten op: ``_grad_kernel``
 over one grid of the anchor's row tiles and every view's, the split of
 FlashAttention's dQ vs dK/dV kernels and Inf-CL's in one launch: anchor
 programs loop over the rows of every view, view programs over the anchor
@@ -42,13 +42,29 @@ Multiply-adds: the recompute and the gradient GEMM of each side, 4 units of
 V N^2 D in all (the forward's log-sum-exps are 1, 2 when symmetric), where a
 program's accumulators span D (D <= MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL = 768: a
 512-wide chunk and a 256-wide tail, so D = 768 pads nothing; fp16/bf16 on sm_90
-up to WIDE_D = 1024 with a 512-wide tail in 16-row tiles); past that, D is
-split into chunks (those 1024 columns, else 512) that each recompute the logits:
-2 units for each further chunk (D = 2048 in fp16/bf16 on sm_90: 6 units).
+up to WIDE_D = 1024 with a 512-wide tail in 16-row tiles). Past that width the
+whole batch's backward stages dS instead (below); a DDP rank's share splits D
+into chunks (those 1024 columns, else 512) that each recompute the logits: 2
+units for each further chunk.
 The chain through the L2 normalisation, dx = (g - x_hat (x_hat . g)) /
 max(||x||, 1e-12), needs x_hat . g over the whole row, which equals sum_j dS_ij S_ij (because
 x_hat . k_hat_j = tau S_ij): every program accumulates it from its tiles, so
 each D-chunk finishes the chain in its epilogue.
+
+Staged backward (the whole batch, D wider than one program's output chunk:
+fp16/bf16 past 1024 on sm_90, past 512 on sm_80, fp32 past 768): 2 launches,
+3 units of V N^2 D at every D (2 units per further D-chunk would make D = 2048
+6 units and D = 4096 10). ``_staged_ds_kernel`` computes each logit tile once
+over all of D and stores dS in the inputs' dtype (the operand the gradient
+GEMMs round it to anyway), with each tile's row and column sums of dS_ij S_ij
+(the x_hat . g of the chain); ``_staged_grad_kernel`` then runs d_anchor =
+dS k_hat and d_views = dS^T a_hat as plain GEMMs tiled over D. dS is
+V x rows x N for a chunk of anchor rows within STAGED_DS_BYTES (1 GiB: one
+chunk up to N = 11,585 at V = 4 in a half dtype, so memory stays O(N D) plus
+that bound); past it each chunk is 2 launches and the view rows' gradients
+are accumulated in an fp32 [V, N, D] buffer between them. The extra traffic,
+V N^2 elements written once and read twice, is ~1/D of the multiply-adds
+saved.
 
 A DDP rank's share. Under ``multiview_infonce(..., group=)`` the inputs are
 the gathered global batch and the loss is the mean of the terms of the rank's
@@ -660,8 +676,9 @@ def _grad_config(dtype: torch.dtype, dim: int, sm90: bool = True) -> _Config:
         # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
         return _Config(32, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=MAX_BLOCK_DO_TAIL)
     # 1024 columns: 16-row tiles hold them in registers (216-232 of 255, both Tritons). Past
-    # WIDE_D, 1024-wide chunks halve the recomputes of 512-wide ones (D = 2048: 6 units, not
-    # 10). The fp32 FMA form spills at this width, so fp32 keeps 512-wide chunks past 768.
+    # WIDE_D (a DDP rank's share: the whole batch stages dS), 1024-wide chunks halve the
+    # recomputes of 512-wide ones. The fp32 FMA form spills at this width, so fp32 keeps
+    # 512-wide chunks past 768.
     return _Config(16, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=WIDE_D - MAX_BLOCK_DO)
 
 

@@ -62,9 +62,11 @@ dS k_hat and d_views = dS^T a_hat as plain GEMMs tiled over D. dS is
 V x rows x N for a chunk of anchor rows within STAGED_DS_BYTES (1 GiB: one
 chunk up to N = 11,585 at V = 4 in a half dtype, so memory stays O(N D) plus
 that bound); past it each chunk is 2 launches and the view rows' gradients
-are accumulated in an fp32 [V, N, D] buffer between them. The extra traffic,
-V N^2 elements written once and read twice, is ~1/D of the multiply-adds
-saved.
+are accumulated in an fp32 [V, N, D] buffer between them. The extra traffic:
+V N^2 elements of dS written once and read twice (~1/D of the multiply-adds
+saved), and with several chunks the accumulator's round trip, 8 V N D bytes
+per chunk of R rows against its 6 V R N D flops (4 / (3 R) bytes a flop:
+1/768 at N = 65,536, V = 8, half, R = 1,024; an H200's ridge is ~1/200).
 
 A DDP rank's share. Under ``multiview_infonce(..., group=)`` the inputs are
 the gathered global batch and the loss is the mean of the terms of the rank's
@@ -482,7 +484,7 @@ def _staged_ds_kernel(anchor_ptr, views_ptr, rnorm_ptr, lse_rows_ptr, lse_cols_p
 
 @triton.jit(do_not_specialize=["chunk", "num_chunks"])
 def _staged_grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, ds_ptr, row_proj_ptr, col_proj_ptr,
-                        view_acc_ptr, chunk_proj_ptr, grad_loss_ptr, d_anchor_ptr, d_views_ptr,
+                        view_acc_ptr, view_proj_ptr, grad_loss_ptr, d_anchor_ptr, d_views_ptr,
                         N, D, num_views, chunk_start, chunk_rows, chunk, num_chunks,
                         anchor_tiles, view_tiles, proj_col_tiles, proj_row_tiles,
                         ds_stride_view, ds_stride_row, row_proj_stride, anchor_stride_row,
@@ -496,9 +498,10 @@ def _staged_grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, ds_ptr, row_proj_ptr, 
     k_hat_vj over all N view rows: complete, so they finish the chain and store), then
     view_tiles row tiles of each view (g_vj = sum_i dS_v,ij a_hat_i over the chunk's anchor
     rows). A view row's sum is complete after the last chunk: with several chunks the fp32
-    accumulator goes to view_acc between launches and each chunk's x_hat . g partial to
-    chunk_proj[chunk], which the last chunk's programs add up (no program reads what another
-    of its launch writes).
+    accumulator goes to view_acc between launches and the x_hat . g partials of the chunks so
+    far to view_proj [V, N], read and written by the D-tile-0 program of each row tile only
+    until the last chunk, whose programs all read it (no program reads what another of its
+    launch writes).
     """
     pid = tl.program_id(0)
     pid_do = tl.program_id(1)
@@ -556,13 +559,16 @@ def _staged_grad_kernel(anchor_ptr, views_ptr, rnorm_ptr, ds_ptr, row_proj_ptr, 
                   + offs_do[None, :])
         if chunk > 0:
             acc += tl.load(acc_at, mask=in_do)
+        proj_at = view_proj_ptr + v * N + rows
         if chunk < num_chunks - 1:
             tl.store(acc_at, acc, mask=valid[:, None] & in_do)
             if pid_do == 0:
-                tl.store(chunk_proj_ptr + (chunk * num_views + v) * N + rows, proj, mask=valid)
+                if chunk > 0:
+                    proj += tl.load(proj_at)
+                tl.store(proj_at, proj, mask=valid)
         else:
-            for c in range(chunk):
-                proj += tl.load(chunk_proj_ptr + (c * num_views + v) * N + rows)
+            if chunk > 0:
+                proj += tl.load(proj_at)
             own_rnorm = tl.load(rnorm_ptr + v * N + rows)
             radial = tl.where(own_rnorm < 1.0 / EPS, proj * scale, 0.0)
             view = views_ptr + v.to(tl.int64) * views_stride_view
@@ -903,7 +909,7 @@ def _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_col
     col_proj = torch.empty(num_views, triton.cdiv(chunk_rows, ds_cfg.block_m), n, **f32)
     # Several chunks: the view rows' fp32 sums and x_hat . g partials between launches.
     view_acc = torch.empty(num_views, n, dim, **f32) if num_chunks > 1 else row_proj
-    chunk_proj = torch.empty(num_chunks - 1, num_views, n, **f32) if num_chunks > 1 else row_proj
+    view_proj = torch.empty(num_views, n, **f32) if num_chunks > 1 else row_proj
     operand, precision = _operand_dtype(anchor.dtype), _dot_precision(anchor.dtype)
     view_tiles = triton.cdiv(n, grad_cfg.block_m)
     for chunk in range(num_chunks):
@@ -919,7 +925,7 @@ def _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_col
             BLOCK_D=ds_cfg.block_d, OPERAND=operand, PRECISION=precision,
             num_warps=ds_cfg.num_warps, num_stages=ds_cfg.num_stages)
         _staged_grad_kernel[grad_grid](
-            anchor, views, rnorm, ds, row_proj, col_proj, view_acc, chunk_proj, grad_loss,
+            anchor, views, rnorm, ds, row_proj, col_proj, view_acc, view_proj, grad_loss,
             d_anchor, d_views, n, dim, num_views, start, rows, chunk, num_chunks, anchor_tiles,
             view_tiles, col_tiles, row_tiles, ds.stride(0), ds.stride(1), row_proj.stride(1),
             anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,

@@ -49,6 +49,8 @@ OPCHECK_CASES = {
         multiview._multiview_infonce, (_grad(5, 8), _grad(2, 5, 8), 0.2, True)),
     "multiview_infonce_rank_share": lambda: (   # rows [2, 4) of 6: one DDP rank's share
         multiview._multiview_infonce, (_grad(6, 8), _grad(2, 6, 8), 0.2, True, 2, 2)),
+    "multiview_infonce_staged": lambda: (   # D past fp32's 768-column chunk: dS staged
+        multiview._multiview_infonce, (_grad(5, 800), _grad(2, 5, 800), 0.2, True)),
     "daf_attention": lambda: (
         daf._daf_attention,
         (_grad(2, 3, 8), _grad(2, 5, 8), _grad(2, 5, 8), _grad(2, 3, 8), _grad(2, 3, 8),
@@ -65,7 +67,8 @@ def test_opcheck(case, reference_backend):
     torch.library.opcheck(op, args)
 
 
-@pytest.mark.parametrize("case", sorted(c for c in OPCHECK_CASES if c.startswith("prototype")))
+@pytest.mark.parametrize("case", sorted(c for c in OPCHECK_CASES if c.startswith("prototype"))
+                         + ["multiview_infonce_staged"])
 def test_opcheck_kernels(case, kernel_device):
     """The kernel path's fake, autograd and compile registration (Triton's interpreter on CPU)."""
     op, args = OPCHECK_CASES[case]()

@@ -31,11 +31,11 @@ Forward: 3 launches, symmetric or not.
   3. ``_loss_kernel``, one program: the weighted sum of the terms
      (deterministic, no atomics), stored in the anchor's dtype.
 
-Backward: 1 launch (2 for a DDP rank's share, 2 per row chunk staged), no aten op: ``_grad_kernel``
-over one grid of the anchor's row tiles and every view's, the split of
-FlashAttention's dQ vs dK/dV kernels and Inf-CL's in one launch: anchor
-programs loop over the rows of every view, view programs over the anchor
-rows. Each program recomputes its logit tiles, forms dS = (P_row - I)
+Backward: 1 launch (2 for a DDP rank's share; the staged backward below: 2 per
+row chunk), no aten op: ``_grad_kernel`` over one grid of the anchor's row
+tiles and every view's, the split of FlashAttention's dQ vs dK/dV kernels and
+Inf-CL's in one launch: anchor programs loop over the rows of every view, view
+programs over the anchor rows. Each program recomputes its logit tiles, forms dS = (P_row - I)
 [+ (P_col - I)] and accumulates dS @ rows_hat for its own rows only: no
 atomics, deterministic, every output element written by exactly one program.
 Multiply-adds: the recompute and the gradient GEMM of each side, 4 units of

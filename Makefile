@@ -1,12 +1,13 @@
-# `make train` and `make test` do all set-up: a virtual environment in .venv,
-# torch 2.13.0 installed first (so pip never pulls a CUDA build of torch on a
-# CPU machine), then the package (editable) with its extras. `make test` also
-# builds .venv36 (torch 2.13.0 + the oldest Triton the package supports, the
-# GPU machine's) and the compile-report test runs under both Tritons.
+# `make train` and `make test` do all set-up: a virtual environment in .venv with exactly the
+# packages of constraints.txt (the set the suite last passed with; `make upgrade` renews it),
+# torch installed first (so pip never pulls a CUDA build of torch on a CPU machine), then the
+# package (editable) with its extras. `make test` also builds .venv36 (torch + the oldest Triton
+# the package supports, the GPU machine's) and the compile-report test runs under both Tritons.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_VERSION ?= 2.13.0
+CONSTRAINTS := constraints.txt
+TORCH_VERSION ?= $(shell sed -n 's/^torch==\([^ ;]*\).*/\1/p' $(CONSTRAINTS))
 INSTALLED := $(VENV)/.installed
 VENV36 ?= .venv36
 PY36 := $(VENV36)/bin/python
@@ -14,24 +15,27 @@ TRITON36_VERSION ?= 3.6.0
 INSTALLED36 := $(VENV36)/.installed
 ARGS ?=
 
-.PHONY: install install36 train test bench report report36 wheels clean
+.PHONY: install install36 train test upgrade bench report report36 wheels clean
 
 install: $(INSTALLED)
 
-$(INSTALLED): setup.py pyproject.toml Makefile
+$(INSTALLED): setup.py pyproject.toml Makefile $(CONSTRAINTS) .ci/constraints.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
-	$(PY) -m pip install --quiet -e ".[triton,train,test]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) pip packaging
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch==$(TORCH_VERSION)
+	$(PY) .ci/constraints.py apply $(CONSTRAINTS) $(VENV)/constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[triton,train,test]"
 	touch $@
 
 install36: $(INSTALLED36)
 
 # Only what the kernel modules and the report import: no training extras.
-$(INSTALLED36): setup.py pyproject.toml Makefile
+$(INSTALLED36): setup.py pyproject.toml Makefile $(CONSTRAINTS) .ci/constraints.py
 	test -x $(PY36) || $(PYTHON) -m venv $(VENV36)
-	$(PY36) -m pip install --quiet --upgrade pip
-	$(PY36) -m pip install --quiet torch==$(TORCH_VERSION) triton==$(TRITON36_VERSION) numpy
+	$(PY36) -m pip install --quiet -c $(CONSTRAINTS) pip packaging
+	$(PY36) -m pip install --quiet -c $(CONSTRAINTS) torch==$(TORCH_VERSION)
+	$(PY36) .ci/constraints.py apply $(CONSTRAINTS) $(VENV36)/constraints.txt --drop triton
+	$(PY36) -m pip install --quiet -c $(VENV36)/constraints.txt triton==$(TRITON36_VERSION) numpy
 	$(PY36) -m pip install --quiet --no-deps -e .
 	touch $@
 
@@ -40,6 +44,18 @@ train: $(INSTALLED)
 
 test: $(INSTALLED) $(INSTALLED36)
 	MVCL_FAST_REPORT_PYTHONS=$(abspath $(PY36)) $(PY) -m pytest tests/ -q $(ARGS)
+
+# The newest releases of everything but torch (TORCH_VERSION, the CPU build CI installs: set it
+# to move torch too) in a fresh .venv, written into constraints.txt, then the whole suite against
+# them. Commit constraints.txt only if the suite passed.
+upgrade:
+	rm -rf $(VENV) $(VENV36)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip packaging
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e ".[triton,train,test]"
+	$(PY) .ci/constraints.py freeze $(CONSTRAINTS)
+	$(MAKE) test
 
 bench: $(INSTALLED)
 	$(PY) -m pytest benchmarks/ --benchmark-only -q $(ARGS)

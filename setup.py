@@ -13,7 +13,8 @@ setup(
     description="MVCL-DAF++ multimodal intent recognition on fused Triton kernels",
     license="MIT",
     python_requires=">=3.10",
-    packages=["mvcl_fast", "mvcl_fast.ops", "mvcl_fast.kernels"],
+    packages=["mvcl_fast", "mvcl_fast.ops", "mvcl_fast.intent", "mvcl_fast.kernels", "mvcl_fast.tools",
+              "mvcl_fast.tools.aot_launches"],
     install_requires=[
         "torch>=2.11,<3",
         "numpy>=2.2,<3",

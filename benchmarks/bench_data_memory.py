@@ -7,7 +7,7 @@ and ``audio_data/wavlm_feats_binary.pkl`` 400 x 768; each clip with a random
 number of frames between half and all of these lengths, splits 60/20/20).
 Then, each in a fresh subprocess:
 
-- baseline: torch, numpy and ``mvcl_fast.data`` imported, nothing loaded;
+- baseline: torch, numpy and ``mvcl_fast.intent.data`` imported, nothing loaded;
 - first load: ``load_split`` of the three splits with an empty cache (the
   one-time conversion of each pickle), then one epoch of training batches
   (DataLoader, batch 32, shuffled);
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mvcl_fast.data import MultimodalDataset, collate, dataset_info, load_split
+from mvcl_fast.intent.data import MultimodalDataset, collate, dataset_info, load_split
 
 SHAPES = {
     # name: dataset, (video frames, width), (audio frames, width), TSV folder, video / audio pickles
@@ -115,7 +115,7 @@ def child(folder: str, dataset: str, cache_dir: str, batch_size: int, workers: i
 
 
 def baseline() -> dict:
-    """The process with torch, numpy and mvcl_fast.data imported, nothing loaded."""
+    """The process with torch, numpy and mvcl_fast.intent.data imported, nothing loaded."""
     return {"peak_rss_gb": peak_rss_gb()}
 
 

@@ -43,7 +43,7 @@ SHAPES = {
 def build_model(shape: dict):
     from transformers import BertConfig, BertModel
 
-    from mvcl_fast.model import ModelConfig, MVCLDAFPlusPlus, MVCLLoss
+    from mvcl_fast.intent.model import ModelConfig, MVCLDAFPlusPlus, MVCLLoss
 
     torch.manual_seed(0)
     encoder = BertModel(BertConfig(**shape["bert"]))

@@ -2,7 +2,7 @@
 
 For each batch size and prototype mode, ``mvcl_fast.train --seeds ...`` trains
 one run per seed on a synthetic MIntRec-format set (written by
-``mvcl_fast.synthetic``) and summarises them; this script collects the test
+``mvcl_fast.intent.synthetic``) and summarises them; this script collects the test
 figures (ACC, macro F1, the tail third of the intents' macro F1: the rare
 intents, which small batches miss most often) into a markdown table and a plot.
 
@@ -38,9 +38,9 @@ from pathlib import Path
 if __package__ in (None, ""):     # run as a file: the repository root on the path, as with -m
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvcl_fast import runs, train  # noqa: E402
-from mvcl_fast.loading import quiet_transformers  # noqa: E402
-from mvcl_fast.synthetic import ensure_synthetic  # noqa: E402
+from mvcl_fast.intent import runs, train  # noqa: E402
+from mvcl_fast.intent.loading import quiet_transformers  # noqa: E402
+from mvcl_fast.intent.synthetic import ensure_synthetic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(".cache") / "prototype-bank"
@@ -92,8 +92,8 @@ def small_text_model(layers: int, data_dir: Path, folder: Path) -> Path:
     """
     from transformers import AutoModel, AutoTokenizer, BertTokenizer
 
-    from mvcl_fast.data import SPLITS, dataset_info, load_split
-    from mvcl_fast.model import default_text_model
+    from mvcl_fast.intent.data import SPLITS, dataset_info, load_split
+    from mvcl_fast.intent.model import default_text_model
 
     if (folder / "config.json").is_file():
         return folder

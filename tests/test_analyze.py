@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from mvcl_fast import analyze
-from mvcl_fast import train as train_lib
-from mvcl_fast.synthetic import TINY, ensure_synthetic
+from mvcl_fast.intent import analyze
+from mvcl_fast.intent import train as train_lib
+from mvcl_fast.intent.synthetic import TINY, ensure_synthetic
 from test_model import make_tiny_bert
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mvcl_fast import runs
-from mvcl_fast import train as train_lib
-from mvcl_fast.errors import CheckpointError, DataError
+from mvcl_fast.intent import runs
+from mvcl_fast.intent import train as train_lib
+from mvcl_fast.intent.errors import CheckpointError, DataError
 from test_train import argv, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
 
 

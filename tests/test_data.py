@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import mvcl_fast.data as data
-import mvcl_fast.synthetic as synthetic
-from mvcl_fast.data import DATASETS, MultimodalDataset, collate, load_split
+import mvcl_fast.intent.data as data
+import mvcl_fast.intent.synthetic as synthetic
+from mvcl_fast.intent.data import DATASETS, MultimodalDataset, collate, load_split
 
 V, A = synthetic.VIDEO_DIM, synthetic.AUDIO_DIM
 TV, TA = 6, 5  # padded lengths used in most tests
@@ -274,7 +274,7 @@ def test_cache_dir(mintrec_dir, tmp_path):
 
 KILLED_CONVERSION = """
 import os, signal, sys
-import mvcl_fast.data as data
+import mvcl_fast.intent.data as data
 real = data._finite_float32
 seen = []
 def dies_on_the_third_key(frames, path, key):

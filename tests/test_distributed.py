@@ -122,7 +122,7 @@ def test_nan_on_one_rank_raises_on_every_rank(tmp_path):
 
 
 def _bank_rank(rank, steps, num_classes):
-    from mvcl_fast.model import ModelOutput, MVCLLoss
+    from mvcl_fast.intent.model import ModelOutput, MVCLLoss
 
     loss_fn = MVCLLoss(num_classes, lambda_mv=0, prototypes="ema", momentum=0.5, embedding_dim=6,
                        group=dist.group.WORLD)
@@ -137,7 +137,7 @@ def _bank_rank(rank, steps, num_classes):
 def test_ema_prototype_bank_is_the_global_batchs_on_every_rank(tmp_path):
     """Each rank updates its bank from its half of the batch: both end with the bank that one
     process keeps over the whole batches (class 3 is on rank 1 only, class 4 never)."""
-    from mvcl_fast.model import ModelOutput, MVCLLoss
+    from mvcl_fast.intent.model import ModelOutput, MVCLLoss
 
     labels = [torch.tensor([0, 1, 1, 2, 0, 3]), torch.tensor([2, 2, 0, 1, 1, 1])]
     steps = [(torch.randn(6, 6), torch.randn(6, 6), y) for y in labels]

@@ -5,7 +5,7 @@ import torch
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
-from mvcl_fast.metrics import classification_metrics, confusion_matrix, save_confusion_png  # noqa: E402
+from mvcl_fast.intent.metrics import classification_metrics, confusion_matrix, save_confusion_png  # noqa: E402
 
 
 def sklearn_reference(y_true, y_pred):
@@ -83,7 +83,7 @@ def test_save_confusion_png(tmp_path):
 
 
 def test_per_class_metrics_are_sklearns_classification_report():
-    from mvcl_fast.metrics import per_class_metrics
+    from mvcl_fast.intent.metrics import per_class_metrics
 
     rng = np.random.default_rng(7)
     y_true = rng.integers(0, 5, 200)
@@ -102,7 +102,7 @@ def test_per_class_metrics_are_sklearns_classification_report():
 
 
 def test_frequency_groups_split_the_classes_in_thirds_by_training_count():
-    from mvcl_fast.metrics import frequency_groups
+    from mvcl_fast.intent.metrics import frequency_groups
 
     counts = [5, 50, 1, 20, 20, 3, 9]
     assert frequency_groups(counts) == {"head": [1, 3, 4], "middle": [6, 0], "tail": [5, 2]}
@@ -110,7 +110,7 @@ def test_frequency_groups_split_the_classes_in_thirds_by_training_count():
 
 
 def test_group_metrics_are_macro_over_the_groups_classes():
-    from mvcl_fast.metrics import group_metrics
+    from mvcl_fast.intent.metrics import group_metrics
 
     y_true = np.array([0, 0, 0, 1, 1, 2, 3, 3])
     y_pred = np.array([0, 0, 1, 1, 1, 3, 3, 0])
@@ -123,7 +123,7 @@ def test_group_metrics_are_macro_over_the_groups_classes():
 
 
 def test_seed_summary_is_mean_and_sample_std():
-    from mvcl_fast.metrics import seed_summary, seed_table
+    from mvcl_fast.intent.metrics import seed_summary, seed_table
 
     def run(acc):
         row = {"acc": acc, "f1": acc - 1, "precision": acc, "recall": acc, "weighted_f1": acc,

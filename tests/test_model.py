@@ -10,9 +10,9 @@ import string
 import pytest
 import torch
 
-import mvcl_fast.model as model_lib
-from mvcl_fast.loading import model_inputs
-from mvcl_fast.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss, load_text_encoder,
+import mvcl_fast.intent.model as model_lib
+from mvcl_fast.intent.loading import model_inputs
+from mvcl_fast.intent.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss, load_text_encoder,
                              parse_modalities, slot_mean)
 
 LABELS = ("Complain", "Praise", "Ask for help", "Thank")

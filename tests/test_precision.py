@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import mvcl_fast.model as model_lib
-from mvcl_fast import train as train_lib
-from mvcl_fast.loading import autocast_dtype
-from mvcl_fast.model import MVCLLoss
+import mvcl_fast.intent.model as model_lib
+from mvcl_fast.intent import train as train_lib
+from mvcl_fast.intent.loading import autocast_dtype
+from mvcl_fast.intent.model import MVCLLoss
 from test_model import batch, build, prompter, tiny_bert  # noqa: F401 (fixtures)
 from test_train import argv, last_state, tiny_setup  # noqa: F401 (fixture)
 

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
-from mvcl_fast import predict as predict_lib
-from mvcl_fast import train as train_lib
-from mvcl_fast.errors import ConfigError
-from mvcl_fast.loading import load_model
+from mvcl_fast.intent import predict as predict_lib
+from mvcl_fast.intent import train as train_lib
+from mvcl_fast.intent.errors import ConfigError
+from mvcl_fast.intent.loading import load_model
 from test_train import argv, tiny_setup  # noqa: F401 (fixture)
 
 

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from mvcl_fast import train as train_lib
+from mvcl_fast.intent import train as train_lib
 from helpers import exit_spawned_rank
-from mvcl_fast.model import MVCLDAFPlusPlus, MVCLLoss, load_text_encoder
-from mvcl_fast.synthetic import TINY, ensure_synthetic
+from mvcl_fast.intent.model import MVCLDAFPlusPlus, MVCLLoss, load_text_encoder
+from mvcl_fast.intent.synthetic import TINY, ensure_synthetic
 from test_model import make_tiny_bert
 
 
@@ -115,7 +115,7 @@ def test_trains_on_a_mintrec2_release_with_named_features(tiny_setup, tmp_path, 
 
     import numpy as np
 
-    from mvcl_fast.data import DATASETS
+    from mvcl_fast.intent.data import DATASETS
 
     labels = DATASETS["mintrec2"].labels
     rng = np.random.default_rng(0)
@@ -194,7 +194,7 @@ def test_ema_prototype_bank_resumes_bitwise_from_a_weights_only_checkpoint(tiny_
                                                                              monkeypatch):
     """Batches of 30: every intent of the split is in epoch 1's two batches, so the loss reads the
     bank from step 3, the first after the cut (at step 2) and the resume."""
-    from mvcl_fast import loading
+    from mvcl_fast.intent import loading
 
     options = ("--prototypes", "ema", "--prototype-momentum", "0.8", "--batch-size", "30",
                "--max-steps", "3")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, TextIO
 
-from mvcl_fast.errors import CheckpointError, RunFolderError, disk_full, is_disk_full
+from mvcl_fast.intent.errors import CheckpointError, RunFolderError, disk_full, is_disk_full
 
 RUNS_ROOT = Path("runs")
 LOCK_NAME = ".lock"

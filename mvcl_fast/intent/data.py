@@ -29,7 +29,7 @@ builds dicts, lists, tuples, strings, numbers and numpy arrays only.
 
 ``load_split`` reads a split of a data folder; ``load_tsv`` any one TSV in the
 layout, also new clips without labels (``labelled=False``, for
-``mvcl_fast.predict --input``). The synthetic data set (mvcl_fast.synthetic)
+``mvcl_fast.predict --input``). The synthetic data set (mvcl_fast.intent.synthetic)
 is written in the MIntRec layout and goes through this same code path.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ import torch
 
 SPLITS = ("train", "dev", "test")
 UNLABELLED = -1   # MultimodalSplit.labels of clips read without labels (load_tsv, labelled=False)
-SYNTHETIC_META = "synthetic.json"  # written by mvcl_fast.synthetic next to the TSVs
+SYNTHETIC_META = "synthetic.json"  # written by mvcl_fast.intent.synthetic next to the TSVs
 CACHE_FORMAT = 1
 CACHE_SUBFOLDER = ".mvcl-cache"
 FAULT_AROUND = 1 << 16   # Linux's default fault_around_bytes

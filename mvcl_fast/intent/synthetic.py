@@ -5,7 +5,7 @@
 ``season_episode_clip``; the 20 real MIntRec intents) and ``video_feats.pkl`` /
 ``audio_feats.pkl`` (dict key -> float32 array (T, 256) / (T, 768), some stored
 (T, 1, D) as in the real pickles, variable numbers of real frames, some longer
-than the padded length, some already zero-padded). ``mvcl_fast.data.load_split``
+than the padded length, some already zero-padded). ``mvcl_fast.intent.data.load_split``
 reads it exactly as it reads the real benchmark.
 
 What makes it a test of multimodal fusion:
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvcl_fast.data import DATASETS, SYNTHETIC_META
+from mvcl_fast.intent.data import DATASETS, SYNTHETIC_META
 
 FORMAT_VERSION = 1
 LABELS = DATASETS["mintrec"].labels

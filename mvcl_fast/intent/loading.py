@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from mvcl_fast.errors import CheckpointError, ConfigError, DataError, first_line, reraised_as
+from mvcl_fast.intent.errors import CheckpointError, ConfigError, DataError, first_line, reraised_as
 
 # 2: RNG states as tensors and lists (readable with weights_only=True), partial-epoch loss sums.
 CHECKPOINT_FORMAT = 2
@@ -80,7 +80,7 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 class LoadedModel:
     """A trained model in eval mode, with what it needs to read new utterances."""
 
-    model: torch.nn.Module            # mvcl_fast.model.MVCLDAFPlusPlus, without the anchor encoder
+    model: torch.nn.Module            # mvcl_fast.intent.model.MVCLDAFPlusPlus, without the anchor encoder
     checkpoint: Path                  # the file it was read from
     label_names: list[str]
     tokenizer: object
@@ -95,7 +95,7 @@ class LoadedModel:
 
 def dataset_of(label_names: list[str], path: Path) -> str:
     """The data set whose intent list the checkpoint's is."""
-    from mvcl_fast.data import DATASETS
+    from mvcl_fast.intent.data import DATASETS
 
     for name, info in DATASETS.items():
         if list(info.labels) == list(label_names):
@@ -111,7 +111,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     text_model: the encoder folder when the one recorded in the checkpoint has moved; its
     weights' shapes and vocabulary must be the checkpoint's.
     """
-    from mvcl_fast.model import ModelConfig, MVCLDAFPlusPlus, load_text_encoder
+    from mvcl_fast.intent.model import ModelConfig, MVCLDAFPlusPlus, load_text_encoder
 
     path = Path(path)
     if path.is_dir():
@@ -157,10 +157,10 @@ def read_split(loaded: LoadedModel, data_dir: str | Path, split: str, *, dataset
                video_len: Optional[int] = None, audio_len: Optional[int] = None,
                video_feats: Optional[str] = None, audio_feats: Optional[str] = None,
                cache_dir: Optional[str] = None):
-    """One split of data_dir (a mvcl_fast.data.MultimodalSplit) for the loaded model: the folder
+    """One split of data_dir (a mvcl_fast.intent.data.MultimodalSplit) for the loaded model: the folder
     must hold the model's data set (dataset, if given, too) with the feature widths it was
-    trained on. The other arguments are mvcl_fast.data.load_split's."""
-    from mvcl_fast.data import load_split
+    trained on. The other arguments are mvcl_fast.intent.data.load_split's."""
+    from mvcl_fast.intent.data import load_split
 
     return _model_data(loaded, f"--data-dir {data_dir}", "a folder", dataset, lambda: load_split(
         data_dir, loaded.dataset, split, video_len=video_len, audio_len=audio_len,
@@ -172,8 +172,8 @@ def read_clips(loaded: LoadedModel, tsv: str | Path, *, dataset: Optional[str] =
                cache_dir: Optional[str] = None):
     """New clips without labels for the loaded model: a TSV in the layout of its data set (the
     label column absent, empty or not read) and the feature pickles of its clips, of the widths
-    it was trained on. The other arguments are mvcl_fast.data.load_tsv's."""
-    from mvcl_fast.data import load_tsv
+    it was trained on. The other arguments are mvcl_fast.intent.data.load_tsv's."""
+    from mvcl_fast.intent.data import load_tsv
 
     return _model_data(
         loaded, f"--input {tsv}", "a TSV (and feature pickles with each of its clips)", dataset,
@@ -205,12 +205,12 @@ def _model_data(loaded: LoadedModel, source: str, layout: str, dataset: Optional
 @torch.no_grad()
 def model_outputs(loaded: LoadedModel, split, device: torch.device, batch_size: int,
                   precision: str = "auto", progress: Optional[str] = None) -> Iterator:
-    """The model's outputs (mvcl_fast.model.ModelOutput, on device) over a split read by
+    """The model's outputs (mvcl_fast.intent.model.ModelOutput, on device) over a split read by
     read_split or read_clips, in file order, one batch at a time; progress: a tqdm bar's title (None: no bar)."""
     from tqdm import tqdm
 
-    from mvcl_fast.data import MultimodalDataset, collate
-    from mvcl_fast.model import LabelPrompter
+    from mvcl_fast.intent.data import MultimodalDataset, collate
+    from mvcl_fast.intent.model import LabelPrompter
 
     cfg = loaded.config
     tokens = LabelPrompter(loaded.tokenizer, loaded.label_names, cfg.max_text_tokens).encode(split.texts)

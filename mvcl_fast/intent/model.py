@@ -1,7 +1,7 @@
 """MVCL-DAF++: label-prompted text, video and audio fused coarse-to-fine.
 
 The design follows the published line TCL-MAP -> MVCL-DAF -> MVCL-DAF++
-(../shared/SPEC.md, "The model"):
+(docs/design.md, "The model"):
 
 - Text: ``[CLS] text [MASK]*label_len [SEP]`` through a BERT-family encoder.
   An anchor encoder (a second copy of the same checkpoint) reads the same
@@ -27,7 +27,7 @@ slots: masked text, aligned video, aligned audio, fused, and the anchor.
 Any non-empty subset of the modalities can be used. The label prompt stays in
 every model, since the label slots are where it classifies: without text the
 encoder reads the prompt alone, ``[CLS] [MASK]*label_len [SEP]``
-(``mvcl_fast.loading.model_inputs`` leaves the words out, as it does to blank
+(``mvcl_fast.intent.loading.model_inputs`` leaves the words out, as it does to blank
 text at evaluation), and the model has no text view (it would be the same
 vector for every utterance).
 """

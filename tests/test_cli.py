@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mvcl_fast.intent import runs
+from mvcl_fast.intent import checkpoints, runs
 from mvcl_fast.intent import train as train_lib
+from mvcl_fast.intent import trainer as trainer_lib
 from mvcl_fast.intent.errors import CheckpointError, DataError
 from test_train import argv, tiny_setup  # noqa: F401 (tiny_setup is a fixture)
 
@@ -25,7 +26,7 @@ def no_model_loaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the Trainer was built although the options are invalid")
 
-    monkeypatch.setattr(train_lib.Trainer, "__init__", refuse)
+    monkeypatch.setattr(trainer_lib.Trainer, "__init__", refuse)
 
 
 def usage_error(capsys, command) -> str:
@@ -218,21 +219,21 @@ class Payload:
 def test_a_crafted_checkpoint_never_runs_its_payload(tmp_path, capsys):
     out_dir, marker = tmp_path / "crafted", tmp_path / "payload-ran"
     out_dir.mkdir()
-    torch.save({"format": train_lib.CHECKPOINT_FORMAT, "args": Payload(str(marker))},
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "args": Payload(str(marker))},
                out_dir / "last.pt")
     with pytest.raises(pickle.UnpicklingError):    # the file is real: the default load would run it
         torch.load(out_dir / "last.pt", weights_only=True)
     err = fails_with(capsys, ["--resume", str(out_dir)])
     assert "holds Python objects other than tensors and plain values; refused" in err
     with pytest.raises(CheckpointError, match="refused"):
-        train_lib.load_checkpoint(out_dir / "last.pt")   # what best.pt is read with, too
+        checkpoints.load_checkpoint(out_dir / "last.pt")   # what best.pt is read with, too
     assert not marker.exists()
 
 
 def test_checkpoints_load_with_weights_only(finished_run):
     for name in ("last.pt", "best.pt"):
         state = torch.load(finished_run / name, map_location="cpu", weights_only=True)
-        assert state["format"] == train_lib.CHECKPOINT_FORMAT
+        assert state["format"] == checkpoints.CHECKPOINT_FORMAT
 
 
 def test_an_unreadable_checkpoint_is_a_checkpoint_error(tmp_path, capsys):

@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from mvcl_fast.intent import train as train_lib
 from helpers import exit_spawned_rank
+from mvcl_fast.intent import cli, distributed
+from mvcl_fast.intent import train as train_lib
+from mvcl_fast.intent import trainer as trainer_lib
 from mvcl_fast.intent.model import MVCLDAFPlusPlus, MVCLLoss, load_text_encoder
 from mvcl_fast.intent.synthetic import TINY, ensure_synthetic
 from test_model import make_tiny_bert
@@ -70,15 +72,15 @@ def test_help_keeps_one_example_per_line_and_spells_out_the_modalities(capsys):
                                           ("text,audio,video", "text,video,audio"), ("text", "text"),
                                           ("audio,video", "video,audio"), ("audio", "audio")])
 def test_modalities_in_any_order_are_stored_in_the_models_order(given, stored):
-    assert train_lib.build_parser().parse_args(["--modalities", given]).modalities == stored
+    assert cli.train_parser().parse_args(["--modalities", given]).modalities == stored
 
 
 @pytest.mark.parametrize("dataset,tokens,metric", [("mintrec", 30, "f1"), ("mintrec2", 76, "acc")])
 def test_dataset_defaults_and_their_overrides(dataset, tokens, metric):
-    args = train_lib.build_parser().parse_args(["--dataset", dataset])
+    args = cli.train_parser().parse_args(["--dataset", dataset])
     train_lib.apply_dataset_defaults(args)
     assert (args.max_text_tokens, args.select_metric) == (tokens, metric)
-    args = train_lib.build_parser().parse_args(["--dataset", dataset, "--max-text-tokens", "12",
+    args = cli.train_parser().parse_args(["--dataset", dataset, "--max-text-tokens", "12",
                                                 "--select-metric", "weighted_f1"])
     train_lib.apply_dataset_defaults(args)
     assert (args.max_text_tokens, args.select_metric) == (12, "weighted_f1")
@@ -161,7 +163,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_setup, uninterrupted, 
                                                      stop_at_step):
     full_dir, cut_dir = uninterrupted, tmp_path / "cut"
 
-    real_step = train_lib.Trainer.train_step
+    real_step = trainer_lib.Trainer.train_step
     calls = {"n": 0}
 
     def step_then_ctrl_c(self, batch):
@@ -171,13 +173,13 @@ def test_resume_after_interrupt_equals_uninterrupted(tiny_setup, uninterrupted, 
             signal.raise_signal(signal.SIGINT)    # what Ctrl-C sends; the trainer's handler catches it
         return stats
 
-    monkeypatch.setattr(train_lib.Trainer, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(trainer_lib.Trainer, "train_step", step_then_ctrl_c)
     assert train_lib.main(argv(tiny_setup, cut_dir, "--max-steps", "6")) == 130
     cut = last_state(cut_dir)
     assert cut["global_step"] == stop_at_step and not cut["finished"]
     assert (cut["epoch"], cut["step_in_epoch"]) == divmod(stop_at_step, 4)
 
-    monkeypatch.setattr(train_lib.Trainer, "train_step", real_step)
+    monkeypatch.setattr(trainer_lib.Trainer, "train_step", real_step)
     assert train_lib.main(["--resume", str(cut_dir)]) == 0
     full, resumed = last_state(full_dir), last_state(cut_dir)
     assert resumed["global_step"] == full["global_step"] == 6
@@ -194,31 +196,31 @@ def test_ema_prototype_bank_resumes_bitwise_from_a_weights_only_checkpoint(tiny_
                                                                              monkeypatch):
     """Batches of 30: every intent of the split is in epoch 1's two batches, so the loss reads the
     bank from step 3, the first after the cut (at step 2) and the resume."""
-    from mvcl_fast.intent import loading
+    from mvcl_fast.intent import checkpoints
 
     options = ("--prototypes", "ema", "--prototype-momentum", "0.8", "--batch-size", "30",
                "--max-steps", "3")
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     assert train_lib.main(argv(tiny_setup, full_dir, *options)) == 0
 
-    real_step = train_lib.Trainer.train_step
+    real_step = trainer_lib.Trainer.train_step
     bank_read = []
 
     def step_then_ctrl_c(self, batch):
         bank_read.append(self.criterion.bank_ready())
         stats = real_step(self, batch)
-        if self.global_step + 1 == 2:
+        if self.progress.global_step + 1 == 2:
             signal.raise_signal(signal.SIGINT)
         return stats
 
-    monkeypatch.setattr(train_lib.Trainer, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(trainer_lib.Trainer, "train_step", step_then_ctrl_c)
     assert train_lib.main(argv(tiny_setup, cut_dir, *options)) == 130
     cut = last_state(cut_dir)
     assert cut["global_step"] == 2 and cut["criterion"]["prototype_seen"].all()
 
     loads = []
-    real_load = loading.torch.load
-    monkeypatch.setattr(loading.torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    real_load = checkpoints.torch.load
+    monkeypatch.setattr(checkpoints.torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
     assert train_lib.main(["--resume", str(cut_dir)]) == 0
     assert bank_read == [False, False, True]    # the resumed step read the restored bank
     assert loads and all(k.get("weights_only") is True for k in loads)   # last.pt, then best.pt
@@ -344,23 +346,23 @@ def _ddp_rank(rank, world, port, args_list, out_dir, signal_at=None):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if signal_at is not None and signal_at[0] == rank:
-        real_step = train_lib.Trainer.train_step
+        real_step = trainer_lib.Trainer.train_step
 
         def step_then_signal(self, batch):
             stats = real_step(self, batch)
-            if self.global_step + 1 == signal_at[1]:
+            if self.progress.global_step + 1 == signal_at[1]:
                 signal.raise_signal(signal.SIGINT)
             return stats
 
-        train_lib.Trainer.train_step = step_then_signal
+        trainer_lib.Trainer.train_step = step_then_signal
     args, state = train_lib.prepare_args(args_list)
-    dist_ctx = train_lib.distributed.from_env(args.device)
-    trainer = train_lib.Trainer(args, resume_state=state, dist_ctx=dist_ctx)
+    dist_ctx = distributed.from_env(args.device)
+    trainer = trainer_lib.Trainer(args, resume_state=state, dist_ctx=dist_ctx)
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     try:
         code = train_lib.run(trainer, state is not None, time.perf_counter())
         torch.save({"code": code, "initial": initial, "final": trainer.model.state_dict(),
-                    "steps": trainer.global_step}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "steps": trainer.progress.global_step}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         trainer.close()
     exit_spawned_rank()

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -36,130 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from mvcl_fast.intent import distributed, runs
-from mvcl_fast.intent.errors import ConfigError, MVCLError, is_disk_full, print_error
-from mvcl_fast.intent.loading import (BEST_CHECKPOINT, LoadedModel, load_model, model_outputs,
-                               quiet_transformers, read_split)
-from mvcl_fast.intent.train import HelpFormatter, device_name, number
+from mvcl_fast.intent.cli import PROTOTYPE_DISTANCE, analyze_parser, run_command
+from mvcl_fast.intent.errors import ConfigError
+from mvcl_fast.intent.evaluation import loaded_model_outputs
+from mvcl_fast.intent.loading import LoadedModel, load_model, read_split
 
 EMBEDDING = "fused"    # the view of mvcl_fast.intent.model.ModelOutput.views the analyses read
 EMBEDDING_NOTE = ("the fused view (label-slot mean of the fused tokens), which the prototype loss "
                   "sees; in fp32")
-DISTANCE = ("cosine distance 1 - cos(batch prototype, the intent's mean over the whole training "
-            "split), in [0, 2], averaged over the batches that hold the intent")
-EPILOG = """\
-examples:
-  # two runs side by side: t-SNE of the test split's fused embeddings, silhouette, accuracies
-  python -m mvcl_fast.analyze embeddings runs/batch runs/ema --output figures/embeddings.png
-
-  # batch prototypes against the split means, for four batch sizes
-  python -m mvcl_fast.analyze prototypes runs/batch --batch-sizes 8 16 32 64
-
-  # the run's data folder has moved
-  python -m mvcl_fast.analyze prototypes runs/batch --data-dir data/MIntRec
-
-outputs: the PNG at --output (default: in the (first) run folder) and a JSON of the same name
-beside it (.json).
-
-exit status: 0 done, 1 error (one line and a hint; --debug for the traceback), 2 bad options.
-"""
-
-
-# ------------------------------------------------------------------- arguments
-def run_folder(text: str) -> Path:
-    """RUN_DIR: a folder that holds a best checkpoint."""
-    path = Path(text)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"no such folder: {text}")
-    if not (path / BEST_CHECKPOINT).is_file():
-        raise argparse.ArgumentTypeError(f"{path / BEST_CHECKPOINT} does not exist (a run folder "
-                                         "holds it once the run's first epoch is done)")
-    return path
-
-
-run_folder.__name__ = f"a run folder holding {BEST_CHECKPOINT}"
-
-
-def png_path(text: str) -> Path:
-    path = Path(text)
-    if path.suffix.lower() != ".png" or path.name == ".png":
-        raise argparse.ArgumentTypeError(f"must be {png_path.__name__}, got {text!r}")
-    return path
-
-
-png_path.__name__ = "a file name ending in .png"
-
-
-def add_common_options(p: argparse.ArgumentParser, figure: str, seeded: str) -> None:
-    p.add_argument("--output", type=png_path, default=None, metavar="PNG",
-                   help=f"the figure, %(type)s; the JSON goes beside it (default: {figure} in the "
-                        "(first) run folder)")
-    p.add_argument("--data-dir", default=None,
-                   help="folder of the run's data set (default: the one the run trained on, as "
-                        "recorded in its best.pt); feature files, lengths and cache as the run's")
-    p.add_argument("--dataset", default=None, choices=("mintrec", "mintrec2"),
-                   help="the data set the folder holds; must be the model's (default: the model's)")
-    p.add_argument("--text-model", default=None,
-                   help="the text encoder folder, when the one recorded in the checkpoint has moved")
-    p.add_argument("--batch-size", type=number(int, at_least=1), default=64,
-                   help="utterances per forward pass, %(type)s")
-    p.add_argument("--seed", type=number(int, at_least=0, below=2**32), default=0,
-                   help=f"random seed of {seeded}, %(type)s")
-    p.add_argument("--device", type=device_name, default="auto",
-                   help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of data, checkpoint and configuration errors")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m mvcl_fast.analyze",
-        description=textwrap.fill(
-            "Analyses of runs that mvcl_fast.train trained: the fused embeddings (t-SNE, "
-            "silhouette, nearest-prototype accuracy) and the stability of batch prototypes "
-            "against batch size. 'python -m mvcl_fast.analyze COMMAND --help' for a command's "
-            "options.", 79),
-        epilog=EPILOG, formatter_class=HelpFormatter)
-    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    emb = commands.add_parser(
-        "embeddings", formatter_class=HelpFormatter,
-        help="t-SNE of the fused embeddings by intent, one panel per run; silhouette and "
-             "nearest-prototype accuracy",
-        description=textwrap.fill(
-            "The fused embeddings of a split (the vectors the prototype loss sees) from each run's "
-            "best checkpoint: a t-SNE map coloured by intent, one panel per run side by side, and "
-            "per run the silhouette score of the intents (cosine distance, in [-1, 1]), the "
-            "nearest-prototype accuracy (prototypes: the per-intent means of the training split's "
-            "embeddings, nearest by cosine) and the classifier's accuracy (both in %).", 79))
-    emb.add_argument("runs", nargs="+", type=run_folder, metavar="RUN_DIR",
-                     help="the runs, each %(type)s; one panel each")
-    emb.add_argument("--split", default="test", choices=("train", "dev", "test"),
-                     help="the split mapped and scored")
-    emb.add_argument("--perplexity", type=number(float, above=0), default=30.0,
-                     help="t-SNE perplexity, %(type)s and below the split's number of utterances")
-    add_common_options(emb, "embeddings.png", "the t-SNE")
-    emb.set_defaults(analysis=analyze_embeddings)
-
-    proto = commands.add_parser(
-        "prototypes", formatter_class=HelpFormatter,
-        help="batch prototypes vs the training split's means, and intents absent from a batch, "
-             "by batch size",
-        description=textwrap.fill(
-            "The training split's fused embeddings from the run's best checkpoint, computed once; "
-            "then, for each batch size, --batches random batches (index sets drawn without "
-            "replacement, as the trainer's shuffled epochs draw them). Per intent: the "
-            f"{DISTANCE} (batch prototypes by mvcl_fast.batch_prototypes), and the share of "
-            "batches without it. Reported by head / middle / tail "
-            "intents (thirds of the intents the split holds, by their number of utterances).", 79))
-    proto.add_argument("run", type=run_folder, metavar="RUN_DIR", help="the run, %(type)s")
-    proto.add_argument("--batch-sizes", nargs="+", type=number(int, at_least=1),
-                       default=[8, 16, 32, 64], metavar="N",
-                       help="batch sizes, %(type)s each and at most the training split's size")
-    proto.add_argument("--batches", type=number(int, at_least=1), default=200,
-                       help="random batches per batch size, %(type)s")
-    add_common_options(proto, "prototypes.png", "the sampled batches")
-    proto.set_defaults(analysis=analyze_prototypes)
-    return p
 
 
 def output_path(args: argparse.Namespace) -> Path:
@@ -173,22 +55,18 @@ def output_path(args: argparse.Namespace) -> Path:
 def run_split(loaded: LoadedModel, args: argparse.Namespace, split: str):
     """A split of the run's data (or of --data-dir), read with the run's data options."""
     options = loaded.run_options
-    data_dir = args.data_dir or options.get("data_dir")
-    if data_dir is None:
-        raise ConfigError(f"{loaded.checkpoint} does not record the data folder it was trained on "
-                          "(an older mvcl_fast wrote it)", "pass --data-dir")
-    return read_split(loaded, data_dir, split, dataset=args.dataset,
-                      video_len=options.get("video_len"), audio_len=options.get("audio_len"),
-                      video_feats=options.get("video_feats"), audio_feats=options.get("audio_feats"),
-                      cache_dir=options.get("cache_dir"))
+    return read_split(loaded, args.data_dir or options["data_dir"], split, dataset=args.dataset,
+                      video_len=options["video_len"], audio_len=options["audio_len"],
+                      video_feats=options["video_feats"], audio_feats=options["audio_feats"],
+                      cache_dir=options["cache_dir"])
 
 
 def embed(loaded: LoadedModel, split, args: argparse.Namespace, title: str):
     """(fused embeddings [N, H] fp32, the classifier's predictions [N]) of a split, on the CPU."""
     device = loaded.model.classifier.weight.device
     views, predictions = [], []
-    for out in model_outputs(loaded, split, device, args.batch_size, precision="fp32",
-                             progress=title):
+    for out in loaded_model_outputs(loaded, split, device, args.batch_size, precision="fp32",
+                                    progress=title):
         views.append(out.views[EMBEDDING].float().cpu())
         predictions.append(out.logits.argmax(dim=-1).cpu())
     return torch.cat(views), torch.cat(predictions)
@@ -399,7 +277,7 @@ def analyze_prototypes(args: argparse.Namespace) -> dict:
     results = {
         "run": str(args.run), "split": "train", "utterances": len(split),
         "embedding": EMBEDDING_NOTE,
-        "distance": DISTANCE, "absent_share": "share of the batches without the intent",
+        "distance": PROTOTYPE_DISTANCE, "absent_share": "share of the batches without the intent",
         "batches": args.batches, "seed": args.seed, "batch_sizes": sizes,
         "groups": {name: {"intents": [names[c] for c in classes],
                           "utterances": int(counts[classes].sum()),
@@ -436,17 +314,12 @@ def write_outputs(png: Path, draw, results: dict) -> None:
     print(f"wrote {png} and {folder / json_name}")
 
 
-def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    quiet_transformers("mvcl_fast.analyze")
-    try:
-        args.analysis(args)
-        return 0
-    except (MVCLError, OSError) as err:
-        if args.debug or not (isinstance(err, MVCLError) or is_disk_full(err)):
-            raise
-        print_error(parser.prog, err, output_path(args).parent)
-        return 1
+ANALYSES = {"embeddings": analyze_embeddings, "prototypes": analyze_prototypes}
 
+
+def main(argv=None) -> int:
+    def analyze(args: argparse.Namespace) -> int:
+        ANALYSES[args.command](args)
+        return 0
+
+    return run_command(analyze_parser(), argv, analyze, lambda args: output_path(args).parent)

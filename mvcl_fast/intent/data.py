@@ -378,3 +378,26 @@ def collate(items: list[dict]) -> dict:
         "video_length": torch.stack([torch.as_tensor(it["video_length"]) for it in items]),
         "audio_length": torch.stack([torch.as_tensor(it["audio_length"]) for it in items]),
     }
+
+
+def data_loader(split: MultimodalSplit, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                dist=None, num_workers: int = 0,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """Collated batches of split, for training and evaluation.
+
+    An explicit generator (reseeded by the trainer each epoch) or the sampler's seed fixes the
+    batch order and keeps the DataLoader off the global RNG, so --resume reproduces a run
+    exactly. dist (mvcl_fast.intent.distributed.Distributed, under DDP): each rank reads its
+    own 1/R of the split; the sampler pads the split by repeating a few items so every rank has
+    as many batches of the same sizes (the all-gathered negatives need equal batches).
+    """
+    dataset = MultimodalDataset(split)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    sampler = None
+    if dist is not None and dist.enabled:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        collate_fn=collate, num_workers=num_workers, generator=generator, pin_memory=pin_memory)

@@ -1,58 +1,28 @@
-"""What the trainer, ``mvcl_fast.predict`` and ``mvcl_fast.analyze`` share: checkpoints, the
-trained model, its data, batch inputs.
+"""What the trainer, ``mvcl_fast.predict`` and ``mvcl_fast.analyze`` share: the trained model,
+its data, batch inputs, precision.
 
 ``load_model(path)`` is the one way a trained model comes back, for the
 trainer's final evaluation, ``predict`` and ``analyze``: the best checkpoint
 (read with ``weights_only=True``), its text encoder and tokenizer, its intent
 names and the options of the run that trained it. ``read_split`` loads a
 split of a data folder for such a model (its data set, its feature widths),
-``read_clips`` new clips without labels, and ``model_outputs`` runs the model over it batch by batch.
-``model_inputs`` turns a DataLoader batch into the model's keyword arguments
-the same way for training, evaluation and prediction.
+``read_clips`` new clips without labels. ``model_inputs`` turns a DataLoader
+batch into the model's keyword arguments the same way for training,
+evaluation and prediction.
 """
 from __future__ import annotations
 
-import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
+from mvcl_fast.intent.checkpoints import BEST_CHECKPOINT, load_checkpoint
 from mvcl_fast.intent.errors import CheckpointError, ConfigError, DataError, first_line, reraised_as
 
-# 2: RNG states as tensors and lists (readable with weights_only=True), partial-epoch loss sums.
-CHECKPOINT_FORMAT = 2
-BEST_CHECKPOINT = "best.pt"
 # --precision: the dtype of torch.autocast (fp32: no autocast).
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A mvcl_fast checkpoint, read with weights_only=True: only tensors and plain values are
-    unpickled, so a crafted file's payload never runs."""
-    unreadable = ("the file may be truncated or not a torch checkpoint: start a new run, or resume "
-                  "another")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch's message is a page of advice; its one informative sentence follows this marker
-        found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\n|$)", str(err))
-        detail = found.group(1) if found else first_line(err)
-        if "Unsupported global" in detail:
-            raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain values; refused to "
-                f"load it ({detail})", "mvcl_fast checkpoints hold none: this file was written by "
-                                       "something else or by an older mvcl_fast") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({detail})", unreadable) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)})",
-                              unreadable) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a mvcl_fast checkpoint of format {CHECKPOINT_FORMAT}",
-                              "an older mvcl_fast wrote it, or another program: start a new run")
-    return state
 
 
 def quiet_transformers(prog: str) -> None:
@@ -76,6 +46,11 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return PRECISIONS[precision]
 
 
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """The forward passes' autocast region in dtype (None: none, fp32); the weights stay fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @dataclass
 class LoadedModel:
     """A trained model in eval mode, with what it needs to read new utterances."""
@@ -85,8 +60,9 @@ class LoadedModel:
     label_names: list[str]
     tokenizer: object
     dataset: str                      # the data set whose intents the model predicts
-    train_label_counts: list[int]     # training utterances per intent (head / middle / tail)
-    run_options: dict                 # the trainer's options of the run ({} before best.pt held them)
+    train_label_counts: list[int]     # training utterances per intent (head / middle / tail;
+                                      # empty for last.pt, which does not record them)
+    run_options: dict                 # the trainer's options of the run
 
     @property
     def config(self):
@@ -145,12 +121,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise ConfigError(f"{mismatch}, or with other model options ({detail})",
                           "pass the text model the run was trained with (--text-model)") from None
     label_names = list(state["label_names"])
-    counts = state.get("train_label_counts")
     return LoadedModel(model=model.to(device).eval(), checkpoint=path, label_names=label_names,
-                       tokenizer=tokenizer,
-                       dataset=dataset_of(label_names, path),
-                       train_label_counts=list(counts) if counts is not None else [],
-                       run_options=dict(state.get("args", {})))
+                       tokenizer=tokenizer, dataset=dataset_of(label_names, path),
+                       train_label_counts=list(state.get("train_label_counts", [])),
+                       run_options=dict(state["args"]))
 
 
 def read_split(loaded: LoadedModel, data_dir: str | Path, split: str, *, dataset: Optional[str] = None,
@@ -200,28 +174,6 @@ def _model_data(loaded: LoadedModel, source: str, layout: str, dataset: Optional
                             f"pass the {name} features of the release the run was trained on "
                             f"(--{name}-feats)")
     return data
-
-
-@torch.no_grad()
-def model_outputs(loaded: LoadedModel, split, device: torch.device, batch_size: int,
-                  precision: str = "auto", progress: Optional[str] = None) -> Iterator:
-    """The model's outputs (mvcl_fast.intent.model.ModelOutput, on device) over a split read by
-    read_split or read_clips, in file order, one batch at a time; progress: a tqdm bar's title (None: no bar)."""
-    from tqdm import tqdm
-
-    from mvcl_fast.intent.data import MultimodalDataset, collate
-    from mvcl_fast.intent.model import LabelPrompter
-
-    cfg = loaded.config
-    tokens = LabelPrompter(loaded.tokenizer, loaded.label_names, cfg.max_text_tokens).encode(split.texts)
-    loader = torch.utils.data.DataLoader(MultimodalDataset(split), batch_size=batch_size,
-                                         collate_fn=collate)
-    dtype = autocast_dtype(precision, device)
-    for batch in tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True,
-                      disable=progress is None):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = loaded.model(**model_inputs(tokens, batch, cfg.modalities, device))
-        yield out     # outside the autocast region: the caller's code runs in full precision
 
 
 def model_inputs(tokens: dict, batch: dict, modalities, device: torch.device, *,

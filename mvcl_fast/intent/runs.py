@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, TextIO
 
-from mvcl_fast.intent.errors import CheckpointError, RunFolderError, disk_full, is_disk_full
+from mvcl_fast.intent.errors import (CheckpointError, MVCLError, RunFolderError, disk_full,
+                                     is_disk_full)
 
 RUNS_ROOT = Path("runs")
 LOCK_NAME = ".lock"
@@ -55,6 +56,22 @@ def resume_checkpoint(resume: str, output_dir: Optional[str], name: Optional[str
         raise CheckpointError(f"--resume: {path} does not exist",
                               hint="pass a run folder holding last.pt, or the checkpoint file")
     return path
+
+
+def claim_on_every_rank(path: Path | str, dist, *, resume: bool,
+                        overwrite: bool) -> Optional["RunFolder"]:
+    """Rank 0's claim of the folder (None on the other ranks). Every rank gets rank 0's verdict
+    (dist: mvcl_fast.intent.distributed.Distributed), so all of them stop on a refusal."""
+    folder, refusal = None, None
+    if dist.is_main:
+        try:
+            folder = RunFolder.claim(path, resume=resume, overwrite=overwrite)
+        except MVCLError as err:
+            refusal = err
+    refusal = dist.gather(refusal)[0]
+    if refusal is not None:
+        raise refusal
+    return folder
 
 
 def _open_not_through_link(path: Path, flags: int) -> int:

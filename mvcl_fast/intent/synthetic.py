@@ -49,6 +49,8 @@ import numpy as np
 from mvcl_fast.intent.data import DATASETS, SYNTHETIC_META
 
 FORMAT_VERSION = 1
+# where the trainer writes the set when no --data-dir is given (relative to the working folder)
+DEFAULT_CACHE = Path(".cache") / "synthetic-mintrec"
 LABELS = DATASETS["mintrec"].labels
 # thuiar/MIntRec's feature widths (ResNet ROI video, wav2vec 2.0 audio).
 VIDEO_DIM = 256

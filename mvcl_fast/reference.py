@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations of the four ops.
 
-These functions are the specification (../shared/SPEC.md, "The ops"): the
+These functions are the specification (docs/design.md, "The ops"): the
 Triton kernels are tested against them, usually evaluated in float64. They are
 written for clarity and exactness, not speed. Half-precision inputs are
 computed in float32 and the result is cast back to the input dtype, which is
@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 NORM_EPS = 1e-12
 
@@ -61,7 +60,7 @@ def prototype_logits_loss(z, y, prototypes, class_mask, tau: float):
 
 def prototype_infonce(z, y, num_classes: int, tau: float = 0.1, prototypes=None,
                       detach_prototypes: bool = False):
-    """Prototype InfoNCE (SPEC op 2).
+    """Prototype InfoNCE (docs/design.md, op 2).
 
     z [N, D] or views [V, N, D] sharing labels y [N]. With prototypes=None the
     prototypes are the batch prototypes of all V*N rows and absent classes are
@@ -116,7 +115,7 @@ def multiview_infonce_terms(anchor, views, tau: float, symmetric: bool, row_star
 
 
 def multiview_infonce(anchor, views, tau: float = 0.1, symmetric: bool = False):
-    """Multi-view InfoNCE (SPEC op 3): mean over views of CE(S_v, arange(N)).
+    """Multi-view InfoNCE (docs/design.md, op 3): mean over views of CE(S_v, arange(N)).
 
     anchor [N, D], views [V, N, D]. symmetric=True averages each view's term
     with the view-to-anchor direction CE(S_v^T, arange(N)).
@@ -155,7 +154,7 @@ def daf_attention_parts(q, k, v, key_padding_mask, num_heads: int):
 
 
 def daf_attention(q, k, v, gate, residual, num_heads: int, key_padding_mask=None):
-    """DAF attention (SPEC op 4): residual + sigmoid(gate) * MHA(q, k, v).
+    """DAF attention (docs/design.md, op 4): residual + sigmoid(gate) * MHA(q, k, v).
 
     q, gate, residual [B, Lq, D]; k, v [B, Lk, D]; key_padding_mask [B, Lk]
     bool, True = padded key. Returns [B, Lq, D] in q's dtype.

@@ -34,7 +34,7 @@ class EncodedSplit:
         return len(self.split)
 
 
-DATA_HINT = "check --data-dir against the layout in the README (Training MVCL-DAF++)"
+DATA_HINT = "check --data-dir against the layouts in docs/data.md"
 
 
 def ensure_data_dir(args: argparse.Namespace, dist, log: Callable[[str], None]) -> None:

@@ -164,7 +164,7 @@ def _model_data(loaded: LoadedModel, source: str, layout: str, dataset: Optional
                               f"pass {loaded.dataset} data, or a model trained on {dataset}")
     with reraised_as(DataError, f"{source}: ",
                      f"the model predicts the intents of {loaded.dataset}: pass {layout} in its "
-                     "layout (README, Training MVCL-DAF++)"):
+                     "layout (docs/data.md)"):
         data = load()
     cfg = loaded.config
     for name, dim in (("video", data.video.dim), ("audio", data.audio.dim)):

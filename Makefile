@@ -61,10 +61,10 @@ bench: $(INSTALLED)
 	$(PY) -m pytest benchmarks/ --benchmark-only -q $(ARGS)
 
 report: $(INSTALLED)
-	env -u TRITON_INTERPRET $(PY) -m mvcl_fast.kernels.report $(ARGS)
+	env -u TRITON_INTERPRET $(PY) -m mvcl_fast.tools.report $(ARGS)
 
 report36: $(INSTALLED36)
-	env -u TRITON_INTERPRET $(PY36) -m mvcl_fast.kernels.report $(ARGS)
+	env -u TRITON_INTERPRET $(PY36) -m mvcl_fast.tools.report $(ARGS)
 
 # The inf-cl wheel for the offline GPU machine: benchmarks/gpu_check.sh installs it from .wheels/
 # there. It must be pure Python (py3-none-any: the machine runs another Python) and needs only

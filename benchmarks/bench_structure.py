@@ -1,6 +1,6 @@
 """Structure of the fused ops on the CPU: what a GPU would be asked to do.
 
-Counted through Triton's interpreter (mvcl_fast.kernels.structure) for one forward +
+Counted through Triton's interpreter (mvcl_fast.tools.structure) for one forward +
 backward in bf16: device launches (Triton + aten), host syncs, the bytes each Triton
 kernel loads and stores (distinct addresses per launch) against the floor (every input
 read once, every gradient and output written once), and the tl.dot multiply-adds; the
@@ -23,7 +23,7 @@ if DRY_RUN:  # gpu_check.sh's CPU dry run checks the script; tests/test_structur
 
 import mvcl_fast  # noqa: E402
 from mvcl_fast import reference  # noqa: E402
-from mvcl_fast.kernels.structure import count_structure  # noqa: E402
+from mvcl_fast.tools.structure import count_structure  # noqa: E402
 
 SHAPES = [(1, 256, 128, 20), (3, 256, 128, 20), (1, 1024, 768, 20), (1, 32, 768, 1024)]
 

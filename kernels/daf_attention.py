@@ -47,31 +47,27 @@ row stride) must stay under 2**31 elements.
 """
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from mvcl_fast.backend import triton_interpreter_enabled
-from mvcl_fast.kernels.aot import KernelSpec
+from mvcl_fast.kernels.shared import (AUTOTUNE_ENV, LN2, LOG2E, autotune_requested,
+                                      fp32_dot_precision, lacks_bf16_dot)
 
-LOG2E = tl.constexpr(1.4426950408889634)  # natural-log scores -> base 2
-LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 128
-AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
 
 # Pinned launch configs, one table for sm_80 and sm_90a (no GPU has tuned them
 # apart yet: MVCL_FAST_AUTOTUNE=1 on one prints what to pin). Per kernel and
 # dot kind ("mma": fp16/bf16 and tf32 on tensor cores; "fma": IEEE fp32, whose
 # dots unroll into FMAs), rows of (widest head row in bytes = element size x
 # BLOCK_HD, config); the first row covering the launch's head row is used.
-# Every specialisation aot_launches() makes compiles for sm_90a without spills under
-# triton 3.6.0 and 3.9.0 (python -m mvcl_fast.kernels.report). The 128-byte backward
-# row takes 4 warps: at 8 its 32 x 32 tiles (Lq = 80) spill 4-16 bytes at 128 registers
+# Every specialisation of the AOT launches (mvcl_fast.tools.aot_launches) compiles for
+# sm_90a without spills under triton 3.6.0 and 3.9.0 (python -m mvcl_fast.tools.report).
+# The 128-byte backward row takes 4 warps: at 8 its 32 x 32 tiles (Lq = 80) spill 4-16 bytes at 128 registers
 # under both; the 256-byte FMA row one stage: at two, its 16 x 16 tiles spill 8 bytes at
 # 96 registers under 3.9.
 # forward: (BLOCK_M up to SHORT_QUERIES queries, BLOCK_M beyond, BLOCK_N, num_warps, num_stages).
@@ -108,10 +104,6 @@ AUTOTUNE_SPACE = {
             "num_stages": (1, 2, 3)},
 }
 TUNE_KEY = ["HEAD_DIM", "PRECISION", "len_q_bucket", "len_k_bucket"]  # + the tensors' dtypes
-
-
-def autotune_requested() -> bool:
-    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
 
 
 def _dot_kind(dtype: torch.dtype, precision: str) -> str:
@@ -432,9 +424,7 @@ def _head_dim(x: torch.Tensor, num_heads: int) -> int:
 
 def _dot_flags(dtype: torch.dtype):
     """PRECISION / UPCAST constexprs for inputs of this dtype."""
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    upcast = dtype == torch.bfloat16 and triton_interpreter_enabled()
-    return {"PRECISION": "tf32" if tf32 else "ieee", "UPCAST": upcast}
+    return {"PRECISION": fp32_dot_precision(dtype), "UPCAST": lacks_bf16_dot(dtype)}
 
 
 def _mask_args(key_padding_mask):
@@ -509,96 +499,3 @@ def daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse,
              num_heads, len_q, len_k, 1.0 / math.sqrt(head_dim), _length_bucket(len_q), _length_bucket(len_k)),
             dict(tile, HAS_MASK=mask is not None, **flags), config)
     return dq, dk, dv, dgate
-
-
-# ----------------------------------------------------------------------------- AOT declaration
-
-AOT_HEAD_DIMS = (128, 64, 32)   # the largest supported, the model's (768 / 12), the structure budget's
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_VARIANTS = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
-
-
-def _spec(name, kernel, element: str, fp32_pointers: set, constexprs: dict, config: dict) -> KernelSpec:
-    """KernelSpec of a launch on contiguous inputs.
-
-    Unit strides (the head-dim axis, the mask's key axis) are the constant 1,
-    as the JIT specializes an int argument equal to 1. Of the runtime
-    arguments, upper-case names are tensors (the key padding mask bool,
-    fp32_pointers fp32, the rest the input dtype), sm_scale is fp32, the rest ints.
-    """
-    constexprs = dict(constexprs, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"])
-    sig = {}
-    for arg, param in inspect.signature(kernel.fn).parameters.items():
-        if "constexpr" in str(param.annotation):
-            continue
-        if arg == "stride_pn" or (arg.startswith("stride_") and arg.endswith("d")):
-            constexprs[arg] = 1
-        elif arg == "KEY_PAD":
-            sig[arg] = "*i1"
-        elif arg.isupper():
-            sig[arg] = "*fp32" if arg in fp32_pointers else "*" + element
-        else:
-            sig[arg] = "fp32" if arg == "sm_scale" else "i32"
-    return KernelSpec(name, kernel, sig, constexprs, config["num_warps"], config["num_stages"])
-
-
-def aot_specs() -> list[KernelSpec]:
-    """Every kernel x dtype (fp32 both IEEE and tf32) x AOT_HEAD_DIMS x each GPU-pinned config
-    it launches: the forward's short- and long-query row tiles, the backward's every row tile
-    up to its largest, with the queries in one tile (dK/dV partials unused, in the input dtype)
-    and in several (fp32 partials).
-
-    Declared with the key padding mask on (HAS_MASK=True); the mask-free
-    variant is the same code without the mask scan and loads.
-    """
-    specs = []
-    for head_dim, (dtype, precision) in itertools.product(AOT_HEAD_DIMS, _VARIANTS):
-        tile = _tile(head_dim)
-        element = _TRITON_DTYPE[dtype]
-        tag = f"{element}{'-tf32' if precision == 'tf32' else ''},hd={head_dim}"
-        flags = dict(tile, HAS_MASK=True, PRECISION=precision, UPCAST=False)
-        forward = [_forward_config(dtype, precision, tile["BLOCK_HD"], len_q, PINNED_CONFIGS)
-                   for len_q in (16, SHORT_QUERIES + 1)]
-        for config in (forward[:1] if forward[0] == forward[1] else forward):
-            specs.append(_spec(f"daf_fwd[{tag},{_config_name(config)}]", _daf_fwd_kernel, element,
-                               {"LSE"}, flags, config))
-        largest = _backward_config(dtype, precision, tile["BLOCK_HD"], 4096, PINNED_CONFIGS)["BLOCK_M"]
-        for block_m in (16, 32, 64, 128):
-            if block_m > largest:
-                break
-            config = _backward_config(dtype, precision, tile["BLOCK_HD"], block_m, PINNED_CONFIGS)
-            for row_tiles in ("one", "several") if dtype != torch.float32 else ("one",):
-                fp32 = {"LSE", "DK_PART", "DV_PART"} if row_tiles == "several" else {"LSE"}
-                specs.append(_spec(f"daf_bwd[{tag},{_config_name(config)},{row_tiles} row tiles]",
-                                   _daf_bwd_kernel, element, fp32, flags, config))
-    return specs
-
-
-def _config_name(config: dict) -> str:
-    return ",".join(f"{key}={value}" for key, value in config.items())
-
-
-def aot_launches() -> list:
-    """(name, zero-argument callable): forward + backward through the public launchers, keys
-    padded, at the benchmark's DAF shapes (benchmarks/bench_daf.py: Lq = 80, D = 768, 12 heads,
-    Lk = 80, 310, 710, 8192; B = 2, since the batch changes only the grid), the structure
-    budget's shape and a long query sequence (many row tiles), in every dtype mode."""
-    from mvcl_fast.kernels.aot import DTYPE_MODES, matmul_tf32, mode_name
-
-    shapes = {f"bench,Lk={len_k}": (2, 80, len_k, 768, 12) for len_k in (80, 310, 710, 8192)}
-    shapes.update(budget=(2, 48, 96, 128, 4), long_q=(2, 300, 96, 768, 12))
-
-    def run(shape, dtype, tf32):
-        batch, len_q, len_k, dim, heads = shape
-
-        def launch():
-            q, gate, residual, grad = (torch.empty(batch, len_q, dim, dtype=dtype) for _ in range(4))
-            k, v = (torch.empty(batch, len_k, dim, dtype=dtype) for _ in range(2))
-            mask = torch.arange(len_k)[None, :] >= torch.tensor([len_k, len_k * 3 // 4])[:, None]
-            with matmul_tf32(tf32):
-                _, attn, lse = daf_attention_forward(q, k, v, gate, residual, mask, heads)
-                daf_attention_backward(grad, q, k, v, gate, mask, attn, lse, heads)
-        return launch
-
-    return [(f"daf_attention[{name},{mode_name(dtype, tf32)}]", run(shape, dtype, tf32))
-            for name, shape in shapes.items() for dtype, tf32 in DTYPE_MODES]

@@ -7,24 +7,27 @@ The report runs in a subprocess with TRITON_INTERPRET removed from its
 environment: this suite sets it on CPU, and @triton.jit functions created
 under the interpreter cannot be compiled.
 """
+import importlib
+import inspect
 import json
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-import mvcl_fast.kernels
-
 pytest.importorskip("triton")
 
+import mvcl_fast.kernels  # noqa: E402
+import mvcl_fast.tools.aot_launches  # noqa: E402
+
 # sm_90a only here: a cold compile of every specialisation takes minutes per target on 2 cores
-# (Triton's cache makes reruns fast). `python -m mvcl_fast.kernels.report` compiles sm_90a and sm_80.
+# (Triton's cache makes reruns fast). `python -m mvcl_fast.tools.report` compiles sm_90a and sm_80.
 ARCHS = ["sm_90a"]
 SHARED_LIMIT_KIB = {"sm_90a": 227, "sm_80": 163}  # per-block opt-in maximum of each target
-NOT_KERNEL_FILES = {"aot", "report", "structure"}
 OTHER_PYTHONS = [p for p in os.environ.get("MVCL_FAST_REPORT_PYTHONS", "").split(os.pathsep) if p]
 PYTHONS = [pytest.param(sys.executable, id="this-env")] + [
     pytest.param(p, id=os.path.basename(os.path.dirname(os.path.dirname(p))) or p)
@@ -40,29 +43,45 @@ def run_report(python, tmp_path, *args, pythonpath=None):
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [python, "-m", "mvcl_fast.kernels.report", "--jobs", str(os.cpu_count() or 1),
+        [python, "-m", "mvcl_fast.tools.report", "--jobs", str(os.cpu_count() or 1),
          "--json", str(out), *args],
         env=env, capture_output=True, text=True, timeout=1800)
     assert out.exists(), f"the report wrote no JSON (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc, json.loads(out.read_text())
 
 
-def kernel_files():
-    return sorted(m.name for m in pkgutil.iter_modules(mvcl_fast.kernels.__path__)
-                  if m.name not in NOT_KERNEL_FILES and not m.name.startswith("_"))
+def declared_ops():
+    """The modules of mvcl_fast.tools.aot_launches, one per op."""
+    return sorted(m.name for m in pkgutil.iter_modules(mvcl_fast.tools.aot_launches.__path__))
+
+
+def kernels_of_every_file():
+    """{kernel file: names of its @triton.jit kernels}: every @triton.jit function of
+    mvcl_fast.kernels that no other one calls (a helper is compiled inside its callers)."""
+    jitted = {}
+    for info in pkgutil.iter_modules(mvcl_fast.kernels.__path__):
+        module = importlib.import_module(f"mvcl_fast.kernels.{info.name}")
+        jitted[info.name] = {name: inspect.getsource(obj.fn) for name, obj in vars(module).items()
+                             if hasattr(obj, "arg_names") and obj.fn.__module__ == module.__name__}
+    sources = {name: src for functions in jitted.values() for name, src in functions.items()}
+    called = {name for name in sources
+              if any(re.search(rf"\b{name}\(", src) for other, src in sources.items() if other != name)}
+    return {file: set(functions) - called for file, functions in jitted.items()}
 
 
 @pytest.mark.parametrize("python", PYTHONS)
 def test_every_launched_specialisation_compiles_without_spills(python, tmp_path):
-    files = kernel_files()
-    if not files:
-        pytest.skip("no kernel files in kernels/ yet")
     proc, report = run_report(python, tmp_path, "--arch", *ARCHS)
     table = proc.stdout
-    assert sorted(m.rsplit(".", 1)[-1] for m in report["modules"]) == files, (
-        "kernel files without aot_launches() or aot_specs(): "
-        f"{sorted(set(files) - {m.rsplit('.', 1)[-1] for m in report['modules']})}")
+    assert sorted(m.rsplit(".", 1)[-1] for m in report["modules"]) == declared_ops(), report["modules"]
     rows = report["results"]
+    compiled_kernels = {r["kernel"] for r in rows if r["spec"] != "-"}
+    kernels = kernels_of_every_file()
+    # Each op's declaration is named after its launcher module; the three ops have 16 kernels.
+    assert set(declared_ops()) <= set(kernels) and sum(map(len, kernels.values())) == 16, kernels
+    for file, names in kernels.items():
+        assert names <= compiled_kernels, (
+            f"kernels of kernels/{file}.py that no AOT launch launches: {sorted(names - compiled_kernels)}")
     for module in report["modules"]:
         for arch in ARCHS:
             compiled = [r for r in rows if r["module"] == module and r["arch"] == arch and r["spec"] != "-"]
@@ -168,45 +187,47 @@ def test_report_compiles_the_specialisations_and_configs_launches_ask_for(python
     assert "HGMMA" in proc.stdout and "FAILED sm_80 probe_launches - (-): launch 'broken'" in proc.stdout
 
 
-PROBE_SPECS = probe_module('''
+PROBE_RESOURCES = probe_module('''
+    import torch
     import triton
     import triton.language as tl
-    from mvcl_fast.kernels.aot import KernelSpec
 
     @triton.jit
     TILE_PRODUCT
 
-    SIG = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "i32"}
+    def product(bm, bn, bk, **options):
+        def launch():
+            a, b = torch.empty(bm, bk, dtype=torch.float16), torch.empty(bk, bn, dtype=torch.float16)
+            tile_product[(1,)](a, b, torch.empty(bm, bn), bk, BM=bm, BN=bn, BK=bk, **options)
+        return launch
 
-    def aot_specs():
+    def aot_launches():
         return [
-            KernelSpec("fits", tile_product, SIG, {"BM": 64, "BN": 64, "BK": 32}, num_warps=4, num_stages=2),
+            ("fits", product(64, 64, 32, num_warps=4, num_stages=2)),
             # a 128x128 fp32 accumulator over one warp needs 512 registers per thread
-            KernelSpec("spills", tile_product, SIG, {"BM": 128, "BN": 128, "BK": 32}, num_warps=1,
-                       num_stages=2),
+            ("spills", product(128, 128, 32, num_warps=1, num_stages=2)),
             # two 128x256 fp16 tiles per stage, two stages buffered: 256 KiB
-            KernelSpec("too_much_smem", tile_product, SIG, {"BM": 128, "BN": 128, "BK": 256},
-                       num_warps=8, num_stages=3),
+            ("too_much_smem", product(128, 128, 256, num_warps=8, num_stages=3)),
         ]
 ''')
 
 
 @pytest.mark.parametrize("python", PYTHONS)
-def test_report_flags_spills_shared_memory_and_empty_modules(python, tmp_path):
-    (tmp_path / "probe_kernels.py").write_text(PROBE_SPECS)
-    (tmp_path / "probe_empty.py").write_text("def aot_specs():\n    return []\n")
+def test_report_flags_spills_shared_memory_and_modules_declaring_nothing(python, tmp_path):
+    (tmp_path / "probe_kernels.py").write_text(PROBE_RESOURCES)
+    (tmp_path / "probe_undeclared.py").write_text("LAUNCHES = []\n")
     proc, report = run_report(python, tmp_path, "--arch", "sm_90a", "--module", "probe_kernels",
-                              "probe_empty", pythonpath=str(tmp_path))
+                              "probe_undeclared", pythonpath=str(tmp_path))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    rows = {(r["module"], r["spec"]): r for r in report["results"]}
+    rows = {(r["module"], r["launches"]): r for r in report["results"]}
     fits = rows["probe_kernels", "fits"]
     assert fits["ok"] and fits["registers"] > 0 and fits["shared"] > 0 and fits["mma"] == "HGMMA", fits
     spills = rows["probe_kernels", "spills"]
     assert not spills["ok"] and spills["spill_stores"] > 0, spills
     smem = rows["probe_kernels", "too_much_smem"]
     assert not smem["ok"] and smem["shared"] > smem["shared_limit"] == 227 * 1024, smem
-    empty = rows["probe_empty", "-"]
-    assert not empty["ok"] and "no KernelSpec" in empty["error"], empty
+    undeclared = rows["probe_undeclared", "-"]
+    assert not undeclared["ok"] and "declares no aot_launches()" in undeclared["error"], undeclared
     assert "SPILLS" in proc.stdout and "SMEM>LIMIT" in proc.stdout
 
 
@@ -225,7 +246,7 @@ def test_readme_table_summarises_reports_of_two_tritons(tmp_path):
     for name, report in (("new", new), ("old", old)):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(report))
-    proc = subprocess.run([sys.executable, "-m", "mvcl_fast.kernels.report", "--readme-table",
+    proc = subprocess.run([sys.executable, "-m", "mvcl_fast.tools.report", "--readme-table",
                            *map(str, paths)], capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stderr

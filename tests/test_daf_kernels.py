@@ -8,20 +8,15 @@ the kernel must be no worse than the reference in the same dtype (plus the
 helpers' tolerance). Kernel outputs are allocated NaN-poisoned, so an element a
 kernel forgets to write fails.
 """
-import inspect
 
 import pytest
 import torch
-import triton
-from triton.runtime.interpreter import InterpretedFunction
-from triton.runtime.jit import JITFunction
 
 import mvcl_fast
 from helpers import assert_no_worse_than_reference, poisoned_allocations
 from mvcl_fast import reference
 
 CUDA = torch.cuda.is_available()
-JIT_TYPES = (JITFunction, InterpretedFunction)  # what @triton.jit returns, natively or interpreted
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 
 # (batch, len_q, len_k, heads, head_dim, mask): a covering subset of len_q in
@@ -193,64 +188,6 @@ def test_model_sized_shapes(dtype, kernel_device):
     lengths[1] = 0
     mask = torch.arange(len_k, device=kernel_device)[None, :] >= lengths[:, None]
     _check_against_reference(inputs, heads, mask, dtype)
-
-
-def _jitted(obj):
-    """The @triton.jit function under obj (an autotuner wraps it), or None."""
-    while not isinstance(obj, JIT_TYPES) and hasattr(obj, "fn"):
-        obj = obj.fn
-    return obj if isinstance(obj, JIT_TYPES) else None
-
-
-def _recorded_launches(kernels, monkeypatch):
-    """(kernel name, constexprs and config, Q's dtype, the backward's dK/dV partials' dtype or
-    None) of every launch aot_launches() makes as on a GPU (pinned configs, no interpreter
-    upcasts), recorded instead of run."""
-    monkeypatch.setattr(kernels, "triton_interpreter_enabled", lambda: False)
-    launches = []
-
-    def record(name, kernel, tuner, grid, args, constexprs, pinned):
-        parts = args[12].dtype if kernel is kernels._daf_bwd_kernel else None  # DK_PART
-        launches.append((kernel.fn.__name__, {**constexprs, **pinned}, args[0].dtype, parts))
-
-    monkeypatch.setattr(kernels, "_launch", record)
-    for _, launch in kernels.aot_launches():
-        launch()
-    return launches
-
-
-def test_aot_specs_declare_every_launch_of_aot_launches(monkeypatch):
-    """aot_specs() declares every @triton.jit kernel of the file (helpers are compiled inside
-    the kernels calling them) and each config, dtype and flag the launchers really launch at
-    the aot_launches() shapes; every spec is complete and compilable."""
-    from mvcl_fast.kernels import daf_attention as kernels
-
-    specs = kernels.aot_specs()
-    declared = {spec.fn.fn.__name__: spec.fn.fn for spec in specs}
-    declared_source = "\n".join(inspect.getsource(fn) for fn in declared.values())
-    jitted = [_jitted(obj).fn.__name__ for obj in vars(kernels).values() if _jitted(obj) is not None]
-    assert set(declared) <= set(jitted) and len(jitted) > len(declared)
-    for name in jitted:
-        assert name in declared or f"{name}(" in declared_source, \
-            f"@triton.jit {name} is neither declared in aot_specs() nor called by a declared kernel"
-
-    launches = _recorded_launches(kernels, monkeypatch)
-    assert {launch[0] for launch in launches} == {"_daf_fwd_kernel", "_daf_bwd_kernel"}
-    # Half-precision row tiles leaving fp32 partial sums between them (the long queries).
-    assert any(parts == torch.float32 and dtype != torch.float32 for *_, dtype, parts in launches)
-    for name, meta, dtype, parts in launches:
-        element = "*" + kernels._TRITON_DTYPE[dtype]
-        flags = {key: value for key, value in meta.items() if key not in ("num_warps", "num_stages")}
-        assert any(spec.fn.fn.__name__ == name and spec.signature["Q"] == element
-                   and (parts is None or spec.signature["DK_PART"] == "*" + kernels._TRITON_DTYPE[parts])
-                   and flags.items() <= spec.constexprs.items()
-                   and (spec.num_warps, spec.num_stages) == (meta["num_warps"], meta["num_stages"])
-                   for spec in specs), (name, meta, dtype)
-    for spec in specs:  # complete and compilable: every argument typed or constant, once
-        params = inspect.signature(spec.fn.fn).parameters
-        assert set(spec.signature) | set(spec.constexprs) == set(params), spec.name
-        assert not set(spec.signature) & set(spec.constexprs), spec.name
-        assert {p for p in params if "constexpr" in str(params[p].annotation)} <= set(spec.constexprs)
 
 
 def test_pinned_configs_follow_dtype_head_dim_and_query_length(monkeypatch):

@@ -11,12 +11,10 @@ The interpreter is slow, so on CPU a subset of the shape grid runs (chosen to
 cover every N, D, V, symmetric and dtype value); the whole grid and the big
 shapes run on CUDA.
 """
-import inspect
 import itertools
 
 import pytest
 import torch
-import triton
 
 import mvcl_fast
 from helpers import assert_no_worse_than_reference, poisoned_allocations, rel_err
@@ -256,54 +254,6 @@ def test_memory_stays_linear_in_n(kernel_device):
     peak = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(loss) and torch.isfinite(anchor.grad).all()
     assert peak < 64 * n * dim, f"peak {peak} bytes"
-
-
-def test_aot_specs_cover_every_kernel_and_config():
-    """Every @triton.jit kernel is declared (helpers are inlined into one that is), with
-    exactly its arguments, and every config a launcher can pick is in the list."""
-    specs = kernels.aot_specs()
-    assert len({s.name for s in specs}) == len(specs)
-    jitted = {name: obj for name, obj in vars(kernels).items()
-              if isinstance(obj, triton.runtime.KernelInterface)}
-    declared = {s.fn for s in specs}
-    sources = "\n".join(inspect.getsource(fn.fn) for fn in declared)
-    for name, fn in jitted.items():
-        assert fn in declared or f"{name}(" in sources, f"{name} is neither declared nor inlined"
-    for spec in specs:
-        assert set(spec.signature) | set(spec.constexprs) == set(spec.fn.arg_names), spec.name
-        assert not set(spec.signature) & set(spec.constexprs), spec.name
-
-    declared_configs = {(s.fn, tuple(sorted((k, str(v)) for k, v in s.constexprs.items())),
-                         s.num_warps, s.num_stages) for s in specs}
-
-    def launchable(fn, constexprs, cfg):
-        key = tuple(sorted((k, str(v)) for k, v in constexprs.items()))
-        return (fn, key, cfg.num_warps, cfg.num_stages) in declared_configs
-
-    for (dtype, precision), dim in itertools.product(kernels._dtype_modes(), range(1, 4097)):
-        operand = kernels._TL_DTYPE[dtype]
-        cfg = kernels._lse_config(dtype, dim)
-        assert launchable(kernels._lse_kernel, dict(
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-            D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand, PRECISION=precision), cfg), (dtype, dim)
-        for sm90, (symmetric, own_in_r) in itertools.product((True, False), kernels._grad_variants()):
-            cfg = kernels._grad_config(dtype, dim, sm90)
-            assert launchable(kernels._grad_kernel, dict(
-                SYMMETRIC=symmetric, OWN_IN_R=own_in_r, EPS=kernels.NORM_EPS,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                BLOCK_DO=cfg.block_do, BLOCK_DO_TAIL=cfg.block_do_tail,
-                D_CHUNKED=cfg.d_chunked(dim), OPERAND=operand, PRECISION=precision), cfg), (dtype, dim)
-    for dtype, precision in kernels._dtype_modes():
-        operand = kernels._TL_DTYPE[dtype]
-        cfg = kernels._staged_ds_config(dtype)
-        for symmetric in (False, True):
-            assert launchable(kernels._staged_ds_kernel, dict(
-                SYMMETRIC=symmetric, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                BLOCK_D=cfg.block_d, OPERAND=operand, PRECISION=precision), cfg), dtype
-        cfg = kernels._staged_grad_config(dtype)
-        assert launchable(kernels._staged_grad_kernel, dict(
-            EPS=kernels.NORM_EPS, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n,
-            BLOCK_DO=cfg.block_do, OPERAND=operand, PRECISION=precision), cfg), dtype
 
 
 @pytest.mark.parametrize("symmetric", [False, True], ids=["rows", "sym"])

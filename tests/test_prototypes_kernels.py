@@ -8,7 +8,6 @@ small tolerance. Kernel outputs are allocated inside poisoned_allocations(),
 so an element a kernel forgets to write fails the test.
 """
 import contextlib
-import inspect
 
 import pytest
 import torch
@@ -209,10 +208,10 @@ def test_prototype_infonce_split_work(kernel_device, monkeypatch, explicit):
     """Small work limits: the sums split their rows (and add the splits), the forward spreads
     the rows over programs (and the finalize kernel adds their partials); with 100 classes the
     class split runs one class tile per chunk and splits its class-side rows."""
-    from mvcl_fast.kernels import prototypes as module
+    from mvcl_fast.kernels import prototypes as module, shared
 
     monkeypatch.setattr(module, "MAX_SERIAL_STEPS", 1)
-    monkeypatch.setattr(module, "TARGET_PROGRAMS", 4096)
+    monkeypatch.setattr(shared, "MODELLED_SM_COUNT", 2048)  # 4096 programs fill it
     _check_infonce(kernel_device, torch.float32, 3, 70, 100, 100, explicit=explicit)
     _check_infonce(kernel_device, torch.bfloat16, 3, 70, 200, 20, explicit=explicit)
 
@@ -221,13 +220,13 @@ def test_prototype_infonce_split_work(kernel_device, monkeypatch, explicit):
 def test_prototype_infonce_many_classes_without_staging(kernel_device, monkeypatch, explicit):
     """Logits too many to stage: the row programs recompute them per class tile (also split
     over several programs, whose partials the finalize kernel adds)."""
-    from mvcl_fast.kernels import prototypes as module
+    from mvcl_fast.kernels import prototypes as module, shared
 
     monkeypatch.setattr(module, "STAGED_LOGITS_LIMIT", 0)
     _check_infonce(kernel_device, torch.float32, 3, 33, 100, 100, explicit=explicit)
     _check_infonce(kernel_device, torch.bfloat16, 0, 33, 40, 130, "absent", explicit=explicit)
     monkeypatch.setattr(module, "MAX_SERIAL_STEPS", 1)
-    monkeypatch.setattr(module, "TARGET_PROGRAMS", 4096)
+    monkeypatch.setattr(shared, "MODELLED_SM_COUNT", 2048)  # 4096 programs fill it
     _check_infonce(kernel_device, torch.float32, 3, 70, 100, 100, explicit=explicit)
 
 
@@ -255,10 +254,10 @@ def test_prototype_infonce_class_split_detached_prototypes(kernel_device):
 
 
 def test_batch_prototypes_split_rows(kernel_device, monkeypatch):
-    from mvcl_fast.kernels import prototypes as module
+    from mvcl_fast.kernels import prototypes as module, shared
 
     monkeypatch.setattr(module, "MAX_SERIAL_STEPS", 1)
-    monkeypatch.setattr(module, "TARGET_PROGRAMS", 4096)
+    monkeypatch.setattr(shared, "MODELLED_SM_COUNT", 2048)  # 4096 programs fill it
     _check_batch_prototypes(kernel_device, torch.float32, 300, 200, 5)
 
 
@@ -310,27 +309,3 @@ def test_prototype_infonce_rows_below_eps(kernel_device):
 ])
 def test_prototype_infonce_large(kernel_device, dtype, views, n, dim, num_classes, explicit):
     _check_infonce(kernel_device, dtype, views, n, dim, num_classes, explicit=explicit)
-
-
-# ----------------------------------------------------------------- AOT specs
-def test_aot_specs_cover_every_kernel(kernel_device):
-    """Every @triton.jit function is launched with a spec, or is a helper another one calls."""
-    from mvcl_fast.kernels import prototypes as module
-
-    jitted = {name: obj for name, obj in vars(module).items()
-              if hasattr(obj, "arg_names") and obj.fn.__module__ == module.__name__}
-    sources = {name: inspect.getsource(obj.fn) for name, obj in jitted.items()}
-    helpers = {name for name in jitted
-               if any(f"{name}(" in src for other, src in sources.items() if other != name)}
-    kernels = set(jitted) - helpers
-    specs = module.aot_specs()
-    declared = {spec.fn.__name__ for spec in specs}
-    assert kernels and kernels == declared, (
-        f"kernels without a spec: {sorted(kernels - declared)}; "
-        f"specs of non-kernels: {sorted(declared - kernels)}")
-    assert inspect.getsource(module).count("\n@triton.jit\n") == len(jitted)
-    for spec in specs:
-        names = set(spec.signature) | set(spec.constexprs)
-        assert names == set(spec.fn.arg_names), (
-            f"{spec.name}: {sorted(names ^ set(spec.fn.arg_names))}")
-

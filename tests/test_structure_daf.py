@@ -16,7 +16,7 @@ import torch
 
 import mvcl_fast  # noqa: F401  (registers the custom ops)
 from mvcl_fast.kernels import daf_attention as kernels
-from mvcl_fast.kernels.structure import count_structure
+from mvcl_fast.tools.structure import count_structure
 
 B, LQ, LK, D, HEADS = 2, 48, 96, 128, 4
 VALID_KEYS = (72, 60)  # 25% and 38% of the keys padded

@@ -1,6 +1,6 @@
 """Structure budgets of multiview_infonce: what one forward + backward does on the device.
 
-Counted on the CPU through Triton's interpreter (mvcl_fast.kernels.structure)
+Counted on the CPU through Triton's interpreter (mvcl_fast.tools.structure)
 at N=256, V=4, D=128 in bf16 without finiteness checks, as on CUDA:
 
 - at most 8 device launches (Triton and aten: casts, fills and memsets count)
@@ -22,7 +22,7 @@ import torch
 
 import mvcl_fast
 from mvcl_fast.kernels import multiview_infonce as kernels
-from mvcl_fast.kernels.structure import count_structure
+from mvcl_fast.tools.structure import count_structure
 
 N, V, D = 256, 4, 128
 UNIT = V * N * N * D                     # multiply-adds of one pass over the logits

@@ -1,6 +1,6 @@
 """What an op does on the device, counted on a CPU machine: launches, host syncs, bytes, multiply-adds.
 
-    from mvcl_fast.kernels.structure import count_structure
+    from mvcl_fast.tools.structure import count_structure
     s = count_structure(lambda: op(z, y).backward())
     s.launches, s.syncs, s.kernels[0].bytes_loaded, s.macs
 

@@ -1,16 +1,17 @@
 """Ahead-of-time compile report: registers, spills, shared memory and the MMA instruction of
 every kernel specialisation the JIT launches.
 
-    python -m mvcl_fast.kernels.report [--arch sm_90a sm_80] [--json PATH] [--jobs N]
+    python -m mvcl_fast.tools.report [--arch sm_90a sm_80] [--json PATH] [--jobs N]
 
-Every module of mvcl_fast.kernels is imported. A module with ``aot_launches()``
-gives named callables that run its public launchers on CPU tensors (see
-mvcl_fast.kernels.aot); each runs once per target architecture while Triton's
-launch path is intercepted, so that nothing compiles or executes:
+Every module of mvcl_fast.tools.aot_launches (one per op) is imported. Its
+``aot_launches()`` gives named callables that run the op's public launchers on
+CPU tensors (see mvcl_fast.tools.aot); each runs once per target architecture
+while Triton's launch path is intercepted, so that nothing compiles or executes:
 
 * a stand-in driver answers the target (a ``GPUTarget``) and a device of its
-  own, and ``torch.cuda.get_device_capability()`` answers the target's
-  capability, so launchers that pin configs per architecture pick the target's;
+  own, ``torch.cuda.get_device_capability()`` answers the target's
+  capability and the kernels' modelled SM count is the target's, so launchers
+  that pin configs or size grids per architecture pick the target's;
 * ``triton.knobs.runtime.jit_cache_hook``, which ``JITFunction.run`` calls just
   before it would compile, records the launch's specialisation data and tells
   the JIT to skip it (the launch then returns without running). That data is
@@ -23,9 +24,7 @@ launch path is intercepted, so that nothing compiles or executes:
 
 Each distinct specialisation is compiled for the target by
 ``JITFunction.preload`` (the JIT's own path from specialisation data to a
-kernel): no GPU is needed. A module without ``aot_launches()`` falls back to
-``aot_specs()``: KernelSpecs compiled with ``triton.compile`` as declared
-(pointers 16-byte aligned, integers without hints).
+kernel): no GPU is needed.
 
 Registers and the stack frame are read off the cubin (with the cuobjdump that
 ships with Triton); where the stack frame is not empty, the bundled ptxas is run
@@ -39,39 +38,37 @@ status 1 when anything fails to compile, spills, or asks for more shared
 memory than one block may use.
 
 Triton's interpreter (TRITON_INTERPRET=1, which the CPU test suite sets) turns
-@triton.jit functions into interpreted ones that cannot be compiled, so this
-module removes the variable before Triton is imported; the kernel modules must
-be imported in a process where it was never set (the CLI and its worker
-processes are).
+@triton.jit functions into interpreted ones that cannot be compiled, so the
+command removes the variable before any kernel module is imported (its worker
+processes inherit the environment without it); the kernel modules must be
+imported in a process where it is not set.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import multiprocessing
 import os
+import pkgutil
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
 
-os.environ.pop("TRITON_INTERPRET", None)
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import hashlib  # noqa: E402
-import importlib  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import pkgutil  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-
-KERNEL_PACKAGE = "mvcl_fast.kernels"
-NOT_KERNEL_MODULES = {"aot", "report", "structure"}
+DECLARATIONS_PACKAGE = "mvcl_fast.tools.aot_launches"
 DEFAULT_ARCHS = ("sm_90a", "sm_80")
 # Largest dynamic shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin):
 # the SM has 228 KiB (sm_90) / 164 KiB (sm_80), of which 1 KiB per block is reserved by the system.
 SHARED_LIMIT_BYTES = {90: 227 * 1024, 80: 163 * 1024}
+# SMs of each target's GPU (H100 SXM, A100), which launchers size their grids by.
+SM_COUNT = {90: 132, 80: 108}
 # Triton 3.9 warns at every compile that its fp-fusion default will change; the report compiles
 # with the default the JIT uses today and says so once in its header instead.
 FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
@@ -79,9 +76,9 @@ FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
 
 @dataclass
 class CompileResult:
-    module: str
+    module: str             # the module declaring the launches (one per op)
     kernel: str             # the @triton.jit function's name
-    spec: str               # kernel[user constexprs] or KernelSpec.name
+    spec: str               # kernel(pointer element types)[constexprs]
     arch: str               # "sm_90a" / "sm_80"
     num_warps: int
     num_stages: int
@@ -117,28 +114,15 @@ def capability(arch: str) -> int:
 
 
 def declaration(module) -> str | None:
-    """'aot_launches' or 'aot_specs': what the report compiles a module from (None: neither)."""
-    for name in ("aot_launches", "aot_specs"):
-        if hasattr(module, name):
-            return name
-    return None
+    """'aot_launches' when the module declares what the report compiles, else None."""
+    return "aot_launches" if hasattr(module, "aot_launches") else None
 
 
-def kernel_modules() -> list[str]:
-    """Names of the modules of mvcl_fast.kernels that declare aot_launches() or aot_specs()."""
-    package = importlib.import_module(KERNEL_PACKAGE)
-    names = []
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name in NOT_KERNEL_MODULES or info.name.startswith("_"):
-            continue
-        name = f"{KERNEL_PACKAGE}.{info.name}"
-        if declaration(importlib.import_module(name)):
-            names.append(name)
-    return names
-
-
-def module_specs(module_name: str) -> list:
-    return list(importlib.import_module(module_name).aot_specs())
+def declaration_modules() -> list[str]:
+    """Names of the modules of mvcl_fast.tools.aot_launches, one per op."""
+    package = importlib.import_module(DECLARATIONS_PACKAGE)
+    return [f"{DECLARATIONS_PACKAGE}.{info.name}"
+            for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name)]
 
 
 # ----------------------------------------------------------------------------- launch capture
@@ -172,21 +156,26 @@ class _TargetDriver:
 
 @contextlib.contextmanager
 def target_driver(arch: str):
-    """Triton (and torch.cuda.get_device_capability) answer `arch` inside the block."""
+    """Triton, torch.cuda.get_device_capability and the kernels' modelled SM count answer
+    `arch` inside the block."""
     import torch
     from triton.runtime import driver
 
+    from mvcl_fast.kernels import shared
+
     cap = capability(arch)
-    saved_capability = torch.cuda.get_device_capability
+    saved_capability, saved_sm_count = torch.cuda.get_device_capability, shared.MODELLED_SM_COUNT
     # The driver in use before, None if none was chosen yet: reset_active() would create the
     # default driver, which fails on a machine without a GPU.
     saved_driver = driver._active
     driver.set_active(_TargetDriver(arch))
     torch.cuda.get_device_capability = lambda device=None: (cap // 10, cap % 10)
+    shared.MODELLED_SM_COUNT = SM_COUNT[cap]
     try:
         yield
     finally:
         torch.cuda.get_device_capability = saved_capability
+        shared.MODELLED_SM_COUNT = saved_sm_count
         driver.set_active(saved_driver)
 
 
@@ -393,62 +382,6 @@ def _first_line(exc: Exception) -> str:
 
 # ----------------------------------------------------------------------------- compiling
 
-def full_signature(spec) -> tuple[dict, dict]:
-    """(signature over every argument in order, attrs) of a KernelSpec for ASTSource.
-
-    Constexpr arguments are typed "constexpr"; pointer arguments get the
-    16-byte divisibility hint Triton's launcher gives aligned tensors (every
-    fresh torch allocation). Integer arguments get no hint: this is the
-    specialization a launch gets for sizes and strides that are not multiples
-    of 16 (multiples of 16 compile another one, with wider loads).
-    """
-    fn = spec.fn
-    arg_names = list(fn.arg_names)
-    unknown = (set(spec.signature) | set(spec.constexprs)) - set(arg_names)
-    if unknown:
-        raise ValueError(f"{spec.name}: {sorted(unknown)} are not arguments of {fn.__name__}")
-    missing = [a for a in arg_names if a not in spec.signature and a not in spec.constexprs]
-    if missing:
-        raise ValueError(f"{spec.name}: arguments {missing} are neither in signature nor constexprs")
-    signature = {a: ("constexpr" if a in spec.constexprs else spec.signature[a]) for a in arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]]
-             for i, a in enumerate(arg_names) if signature[a].startswith("*")}
-    return signature, attrs
-
-
-def compile_spec(spec, module_name: str, arch: str) -> CompileResult:
-    """Compile one KernelSpec for one architecture and read its resources."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    cap = capability(arch)
-    result = CompileResult(module=module_name, kernel=getattr(spec.fn, "__name__", "?"),
-                           spec=spec.name, arch=arch, num_warps=spec.num_warps,
-                           num_stages=spec.num_stages, launches="(aot_specs)",
-                           shared_limit=SHARED_LIMIT_BYTES[cap])
-    start = time.perf_counter()
-    try:
-        if not isinstance(spec.fn, triton.runtime.JITFunction):
-            raise TypeError(
-                f"{spec.name}: fn is {type(spec.fn).__name__}, not a @triton.jit function (was the "
-                "module imported with TRITON_INTERPRET=1? run the report in a fresh process)")
-        signature, attrs = full_signature(spec)
-        result.signature = ", ".join(f"{a}: {t}{' %16' if t.startswith('*') else ''}"
-                                     if t != "constexpr" else f"{a}={spec.constexprs[a]}"
-                                     for a, t in signature.items())
-        source = ASTSource(fn=spec.fn, signature=signature, constexprs=dict(spec.constexprs),
-                           attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", cap, 32),
-                                  options={"num_warps": spec.num_warps,
-                                           "num_stages": spec.num_stages})
-        read_resources(result, compiled, cap)
-    except Exception as exc:  # reported per spec; the exit status says it failed
-        result.error = f"{type(exc).__name__}: {_first_line(exc)}"
-    result.seconds = round(time.perf_counter() - start, 2)
-    return result
-
-
 def compile_specialisation(specialisation: Specialisation, module_name: str, arch: str,
                            launches: list[str]) -> CompileResult:
     """Compile one captured specialisation for one architecture, as the JIT would, and read
@@ -475,10 +408,7 @@ def compile_specialisation(specialisation: Specialisation, module_name: str, arc
 
 def _run_task(task: tuple) -> CompileResult:
     warnings.filterwarnings("ignore", message=FP_FUSION_WARNING)
-    kind, module_name, arch, payload = task
-    if kind == "spec":
-        return compile_spec(module_specs(module_name)[payload], module_name, arch)
-    specialisation, launches = payload
+    module_name, arch, specialisation, launches = task
     return compile_specialisation(specialisation, module_name, arch, launches)
 
 
@@ -490,42 +420,30 @@ def _failed(module: str, arch: str, error: str, launches: str = "-") -> CompileR
 def plan(archs, modules) -> tuple[list[tuple], list[CompileResult]]:
     """(compile tasks, failed rows) for every module and arch.
 
-    A module whose declaration is empty or raises, a launch that raises or
-    launches no kernel, each gives a failed row, so a kernel file cannot pass
-    by declaring nothing.
+    A module without aot_launches() or whose aot_launches() is empty or raises, a
+    launch that raises or launches no kernel, each gives a failed row, so an op
+    cannot pass by declaring nothing.
     """
     warnings.filterwarnings("ignore", message=FP_FUSION_WARNING)
     tasks, failed = [], []
     for name in modules:
-        source = declaration(importlib.import_module(name))
-        if source == "aot_launches":
-            for arch in archs:
-                found, errors = capture_module(name, arch)
-                failed.extend(_failed(name, arch, error) for error in errors)
-                tasks.extend(("launch", name, arch, (s, launches)) for s, launches in found.items())
+        if declaration(importlib.import_module(name)) is None:
+            failed.extend(_failed(name, arch, "declares no aot_launches()") for arch in archs)
             continue
-        if source is None:
-            failed.extend(_failed(name, arch, "declares neither aot_launches() nor aot_specs()")
-                          for arch in archs)
-            continue
-        try:
-            specs = module_specs(name)
-        except Exception as exc:
-            specs, error = [], f"aot_specs() raised {type(exc).__name__}: {exc}"
-        else:
-            error = "aot_specs() returned no KernelSpec"
-        if not specs:
-            failed.extend(_failed(name, arch, error) for arch in archs)
-        tasks.extend(("spec", name, arch, i) for i in range(len(specs)) for arch in archs)
+        for arch in archs:
+            found, errors = capture_module(name, arch)
+            failed.extend(_failed(name, arch, error) for error in errors)
+            tasks.extend((name, arch, s, launches) for s, launches in found.items())
     return tasks, failed
 
 
 def collect(archs=DEFAULT_ARCHS, modules=None, jobs: int = 1, progress=None) -> list[CompileResult]:
-    """Compile every specialisation (or spec) of every kernel module for every arch;
-    progress(result, number of compiles) is called after each."""
+    """Compile every specialisation the modules' launches ask for (those of
+    mvcl_fast.tools.aot_launches by default) for every arch; progress(result, number of
+    compiles) is called after each."""
     for arch in archs:
         capability(arch)
-    modules = kernel_modules() if modules is None else list(modules)
+    modules = declaration_modules() if modules is None else list(modules)
     tasks, results = plan(archs, modules)
     if jobs <= 1 or len(tasks) <= 1:
         for task in tasks:
@@ -650,7 +568,7 @@ def readme_table(reports: list[dict], arch: str = "sm_90a") -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mvcl_fast.kernels.report",
+    parser = argparse.ArgumentParser(prog="python -m mvcl_fast.tools.report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS),
                         help="targets to compile for (default: sm_90a sm_80)")
@@ -658,7 +576,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compile in this many processes (default: one per CPU)")
     parser.add_argument("--module", nargs="+", metavar="NAME",
-                        help="import these modules instead of discovering mvcl_fast.kernels.*")
+                        help="import these modules, each declaring aot_launches(), instead of "
+                             "those of mvcl_fast.tools.aot_launches")
     parser.add_argument("--readme-table", nargs="+", metavar="JSON",
                         help="compile nothing: print the README's markdown summary of these --json "
                              "reports (one per Triton, the first's MMA instructions shown)")
@@ -681,10 +600,11 @@ def main(argv=None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
+    os.environ.pop("TRITON_INTERPRET", None)  # before any kernel module is imported
     import triton
 
     start = time.perf_counter()
-    modules = args.module if args.module else kernel_modules()
+    modules = args.module if args.module else declaration_modules()
     sources = {name: declaration(importlib.import_module(name)) for name in modules}
     print(f"triton {triton.__version__}; archs {' '.join(args.arch)}; modules: "
           + (", ".join(f"{m} ({s or 'declares nothing'})" for m, s in sources.items()) or "(none)"),

@@ -1,0 +1,62 @@
+"""What every kernel file of mvcl_fast.kernels shares: constants, dtype maps, the dot policy,
+the device's SM count and the autotune switch."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton.language as tl
+
+from mvcl_fast import reference
+from mvcl_fast.backend import triton_interpreter_enabled
+
+# F.normalize's eps (the reference's), as a constant @triton.jit code reads; launchers pass
+# NORM_EPS.value where a kernel takes it as an argument.
+NORM_EPS = tl.constexpr(reference.NORM_EPS)
+LOG2E = tl.constexpr(1.4426950408889634)  # natural-log scores -> base 2
+LN2 = tl.constexpr(0.6931471805599453)
+
+# The input dtypes the kernels take: Triton's element type and its name in kernel signatures.
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+DTYPE_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# SMs of the GPU that CPU runs (Triton's interpreter, the structure counts) model: an H100's.
+# The AOT compile report sets it to its target's count while it captures launches.
+MODELLED_SM_COUNT = 132
+
+# MVCL_FAST_AUTOTUNE=1: daf_attention searches its config space at each launch and prints the
+# choice to pin. The prototype and multi-view kernels have no config space to search: their
+# configs are fixed per dtype and size, so the switch leaves them as they are.
+AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
+
+
+def autotune_requested() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "0") not in ("", "0")
+
+
+def fp32_dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for inputs of this dtype: fp32 dots are exact ("ieee") unless
+    torch allows TF32 matmuls right now; half dtypes are exact on the tensor cores either way."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def lacks_bf16_dot(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must not take this dtype's operands as they are: bf16 under Triton's
+    interpreter, whose bf16 dot is wrong (the kernels then dot fp32 operands holding the
+    bf16 values)."""
+    return dtype == torch.bfloat16 and triton_interpreter_enabled()
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """SMs of the GPU a launch on `device` runs on; MODELLED_SM_COUNT off CUDA."""
+    if device.type != "cuda":
+        return MODELLED_SM_COUNT
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)

@@ -1,14 +1,15 @@
 """Render pytest-benchmark JSON (from `pytest benchmarks/ --benchmark-json PATH`) as results.
 
     python benchmarks/render.py bench.json [more.json | results.jsonl ...] [--md results.md]
-                                [--png speedup.png] [--readme README.md] [--merged all.json]
+                                [--png speedup.png] [--doc docs/benchmarks.md] [--merged all.json]
 
 --md writes a markdown table (op, shape, provider, median ms, peak MiB, x vs
 eager, x vs compile, % of floor) followed by the targets and the skipped
 baselines; --png plots, per op, the speed-up of each provider over eager and
-over torch.compile against the batch size (or key length); --readme replaces
+over torch.compile against the batch size (or key length); --doc replaces
 the text between the `<!-- bench:start -->` and `<!-- bench:end -->` markers of
-that file with the table; several JSON files (one per suite) are merged, and
+that file with the table, and, for the counts of benchmarks/bench_structure.py,
+the text between the structure markers with their table; several JSON files (one per suite) are merged, and
 --merged writes the merge. Ratios are recomputed here from the medians of the
 same JSON, so any pytest-benchmark output of these suites renders. A .jsonl
 input is the file benchmarks/conftest.py's --results-jsonl streams (one case a
@@ -25,7 +26,7 @@ from collections import defaultdict
 
 from targets import targets_for
 
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+MARKERS = ("bench", "structure")  # <!-- NAME:start --> ... <!-- NAME:end --> in a --doc file
 OP_ORDER = ("prototype_infonce", "batch_prototypes", "multiview_infonce", "daf_attention", "train_step")
 PROVIDER_ORDER = ("fused", "eager", "compile")
 
@@ -93,7 +94,7 @@ def rows_of(data: dict) -> list[dict]:
     rows = []
     for bench in data.get("benchmarks", []):
         extra = bench.get("extra_info", {})
-        if "op" not in extra or not bench.get("stats"):
+        if "op" not in extra or "bytes_floor" in extra or not bench.get("stats"):
             continue
         rows.append({**extra, "median_ms": bench["stats"]["median"] * 1e3})
     by_case = defaultdict(dict)
@@ -165,6 +166,23 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def structure_markdown(data: dict) -> str:
+    """The counts of benchmarks/bench_structure.py (one forward + backward each) as a table."""
+    lines = ["| op | shape | launches (Triton + aten) | host syncs | Triton bytes / floor | "
+             "eager reference: launches, syncs |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for bench in data.get("benchmarks", []):
+        c = bench.get("extra_info", {})
+        if "bytes_floor" not in c:
+            continue
+        shape = c["shape"]
+        if "backward_units" in c:
+            shape += f" (backward {c['backward_units']:.1f} units of V N^2 D)"
+        lines.append(f"| `{c['op']}` | {shape} | {c['launches']} ({c['triton_launches']} + "
+                     f"{c['launches'] - c['triton_launches']}) | {c['syncs']} | "
+                     f"{c['bytes_over_floor']:.2f}x | {c['eager_launches']}, {c['eager_syncs']} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(data: dict, path: str):
     import matplotlib
 
@@ -209,11 +227,12 @@ def plot(data: dict, path: str):
     plt.close(fig)
 
 
-def replace_between_markers(text: str, table: str) -> str:
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+def replace_between_markers(text: str, name: str, table: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"markers {START} ... {END} not found")
-    return pattern.sub(lambda _: f"{START}\n{table}{END}", text, count=1)
+        raise SystemExit(f"markers {start} ... {end} not found")
+    return pattern.sub(lambda _: f"{start}\n{table}{end}", text, count=1)
 
 
 def main(argv=None) -> int:
@@ -222,13 +241,19 @@ def main(argv=None) -> int:
     parser.add_argument("--merged", help="write the inputs merged into one JSON here")
     parser.add_argument("--md", help="write the markdown table here (default: print it)")
     parser.add_argument("--png", help="write the speed-up plot here")
-    parser.add_argument("--readme", help="replace the table between the bench markers of this file")
+    parser.add_argument("--doc", help="replace the tables between the bench (and structure) markers "
+                                      "of this markdown file")
     args = parser.parse_args(argv)
     data = load(args.json)
     if args.merged:
         with open(args.merged, "w") as f:
             json.dump(data, f)
-    table = markdown(data)
+    structure = any("bytes_floor" in b.get("extra_info", {}) for b in data["benchmarks"])
+    timed = bool(rows_of(data))
+    tables = {"bench": markdown(data)} if timed or not structure else {}
+    if structure:
+        tables["structure"] = structure_markdown(data)
+    table = "\n".join(tables.values())
     if args.md:
         with open(args.md, "w") as f:
             f.write(table)
@@ -236,10 +261,12 @@ def main(argv=None) -> int:
         sys.stdout.write(table)
     if args.png:
         plot(data, args.png)
-    if args.readme:
-        with open(args.readme) as f:
-            text = replace_between_markers(f.read(), table)   # raises before the file is touched
-        with open(args.readme, "w") as f:
+    if args.doc:
+        with open(args.doc) as f:
+            text = f.read()
+        for name, content in tables.items():
+            text = replace_between_markers(text, name, content)   # raises before the file is touched
+        with open(args.doc, "w") as f:
             f.write(text)
     return 0
 

@@ -42,13 +42,13 @@ def fake_results(device="NVIDIA H100 80GB HBM3"):
     }
 
 
-def test_render_table_ratios_floor_and_readme(tmp_path):
+def test_render_table_ratios_floor_and_doc(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(fake_results()))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold table\n<!-- bench:end -->\noutro\n")
     md, png = tmp_path / "results.md", tmp_path / "speedup.png"
-    assert render.main([str(path), "--md", str(md), "--png", str(png), "--readme", str(readme)]) == 0
+    assert render.main([str(path), "--md", str(md), "--png", str(png), "--doc", str(readme)]) == 0
     table = md.read_text()
     assert "| prototype_infonce | N=1024 C=20 D=768 | fused | 1.000 | 20.0 | 10.00 | 4.00 | 25.0 |" in table
     assert "| prototype_infonce | N=1024 C=20 D=768 | compile | 4.000 | 200.0 | 2.50 | 1.00 | - |" in table
@@ -79,14 +79,32 @@ def test_render_merges_suites(tmp_path):
     assert len(data["mvcl_fast"]["targets"]) == 1 and len(data["mvcl_fast"]["skipped"]) == 2
 
 
-def test_render_refuses_a_readme_without_markers(tmp_path):
+def test_render_refuses_a_doc_without_markers(tmp_path):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(fake_results()))
     readme = tmp_path / "README.md"
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
-        render.main([str(path), "--readme", str(readme)])
+        render.main([str(path), "--doc", str(readme)])
     assert readme.read_text() == "no markers\n"
+
+
+def test_render_structure_counts_into_their_markers(tmp_path):
+    counts = dict(op="multiview_infonce", shape="N=256 V=4 D=128 symmetric bf16", launches=5,
+                  triton_launches=4, syncs=0, bytes=2060, bytes_floor=1000, bytes_over_floor=2.06,
+                  macs=1, eager_launches=74, eager_syncs=0, kernels=[], backward_units=4.0)
+    path = tmp_path / "structure.json"
+    path.write_text(json.dumps({"benchmarks": [{"name": "s", "stats": {"median": 1.0},
+                                                "extra_info": counts}]}))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("a\n<!-- structure:start -->\nold\n<!-- structure:end -->\nb\n")
+    assert render.main([str(path), "--doc", str(doc), "--md", str(tmp_path / "s.md")]) == 0
+    assert doc.read_text() == (
+        "a\n<!-- structure:start -->\n| op | shape | launches (Triton + aten) | host syncs | "
+        "Triton bytes / floor | eager reference: launches, syncs |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: |\n"
+        "| `multiview_infonce` | N=256 V=4 D=128 symmetric bf16 (backward 4.0 units of V N^2 D) "
+        "| 5 (4 + 1) | 0 | 2.06x | 74, 0 |\n<!-- structure:end -->\nb\n")
 
 
 def test_targets_from_one_run(monkeypatch):

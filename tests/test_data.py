@@ -2,6 +2,8 @@
 errors, and the synthetic writer."""
 import os
 import pickle
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,6 +265,98 @@ def test_each_pickle_is_converted_once(mintrec_dir, monkeypatch):
     assert len(cache_files(folder)) == 4 and cache_files(folder) != files
 
 
+@pytest.mark.parametrize("how", ["in_place", "renamed_over"])
+def test_a_pickle_replaced_with_its_size_and_mtime_restored_is_converted_again(mintrec_dir, how):
+    folder, video, _ = mintrec_dir
+    path = folder / "video_feats.pkl"
+    before = load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA).video[:]
+    old = os.stat(path)
+    time.sleep(0.05)   # past the file system's timestamp granularity
+    video["S01_E01_1"] = -video["S01_E01_1"]        # other values, the same pickled size
+    blob = pickle.dumps(video)
+    if how == "in_place":
+        with open(path, "r+b") as f:
+            f.write(blob)
+    else:
+        (folder / "replacement.pkl").write_bytes(blob)
+        os.replace(folder / "replacement.pkl", path)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    new = os.stat(path)
+    assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    after = load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
+    torch.testing.assert_close(after.video[:], -before)
+    assert len(cache_files(folder)) == 4                  # the old cache is removed
+
+
+def damage(stem, how):
+    frames, index = Path(f"{stem}.frames.npy"), Path(f"{stem}.index.npz")
+    if how == "truncated_frames":
+        frames.write_bytes(frames.read_bytes()[:frames.stat().st_size // 2])
+    elif how == "frames_header_only":
+        frames.write_bytes(frames.read_bytes()[:128])
+    elif how == "empty_frames":
+        frames.write_bytes(b"")
+    elif how == "missing_frames":
+        frames.unlink()
+    elif how == "smaller_frames":   # a valid .npy, one frame short
+        np.save(frames, np.load(frames)[:-1])
+    elif how == "frames_of_another_width":
+        np.save(frames, np.load(frames)[:, :-1])
+    elif how == "truncated_index":
+        index.write_bytes(index.read_bytes()[:index.stat().st_size // 2])
+    elif how == "garbage_index":
+        index.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
+    elif how == "smaller_index":    # a valid index of one key fewer
+        with np.load(index) as arrays:
+            kept = {k: arrays[k] for k in arrays.files}
+        n = int(kept["counts"][-1])
+        kept.update(keys=kept["keys"][:-1], offsets=kept["offsets"][:-1],
+                    counts=kept["counts"][:-1], nonzero=kept["nonzero"][:-n])
+        np.savez(index, **kept)
+    elif how == "index_offsets_disagree":
+        with np.load(index) as arrays:
+            kept = {k: arrays[k] for k in arrays.files}
+        kept["offsets"] = kept["offsets"] + 1
+        np.savez(index, **kept)
+
+
+@pytest.mark.parametrize("how", [
+    "truncated_frames", "frames_header_only", "empty_frames", "missing_frames", "smaller_frames",
+    "frames_of_another_width", "truncated_index", "garbage_index", "smaller_index",
+    "index_offsets_disagree"])
+def test_a_damaged_cache_is_rebuilt_once(mintrec_dir, monkeypatch, how):
+    folder, _, _ = mintrec_dir
+    first = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    (stem,) = {str(folder / features.CACHE_SUBFOLDER / f).split(".frames")[0]
+               for f in cache_files(folder) if f.startswith("video_feats.pkl.") and ".frames" in f}
+    damage(stem, how)
+    calls = []
+    real_load = features.load_feature_pickle
+    monkeypatch.setattr(features, "load_feature_pickle", lambda p: calls.append(p.name) or real_load(p))
+    again = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    assert calls == ["video_feats.pkl"]
+    (note,) = [n for n in again.notes if "damaged" in n]
+    assert note.startswith("video_feats.pkl: the cache was damaged (") and "\n" not in note, note
+    torch.testing.assert_close(again.video[:], first.video[:])
+    assert again.video_lengths.tolist() == first.video_lengths.tolist()
+    third = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
+    assert calls == ["video_feats.pkl"] and not [n for n in third.notes if "damaged" in n]
+    assert len(cache_files(folder)) == 4
+
+
+def test_a_cache_that_stays_damaged_is_an_error(mintrec_dir, monkeypatch):
+    folder, _, _ = mintrec_dir
+    real_convert = features._convert
+
+    def convert_then_truncate(source, stem):
+        real_convert(source, stem)
+        damage(stem, "truncated_frames")
+
+    monkeypatch.setattr(features, "_convert", convert_then_truncate)
+    with pytest.raises(ValueError, match=r"video_feats\.pkl\..*\.frames\.npy holds \d+ bytes"):
+        load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
+
+
 def test_cache_dir(mintrec_dir, tmp_path):
     folder, _, _ = mintrec_dir
     s = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA, cache_dir=tmp_path / "cache")
@@ -339,6 +433,17 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+class Declares:
+    """Pickles as the call func(*args), then __setstate__(state) if given: what a crafted
+    feature pickle can declare through the globals the loader allows."""
+
+    def __init__(self, func, args, state=None):
+        self.reduced = (func, args) if state is None else (func, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
 def test_a_crafted_pickle_runs_nothing(mintrec_dir, tmp_path):
     folder, video, _ = mintrec_dir
     marker = tmp_path / "payload-ran"
@@ -395,10 +500,26 @@ HEADER = "season\tepisode\tclip\ttext\tlabel"
     ("empty_pickle", ValueError, ["audio_feats.pkl", "EOFError"]),
     ("strings_not_numbers", ValueError, ["video_feats.pkl", "'S01_E01_1'", "not real numbers"]),
     ("empty_dict", ValueError, ["audio_feats.pkl", "empty"]),
+    ("long_text", ValueError, ["dev.tsv", "line 3", "field larger than field limit"]),
+    ("meta_not_json", ValueError, ["synthetic.json", "does not read as JSON"]),
+    ("meta_empty_object", ValueError, ["synthetic.json", "video_len", "got nothing"]),
+    ("meta_list", ValueError, ["synthetic.json", "JSON list"]),
+    ("meta_float_length", ValueError, ["synthetic.json", "video_len", "from 1 to 10000", "100000000.0"]),
+    ("meta_huge_length", ValueError, ["synthetic.json", "audio_len", "100000000"]),
+    ("huge_video_len", ValueError, ["video_len", "from 1 to 10000", "100000000"]),
+    ("declares_huge_array", ValueError, ["video_feats.pkl", "(1000000000000, 256)",
+                                         "larger than the file"]),
+    ("huge_array_state", ValueError, ["video_feats.pkl", "buffer size does not match"]),
+    ("direct_ndarray_call", ValueError, ["audio_feats.pkl", "direct call of numpy.ndarray"]),
+    ("unknown_codec", ValueError, ["video_feats.pkl", "refused codec 'no-such-codec'"]),
+    ("object_array", ValueError, ["video_feats.pkl", "refused an array of dtype dtype('O')"]),
+    ("structured_array", ValueError, ["audio_feats.pkl", "refused an array of dtype"]),
+    ("key_with_nul", ValueError, ["video_feats.pkl", "'S01_E01_1\\x00'", "NUL"]),
 ])
 def test_clear_errors(mintrec_dir, tmp_path, case, exc, fragments):
     folder, video, audio = mintrec_dir
     target, dataset, split = folder, "mintrec", "dev"
+    lengths = dict(video_len=TV, audio_len=TA)
     ok_row = "S01\tE01\t1\tHi there.\tGreet"
     if case == "no_folder":
         target = tmp_path / "nowhere"
@@ -458,8 +579,39 @@ def test_clear_errors(mintrec_dir, tmp_path, case, exc, fragments):
         repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": np.array([["a"] * V])})
     elif case == "empty_dict":
         repickle(folder, "audio_feats.pkl", {})
+    elif case == "long_text":
+        rewrite_tsv(folder, "dev", [HEADER, ok_row, f"S01\tE01\t1\t{'a' * 200_000}\tGreet"])
+    elif case.startswith("meta_"):
+        lengths = {}
+        (folder / "synthetic.json").write_text({
+            "meta_not_json": "{video_len: 3", "meta_empty_object": "{}", "meta_list": "[6, 5]",
+            "meta_float_length": '{"video_len": 1e8, "audio_len": 5}',
+            "meta_huge_length": '{"video_len": 6, "audio_len": 100000000}'}[case])
+    elif case == "huge_video_len":
+        lengths["video_len"] = 10**8
+    elif case == "declares_huge_array":
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": Declares(
+            np._core.multiarray._reconstruct, (np.ndarray, (10**12, V), b"b"))})
+    elif case == "huge_array_state":
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": Declares(
+            np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+            (1, (10**12, V), np.dtype(np.float32), False, b"\0" * 16))})
+    elif case == "direct_ndarray_call":
+        repickle(folder, "audio_feats.pkl", {**audio, "S01_E01_1": Declares(np.ndarray, ((10**12, A),))})
+    elif case == "unknown_codec":
+        import _codecs
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": Declares(
+            _codecs.encode, ("abc", "no-such-codec"))})
+    elif case == "object_array":   # numpy itself reads past the list of such a state and crashes
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1": Declares(
+            np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+            (1, (10**6,), np.dtype(object), False, [1.0]))})
+    elif case == "structured_array":
+        repickle(folder, "audio_feats.pkl", {**audio, "S01_E01_1": np.zeros(3, "f4,f4")})
+    elif case == "key_with_nul":
+        repickle(folder, "video_feats.pkl", {**video, "S01_E01_1\0": frames(np.random.default_rng(1), 2, V)})
     with pytest.raises(exc) as info:
-        load_split(target, dataset, split, video_len=TV, audio_len=TA)
+        load_split(target, dataset, split, **lengths)
     for fragment in fragments:
         assert fragment in str(info.value), (fragment, str(info.value))
 

@@ -36,17 +36,26 @@ import io
 import json
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mvcl_fast.intent.errors import first_line
 from mvcl_fast.intent.features import FeatureStore, Frames, open_features
 
 SPLITS = ("train", "dev", "test")
 UNLABELLED = -1   # MultimodalSplit.labels of clips read without labels (load_tsv, labelled=False)
 SYNTHETIC_META = "synthetic.json"  # written by mvcl_fast.intent.synthetic next to the TSVs
+# The most frames a clip is padded to: 20 times the longest published length (MIntRec's 480
+# audio frames). An item is [length, width] float32 and a batch of them is allocated whole, so
+# a length like 10**8 is refused rather than allocated.
+MAX_FRAMES = 10_000
+
+_shown = reprlib.Repr()   # TSV fields in messages: a line of a broken file can be megabytes long
+_shown.maxstring, _shown.maxlist, _shown.maxother = 80, 8, 80
 
 
 def _beside_and_under(subfolder: str, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -169,6 +178,15 @@ def _read_rows(path: Path, info: DatasetInfo, labelled: bool = True
         raise ValueError(f"{path}, line {line}: not UTF-8 text ({err.reason}: byte "
                          f"{raw[err.start:err.start + 1]!r} at offset {err.start})") from None
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        return _parse_rows(path, reader, info, columns)
+    except csv.Error as err:   # a field beyond csv.field_size_limit(): not a TSV of utterances
+        raise ValueError(f"{path}, line {reader.line_num}: {err} (is it a tab-separated file "
+                         "with one utterance per line?)") from None
+
+
+def _parse_rows(path: Path, reader, info: DatasetInfo, columns: tuple[str, ...]
+                ) -> tuple[list[tuple[int, dict[str, str]]], list[str]]:
     header = next(reader, None)
     if header is None:
         raise ValueError(f"{path}: the file is empty (expected a header row with columns "
@@ -181,12 +199,13 @@ def _read_rows(path: Path, info: DatasetInfo, labelled: bool = True
     elif len(header) >= len(columns):
         # The published loaders ignore the header and read the columns by position.
         where = {c: i for i, c in enumerate(columns)}
+        positions = ", ".join(f"{c} = column {i + 1}" for c, i in where.items())
         notes.append(f"{path.name}: the header does not name the column(s) {', '.join(missing)} "
-                     f"(header {header}); reading the columns by position as the published "
-                     f"loaders do: " + ", ".join(f"{c} = column {i + 1}" for c, i in where.items()))
+                     f"(header {_shown.repr(header)}); reading the columns by position as the "
+                     f"published loaders do: {positions}")
     else:
-        raise ValueError(f"{path}: header row {header} lacks the column(s) {missing} needed for "
-                         f"{info.name} (columns {', '.join(columns)}, matched "
+        raise ValueError(f"{path}: header row {_shown.repr(header)} lacks the column(s) "
+                         f"{missing} needed for {info.name} (columns {', '.join(columns)}, matched "
                          f"case-insensitively, else read by position), and has only "
                          f"{len(header)} columns")
     rows = []
@@ -196,7 +215,7 @@ def _read_rows(path: Path, info: DatasetInfo, labelled: bool = True
             continue  # blank line
         if len(fields) != len(header):
             raise ValueError(f"{path}, line {line}: {len(fields)} tab-separated fields, "
-                             f"the header has {len(header)}: {fields!r}")
+                             f"the header has {len(header)}: {_shown.repr(fields)}")
         rows.append((line, {c: fields[i].strip() if c != info.text_column else fields[i]
                             for c, i in where.items()}))
     return rows, notes
@@ -256,10 +275,27 @@ def _rows_of(store: FeatureStore, keys: list[str], lines: list[int], tsv: Path) 
     for i, (key, line) in enumerate(zip(keys, lines)):
         row = store.row_of.get(key)
         if row is None:
-            raise ValueError(f"{store.source}: no features for key {key!r} ({tsv.name}, line "
-                             f"{line}; {len(store.keys)} keys in the file)")
+            raise ValueError(f"{store.source}: no features for key {_shown.repr(key)} "
+                             f"({tsv.name}, line {line}; {len(store.keys)} keys in the file)")
         rows[i] = row
     return rows
+
+
+def _recorded_lengths(path: Path) -> dict[str, int]:
+    """video_len and audio_len as the synthetic writer records them in synthetic.json."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{path} does not read as JSON ({first_line(err)})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: holds a JSON {type(meta).__name__}; expected an object with "
+                         "video_len and audio_len")
+    for key in ("video_len", "audio_len"):
+        value = meta.get(key)
+        if type(value) is not int or not 1 <= value <= MAX_FRAMES:   # bool is not a length
+            raise ValueError(f"{path}: {key} must be an integer from 1 to {MAX_FRAMES}, got "
+                             f"{'nothing' if key not in meta else _shown.repr(value)}")
+    return meta
 
 
 def load_split(data_dir: str | os.PathLike, dataset: str = "mintrec", split: str = "train", *,
@@ -310,13 +346,14 @@ def load_tsv(tsv: str | os.PathLike, dataset: str = "mintrec", *, labelled: bool
     folder = tsv.parent
     meta_path = folder / SYNTHETIC_META
     if (video_len is None or audio_len is None) and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        video_len = video_len if video_len is not None else int(meta["video_len"])
-        audio_len = audio_len if audio_len is not None else int(meta["audio_len"])
+        recorded = _recorded_lengths(meta_path)
+        video_len = recorded["video_len"] if video_len is None else video_len
+        audio_len = recorded["audio_len"] if audio_len is None else audio_len
     video_len = info.video_len if video_len is None else int(video_len)
     audio_len = info.audio_len if audio_len is None else int(audio_len)
-    if video_len < 1 or audio_len < 1:
-        raise ValueError(f"video_len and audio_len must be >= 1, got {video_len}, {audio_len}")
+    for name, value in (("video_len", video_len), ("audio_len", audio_len)):
+        if not 1 <= value <= MAX_FRAMES:
+            raise ValueError(f"{name} must be from 1 to {MAX_FRAMES} frames, got {value}")
 
     by_name = {_normalise_label(n): i for i, n in enumerate(info.labels)}
     rows, notes = _read_rows(tsv, info, labelled)
@@ -325,7 +362,8 @@ def load_tsv(tsv: str | os.PathLike, dataset: str = "mintrec", *, labelled: bool
         label = by_name.get(_normalise_label(row[info.label_column])) if labelled else UNLABELLED
         if label is None:
             raise ValueError(f"{tsv}, line {line}: unknown {info.name} label "
-                             f"{row[info.label_column]!r}; valid labels: {', '.join(info.labels)}")
+                             f"{_shown.repr(row[info.label_column])}; valid labels: "
+                             f"{', '.join(info.labels)}")
         texts.append(row[info.text_column])
         labels.append(label)
         keys.append(info.key(row))

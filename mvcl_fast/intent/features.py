@@ -11,16 +11,21 @@ asked for (:class:`Frames`), so a data set larger than memory trains.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
+import math
 import mmap
 import os
 import pickle
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from mvcl_fast.intent.errors import first_line
 
 CACHE_FORMAT = 1
 CACHE_SUBFOLDER = ".mvcl-cache"
@@ -31,23 +36,88 @@ FAULT_AROUND = 1 << 16   # Linux's default fault_around_bytes
 
 # The globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names; protocol 5
 # uses _frombuffer, protocol 2 stores raw bytes through _codecs.encode). Nothing else can run.
+_MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")
+_NUMERIC = ("numpy.core.numeric", "numpy._core.numeric")
 _ARRAY_GLOBALS = frozenset({
     ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    *((module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-      for name in ("_reconstruct", "scalar")),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    *((module, name) for module in _MULTIARRAY for name in ("_reconstruct", "scalar")),
+    *((module, "_frombuffer") for module in _NUMERIC),
 })
+# numpy writes its raw bytes as a latin-1 string (protocol 2); no other codec is ever needed.
+_LATIN1 = frozenset({"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "l1"})
+
+
+def _plain_dtype(dtype) -> np.dtype:
+    """dtype if it is one numpy's type code describes in full: not structured, not a
+    subarray, no Python objects. A pickled dtype's state can declare fields outside its
+    items or an object array can name more items than its data holds, and numpy reads out
+    of bounds (or crashes) on them; a feature array needs neither."""
+    dtype = np.dtype(dtype)
+    if (dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None
+            or dtype != np.dtype(dtype.str) or dtype.itemsize != np.dtype(dtype.str).itemsize):
+        raise pickle.UnpicklingError(f"refused an array of dtype {dtype!r} (a feature pickle's "
+                                     "arrays hold plain numbers or strings)")
+    return dtype
+
+
+class _PickledArray(np.ndarray):
+    """numpy.ndarray as a feature pickle names it: numpy's pickles make an empty array with
+    _reconstruct and fill it with __setstate__ (which checks the data's length against the
+    shape before allocating); a direct call, which would allocate any shape, is refused."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("refused a direct call of numpy.ndarray (numpy's pickles "
+                                     "build arrays through _reconstruct)")
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) in (4, 5):
+            _plain_dtype(state[-3])
+        super().__setstate__(state)
+
+
+def _encode_latin1(text, encoding):
+    if not isinstance(encoding, str) or encoding.lower() not in _LATIN1:
+        raise pickle.UnpicklingError(f"refused codec {encoding!r} (numpy's pickles encode their "
+                                     "bytes as latin1)")
+    return codecs.encode(text, "latin1")
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, tuples, strings, numbers and numpy arrays / dtypes only."""
+    """Builds dicts, lists, tuples, strings, numbers and numpy arrays / dtypes only, and no
+    array larger than the file: what the file declares is checked before it is allocated."""
+
+    def __init__(self, file, size: int):
+        super().__init__(file)
+        self.size = size
 
     def find_class(self, module: str, name: str):
         if (module, name) not in _ARRAY_GLOBALS:
             raise pickle.UnpicklingError(
                 f"refused global {module}.{name} (a feature pickle may hold only dicts, lists, "
                 "tuples, strings, numbers and numpy arrays; nothing in it was run)")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        if (module, name) == ("numpy", "ndarray"):
+            return _PickledArray
+        if name == "_reconstruct":
+            return lambda subtype, shape, dtype: found(*self._checked(subtype, shape, dtype))
+        if name == "scalar":
+            return lambda dtype, *args: found(_plain_dtype(dtype), *args)
+        if name == "_frombuffer":
+            return lambda buffer, dtype, *args: found(buffer, _plain_dtype(dtype), *args)
+        if name == "encode":
+            return _encode_latin1
+        return found
+
+    def _checked(self, subtype, shape, dtype) -> tuple:
+        dtype = _plain_dtype(dtype)
+        if subtype is not _PickledArray:
+            raise pickle.UnpicklingError(f"refused to reconstruct a {subtype!r} (only "
+                                         "numpy.ndarray)")
+        shape = tuple(int(n) for n in shape)
+        if min(shape, default=0) < 0 or math.prod(shape) * dtype.itemsize > self.size:
+            raise pickle.UnpicklingError(f"an array of shape {shape} and dtype {dtype} is "
+                                         f"larger than the file ({self.size} bytes)")
+        return subtype, shape, dtype
 
 
 def load_feature_pickle(path: str | os.PathLike) -> dict:
@@ -55,13 +125,15 @@ def load_feature_pickle(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            feats = _ArrayUnpickler(f).load()
+            feats = _ArrayUnpickler(f, os.fstat(f.fileno()).st_size).load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError, OverflowError) as err:
-        raise ValueError(f"{path}: cannot read the feature pickle: {type(err).__name__}: {err}") from err
+            LookupError, OverflowError, MemoryError) as err:
+        raise ValueError(f"{path}: cannot read the feature pickle: {type(err).__name__}: "
+                         f"{first_line(err)}") from err
     if not isinstance(feats, dict):
         raise ValueError(f"{path}: expected a pickled dict key -> array, got {type(feats).__name__}")
-    return feats
+    return {key: value.view(np.ndarray) if isinstance(value, _PickledArray) else value
+            for key, value in feats.items()}
 
 
 # ------------------------------------------------------------------ the cache
@@ -70,6 +142,8 @@ def _as_frames(arr, path: Path, key) -> np.ndarray:
     """(T, D) view of an array stored as (T, D) or (T, 1, D)."""
     if not isinstance(key, str):
         raise ValueError(f"{path}: key {key!r} is a {type(key).__name__}, expected a string")
+    if "\0" in key:   # numpy's string arrays, which the index keeps the keys in, drop NULs
+        raise ValueError(f"{path}: key {key!r} holds a NUL character")
     if not isinstance(arr, np.ndarray):
         raise ValueError(f"{path}: key {key!r} holds a {type(arr).__name__}, expected a numpy array")
     if arr.ndim == 3 and arr.shape[1] == 1:
@@ -99,13 +173,18 @@ def _finite_float32(frames: np.ndarray, path: Path, key: str) -> np.ndarray:
 
 
 def _cache_stem(source: Path, cache_dir: Path | None) -> Path:
-    """Where the cache of ``source`` lives: keyed by its size and modification time."""
+    """Where the cache of ``source`` lives: keyed by its size, modification and status-change
+    times and inode. os.utime can set the modification time back, but not the status-change
+    time (a write, a chmod or os.utime itself sets it to now) nor the inode (a file renamed
+    over the pickle has its own), so a pickle replaced by other data of the same size is
+    converted again; a hash of the content would cost a full read of the pickle per load."""
     st = source.stat()
     if cache_dir is None:
         root = source.parent / CACHE_SUBFOLDER
     else:  # one subfolder per source folder, so equal file names never collide
         root = Path(cache_dir) / hashlib.sha1(str(source.resolve().parent).encode()).hexdigest()[:16]
-    return root / f"{source.name}.{st.st_size}-{st.st_mtime_ns}.v{CACHE_FORMAT}"
+    identity = f"{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}"
+    return root / f"{source.name}.{identity}.v{CACHE_FORMAT}"
 
 
 def _convert(source: Path, stem: Path) -> None:
@@ -161,8 +240,9 @@ def _remove_stale(source: Path, stem: Path) -> None:
     """Remove the caches of earlier versions of the pickle and the temporaries of killed
     conversions (their writer's process is gone)."""
     name = re.escape(source.name)
-    cache = re.compile(rf"{name}\.\d+-\d+\.v\d+\.(frames\.npy|index\.npz)")
-    temporary = re.compile(rf"\.{name}\.\d+-\d+\.v\d+\.(frames|index)\.tmp-(\d+)\.np[yz]")
+    identity = r"\d+(?:-\d+)+\.v\d+"
+    cache = re.compile(rf"{name}\.{identity}\.(frames\.npy|index\.npz)")
+    temporary = re.compile(rf"\.{name}\.{identity}\.(frames|index)\.tmp-(\d+)\.np[yz]")
     for path in stem.parent.iterdir():
         dead = temporary.fullmatch(path.name)
         if ((cache.fullmatch(path.name) and not path.name.startswith(stem.name + "."))
@@ -170,22 +250,72 @@ def _remove_stale(source: Path, stem: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+class DamagedCache(ValueError):
+    """A cache whose index and frames do not describe each other (a truncated or replaced
+    file): open_features converts the pickle again."""
+
+
+# What reading a damaged index or frames header raises (np.load of a truncated .npz: BadZipFile;
+# of a member with a corrupted header: ValueError, or MemoryError for the size it declares).
+_DAMAGE = (FileNotFoundError, EOFError, ValueError, KeyError, zipfile.BadZipFile, MemoryError)
+
+
+def _read_index(path: Path) -> dict:
+    """The index's arrays, checked against each other: keys, offsets and counts one per key,
+    the offsets the running sum of the counts, nonzero one per frame."""
+    try:
+        with np.load(path, allow_pickle=False) as index:
+            arrays = {name: index[name] for name in ("keys", "offsets", "counts", "nonzero", "dim")}
+    except _DAMAGE as err:
+        raise DamagedCache(f"{path} does not read: {first_line(err)}") from err
+    keys, offsets, counts, nonzero, dim = arrays.values()
+    n = len(keys) if keys.ndim == 1 else -1
+    if not (n > 0 and keys.dtype.kind == "U" and len(set(keys.tolist())) == n
+            and offsets.shape == counts.shape == (n,) and offsets.dtype == counts.dtype == np.int64
+            and dim.shape == () and dim.dtype == np.int64 and dim >= 1 and counts.min() >= 1
+            and offsets[0] == 0 and (offsets[1:] == np.cumsum(counts)[:-1]).all()
+            and nonzero.dtype == bool and nonzero.shape == (counts.sum(),)):
+        raise DamagedCache(f"{path}: its keys, offsets, counts and frame flags disagree")
+    return arrays
+
+
+def _check_frames(path: Path, frames: int, dim: int) -> None:
+    """The frames file holds a C-order float32 [frames, dim] array, whole."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(f)
+            size = f.tell() + frames * dim * 4
+            actual = os.fstat(f.fileno()).st_size
+    except _DAMAGE as err:
+        raise DamagedCache(f"{path} does not read: {first_line(err)}") from err
+    if shape != (frames, dim) or fortran_order or dtype != np.dtype("<f4") or actual != size:
+        raise DamagedCache(f"{path} holds {actual} bytes, a {dtype} array of shape {shape}; the "
+                           f"index describes {frames} frames of {dim} float32 features ({size} "
+                           "bytes)")
+
+
 class FeatureStore:
     """One feature pickle, read from its memory-mapped cache.
 
     The map is opened lazily in each process (DataLoader workers open their
-    own, sharing the page cache) and is never pickled.
+    own, sharing the page cache) and is never pickled. Opening checks the
+    index and the frames file against each other (DamagedCache if they
+    disagree), so a read never runs past the file.
     """
 
     def __init__(self, source: Path, stem: Path):
         self.source = source
         self.frames_path = Path(f"{stem}.frames.npy")
-        with np.load(f"{stem}.index.npz", allow_pickle=False) as index:
-            self.keys = index["keys"].tolist()
-            self.offsets = index["offsets"]
-            self.counts = index["counts"]
-            self.nonzero = index["nonzero"]
-            self.dim = int(index["dim"])
+        index = _read_index(Path(f"{stem}.index.npz"))
+        self.keys = index["keys"].tolist()
+        self.offsets = index["offsets"]
+        self.counts = index["counts"]
+        self.nonzero = index["nonzero"]
+        self.dim = int(index["dim"])
+        _check_frames(self.frames_path, len(self.nonzero), self.dim)
         self.row_of = {k: i for i, k in enumerate(self.keys)}
         self._frames = None
 
@@ -224,23 +354,32 @@ class FeatureStore:
 
 def open_features(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                   notes: list[str] | None = None) -> FeatureStore:
-    """The feature store of a pickle, converting it into the cache on first use (or when
-    the pickle's size or modification time changed)."""
+    """The feature store of a pickle, converting it into the cache on first use, when the
+    pickle changed (another size, modification or status-change time, or inode), or when
+    the cache is damaged (a note says so)."""
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"features file {source} does not exist")
     stem = _cache_stem(source, None if cache_dir is None else Path(cache_dir))
-    if not Path(f"{stem}.index.npz").is_file():
-        start = time.perf_counter()
+    damage = None
+    if Path(f"{stem}.index.npz").is_file():
         try:
-            _convert(source, stem)
-        except PermissionError as err:
-            raise PermissionError(f"cannot write the feature cache of {source} in {stem.parent} "
-                                  f"({err}); name a writable folder with cache_dir "
-                                  "(--cache-dir)") from err
-        if notes is not None:
-            notes.append(f"{source.name}: converted once into the cache {stem.parent} "
-                         f"({time.perf_counter() - start:.1f}s)")
+            return FeatureStore(source, stem)
+        except DamagedCache as err:
+            damage = err
+    start = time.perf_counter()
+    try:
+        _convert(source, stem)
+    except PermissionError as err:
+        raise PermissionError(f"cannot write the feature cache of {source} in {stem.parent} "
+                              f"({err}); name a writable folder with cache_dir "
+                              "(--cache-dir)") from err
+    seconds = time.perf_counter() - start
+    if notes is not None:
+        notes.append(f"{source.name}: converted once into the cache {stem.parent} ({seconds:.1f}s)"
+                     if damage is None else
+                     f"{source.name}: the cache was damaged ({damage}); converted again into "
+                     f"{stem.parent} ({seconds:.1f}s)")
     return FeatureStore(source, stem)
 
 

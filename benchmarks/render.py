@@ -94,7 +94,7 @@ def rows_of(data: dict) -> list[dict]:
     rows = []
     for bench in data.get("benchmarks", []):
         extra = bench.get("extra_info", {})
-        if "op" not in extra or "bytes_floor" in extra or not bench.get("stats"):
+        if "op" not in extra or is_structure(bench) or not bench.get("stats"):
             continue
         rows.append({**extra, "median_ms": bench["stats"]["median"] * 1e3})
     by_case = defaultdict(dict)
@@ -166,14 +166,17 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_structure(bench: dict) -> bool:
+    """A case of benchmarks/bench_structure.py: counts, not timings."""
+    return "eager_launches" in bench.get("extra_info", {})
+
+
 def structure_markdown(data: dict) -> str:
     """The counts of benchmarks/bench_structure.py (one forward + backward each) as a table."""
     lines = ["| op | shape | launches (Triton + aten) | host syncs | Triton bytes / floor | "
              "eager reference: launches, syncs |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for bench in data.get("benchmarks", []):
-        c = bench.get("extra_info", {})
-        if "bytes_floor" not in c:
-            continue
+    for bench in filter(is_structure, data.get("benchmarks", [])):
+        c = bench["extra_info"]
         shape = c["shape"]
         if "backward_units" in c:
             shape += f" (backward {c['backward_units']:.1f} units of V N^2 D)"
@@ -248,7 +251,7 @@ def main(argv=None) -> int:
     if args.merged:
         with open(args.merged, "w") as f:
             json.dump(data, f)
-    structure = any("bytes_floor" in b.get("extra_info", {}) for b in data["benchmarks"])
+    structure = any(map(is_structure, data["benchmarks"]))
     timed = bool(rows_of(data))
     tables = {"bench": markdown(data)} if timed or not structure else {}
     if structure:

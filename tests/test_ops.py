@@ -171,8 +171,29 @@ def test_forced_triton_without_a_way_to_run_it_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         mvcl_fast.multiview_infonce(torch.randn(3, 4), torch.randn(1, 3, 4))
-    with pytest.raises(RuntimeError, match="float64"):
-        mvcl_fast.multiview_infonce(torch.randn(3, 4).double(), torch.randn(1, 3, 4).double())
+
+
+def test_float64_runs_the_reference_whatever_the_backend(monkeypatch):
+    """The kernels take fp32/fp16/bf16; float64 runs the reference even with triton forced
+    (and no interpreter that could run the kernels on the CPU)."""
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    z = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 1, 2, 0, 1])
+    q = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    results = [mvcl_fast.prototype_infonce(z, y, 3), mvcl_fast.batch_prototypes(z[0], y, 3)[0],
+               mvcl_fast.multiview_infonce(z[0], z[1:], symmetric=True),
+               mvcl_fast.daf_attention(q, z, z, q, q, 2)]
+    expected = [reference.prototype_infonce(z, y, 3), reference.batch_prototypes(z[0], y, 3)[0],
+                reference.multiview_infonce(z[0], z[1:], symmetric=True),
+                reference.daf_attention(q, z, z, q, q, 2)]
+    for got, want in zip(results, expected):
+        torch.testing.assert_close(got, want)
+        assert got.dtype == torch.float64
+    grads = torch.autograd.grad(sum(r.sum() for r in results), (z, q))
+    want_grads = torch.autograd.grad(sum(r.sum() for r in expected), (z, q))
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want)
 
 
 def test_auto_backend_runs_reference_on_cpu(monkeypatch):

@@ -95,7 +95,7 @@ def test_daf_attention_structure(benchmark, monkeypatch, len_q, len_k, dim, head
     from mvcl_fast.kernels import daf_attention as kernels
 
     monkeypatch.setenv("MVCL_FAST_BACKEND", "triton")
-    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", kernels.PINNED_CONFIGS)  # the GPU's tiles
+    monkeypatch.setattr(kernels, "_config_target", lambda: "gpu")  # the GPU's tiles
     g = torch.Generator().manual_seed(0)
     batch = 2
     q, gate, residual = (torch.randn(batch, len_q, dim, generator=g).to(torch.bfloat16)

@@ -40,8 +40,8 @@ and dS are rounded to the input dtype before their dots, as in FlashAttention.
 fp32 dots are IEEE fp32 unless torch.backends.cuda.matmul.allow_tf32 is set.
 
 Launch configs are pinned per dot kind, head width and query-length bucket
-(PINNED_CONFIGS); MVCL_FAST_AUTOTUNE=1 makes each launch search the full
-config space (AUTOTUNE_SPACE) instead and print the config it chose, to pin.
+(CONFIGS); MVCL_FAST_AUTOTUNE=1 makes each launch search the full config
+space (SEARCH_SPACE) instead and print the config it chose, to pin.
 Offsets within one batch item are 32-bit: a [L, D] slice (its rows times its
 row stride) must stay under 2**31 elements.
 """
@@ -49,58 +49,65 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from mvcl_fast.backend import triton_interpreter_enabled
-from mvcl_fast.kernels.shared import (AUTOTUNE_ENV, LN2, LOG2E, autotune_requested,
+from mvcl_fast.kernels.shared import (AUTOTUNE_ENV, LN2, LOG2E, LaunchConfig, autotune_requested,
                                       fp32_dot_precision, lacks_bf16_dot)
 
 MAX_HEAD_DIM = 128
 
-# Pinned launch configs, one table for sm_80 and sm_90a (no GPU has tuned them
-# apart yet: MVCL_FAST_AUTOTUNE=1 on one prints what to pin). Per kernel and
-# dot kind ("mma": fp16/bf16 and tf32 on tensor cores; "fma": IEEE fp32, whose
-# dots unroll into FMAs), rows of (widest head row in bytes = element size x
-# BLOCK_HD, config); the first row covering the launch's head row is used.
+
+@dataclass(frozen=True)
+class _Config(LaunchConfig):
+    """A launch of the DAF kernels: block_m query rows x block_n keys (no block_k: a program's
+    dots span the head). The forward's block_m holds up to SHORT_QUERIES queries, long_block_m
+    more; the backward's block_m is its largest row tile (_row_tile picks the launch's)."""
+    long_block_m: int = 0
+
+
+# Pinned launch configs, one set of rows for sm_80 and sm_90a (no GPU has tuned them apart
+# yet: MVCL_FAST_AUTOTUNE=1 on one prints what to pin). Rows of (target: "gpu" or
+# "interpreter", kernel, dot kind ("mma": fp16/bf16 and tf32 on tensor cores; "fma": IEEE fp32,
+# whose dots unroll into FMAs), widest head row in bytes = element size x BLOCK_HD,
+# _Config(block_m, block_n, block_k, num_warps, num_stages, ...)), None matching any; a launch
+# takes the first row that matches it.
 # Every specialisation of the AOT launches (mvcl_fast.tools.aot_launches) compiles for
 # sm_90a without spills under triton 3.6.0 and 3.9.0 (python -m mvcl_fast.tools.report).
-# The 128-byte backward row takes 4 warps: at 8 its 32 x 32 tiles (Lq = 80) spill 4-16 bytes at 128 registers
-# under both; the 256-byte FMA row one stage: at two, its 16 x 16 tiles spill 8 bytes at
-# 96 registers under 3.9.
-# forward: (BLOCK_M up to SHORT_QUERIES queries, BLOCK_M beyond, BLOCK_N, num_warps, num_stages).
-#   16 query rows fit Lq = 30-80 with at most 15 masked rows (none at 48 or 80).
-# backward: (largest BLOCK_M, BLOCK_N, num_warps, num_stages); _row_tile picks the row tile
-#   up to that largest one from the query length. 128 rows of 128 bytes (bf16 head
-#   dim 64) spill at 255 registers (8 warps, 16 or 32 keys; 16 warps: 128 registers, spills);
-#   so do 64-row forward tiles of 128-byte heads, and IEEE fp32 backward tiles of 32 x 16 at
-#   head dim 64 (ptxas of triton 3.6; 16 x 16 at 8 warps under 3.9) and IEEE fp32 forward
-#   tiles of 32 x 32 at head dim 32 (triton 3.6).
+# 128 rows of 128 bytes (bf16 head dim 64) spill at 255 registers (8 warps, 16 or 32 keys; 16
+# warps: 128 registers, spills); so do 64-row forward tiles of 128-byte heads, and IEEE fp32
+# backward tiles of 32 x 16 at head dim 64 (ptxas of triton 3.6; 16 x 16 at 8 warps under 3.9)
+# and IEEE fp32 forward tiles of 32 x 32 at head dim 32 (triton 3.6).
 SHORT_QUERIES = 128
-PINNED_CONFIGS = {
-    "fwd": {
-        "mma": [(128, (16, 32, 64, 4, 3)), (512, (16, 32, 32, 4, 3))],
-        "fma": [(512, (16, 16, 32, 8, 2))],
-    },
-    "bwd": {
-        "mma": [(128, (64, 32, 4, 2)), (256, (32, 32, 8, 2)), (512, (32, 32, 8, 2))],
-        "fma": [(256, (16, 16, 4, 1)), (512, (16, 16, 8, 2))],
-    },
-}
-# The interpreter runs every program in numpy, at a cost per tile op: the CPU tests launch
-# few large tiles (which still cut their 80 queries x 231 keys into ragged blocks) and force
-# the GPU's smallest tiles where they test many blocks.
-INTERPRETER_CONFIGS = {
-    "fwd": {kind: [(512, (64, 64, 128, 4, 1))] for kind in ("mma", "fma")},
-    "bwd": {kind: [(512, (128, 128, 4, 1))] for kind in ("mma", "fma")},
-}
-# What MVCL_FAST_AUTOTUNE=1 searches (pruned to the launch's lengths): every combination.
-AUTOTUNE_SPACE = {
-    "fwd": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8),
+CONFIGS = (
+    # forward: 16 query rows fit Lq = 30-80 with at most 15 masked rows (none at 48 or 80).
+    ("gpu", "fwd", "mma", 128, _Config(16, 64, 0, 4, 3, long_block_m=32)),
+    ("gpu", "fwd", "mma", 512, _Config(16, 32, 0, 4, 3, long_block_m=32)),
+    ("gpu", "fwd", "fma", 512, _Config(16, 32, 0, 8, 2, long_block_m=16)),
+    # The 128-byte backward row takes 4 warps: at 8 its 32 x 32 tiles (Lq = 80) spill 4-16
+    # bytes at 128 registers under both.
+    ("gpu", "bwd", "mma", 128, _Config(64, 32, 0, 4, 2)),
+    ("gpu", "bwd", "mma", 512, _Config(32, 32, 0, 8, 2)),
+    # The 256-byte FMA row one stage: at two, its 16 x 16 tiles spill 8 bytes at 96 registers
+    # under 3.9.
+    ("gpu", "bwd", "fma", 256, _Config(16, 16, 0, 4, 1)),
+    ("gpu", "bwd", "fma", 512, _Config(16, 16, 0, 8, 2)),
+    # The interpreter runs every program in numpy, at a cost per tile op: the CPU tests launch
+    # few large tiles (which still cut their 80 queries x 231 keys into ragged blocks) and
+    # force the GPU's smallest tiles where they test many blocks.
+    ("interpreter", "fwd", None, 512, _Config(64, 128, 0, 4, 1, long_block_m=64)),
+    ("interpreter", "bwd", None, 512, _Config(128, 128, 0, 4, 1)),
+)
+# What MVCL_FAST_AUTOTUNE=1 searches (pruned to the launch's lengths): per kernel, every
+# combination of these values of the _Config fields.
+SEARCH_SPACE = {
+    "fwd": {"block_m": (16, 32, 64, 128), "block_n": (16, 32, 64, 128), "num_warps": (4, 8),
             "num_stages": (2, 3)},
-    "bwd": {"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8),
+    "bwd": {"block_m": (16, 32, 64, 128), "block_n": (16, 32, 64, 128), "num_warps": (4, 8),
             "num_stages": (1, 2, 3)},
 }
 TUNE_KEY = ["HEAD_DIM", "PRECISION", "len_q_bucket", "len_k_bucket"]  # + the tensors' dtypes
@@ -110,15 +117,20 @@ def _dot_kind(dtype: torch.dtype, precision: str) -> str:
     return "fma" if dtype == torch.float32 and precision == "ieee" else "mma"
 
 
-def _launch_table() -> dict:
-    return INTERPRETER_CONFIGS if triton_interpreter_enabled() else PINNED_CONFIGS
+def _config_target() -> str:
+    """Which rows of CONFIGS launches take: "interpreter" under Triton's interpreter, else "gpu"."""
+    return "interpreter" if triton_interpreter_enabled() else "gpu"
 
 
-def _pinned(table: dict, kernel: str, dtype: torch.dtype, precision: str, block_hd: int) -> tuple:
-    """The config `table` pins for `kernel` at this dtype, dot precision and padded head width."""
-    row_bytes = dtype.itemsize * block_hd
-    for widest, config in table[kernel][_dot_kind(dtype, precision)]:
-        if row_bytes <= widest:
+def _config(kernel: str, dtype: torch.dtype, precision: str, block_hd: int,
+            target: str | None = None) -> _Config:
+    """The config of a `kernel` launch at this dtype, dot precision and padded head width, for
+    `target` (by default _config_target()'s): the first matching row of CONFIGS."""
+    target = target or _config_target()
+    kind, row_bytes = _dot_kind(dtype, precision), dtype.itemsize * block_hd
+    for row_target, row_kernel, row_kind, widest, config in CONFIGS:
+        if (row_target in (None, target) and row_kernel == kernel and row_kind in (None, kind)
+                and row_bytes <= widest):
             return config
     raise ValueError(f"no pinned daf_attention {kernel} config for {row_bytes}-byte head rows "
                      f"({dtype}, BLOCK_HD={block_hd})")
@@ -127,18 +139,6 @@ def _pinned(table: dict, kernel: str, dtype: torch.dtype, precision: str, block_
 def _length_bucket(length: int) -> int:
     """Autotune key for a sequence length: powers of two from 16 to 4096."""
     return min(max(triton.next_power_of_2(length), 16), 4096)
-
-
-def _forward_config(dtype, precision, block_hd, len_q, table=None) -> dict:
-    short_m, long_m, block_n, warps, stages = _pinned(table or _launch_table(), "fwd", dtype, precision, block_hd)
-    block_m = short_m if _length_bucket(len_q) <= SHORT_QUERIES else long_m
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
-
-
-def _backward_config(dtype, precision, block_hd, len_q, table=None) -> dict:
-    largest_m, block_n, warps, stages = _pinned(table or _launch_table(), "bwd", dtype, precision, block_hd)
-    return {"BLOCK_M": _row_tile(len_q, largest_m), "BLOCK_N": block_n,
-            "num_warps": warps, "num_stages": stages}
 
 
 def _row_tile(len_q: int, largest: int) -> int:
@@ -155,12 +155,12 @@ def _row_tile(len_q: int, largest: int) -> int:
 
 
 def _search_space(kernel: str) -> list:
-    space = AUTOTUNE_SPACE[kernel]
+    space = SEARCH_SPACE[kernel]
     configs = []
     for values in itertools.product(*space.values()):
-        choice = dict(zip(space, values))
-        warps, stages = choice.pop("num_warps"), choice.pop("num_stages")
-        configs.append(triton.Config(choice, num_warps=warps, num_stages=stages))
+        config = _Config(block_k=0, **dict(zip(space, values)))
+        configs.append(triton.Config({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
+                                     **config.options()))
     return configs
 
 
@@ -413,6 +413,18 @@ def _tile(head_dim: int) -> dict:
     return {"HEAD_DIM": head_dim, "BLOCK_HD": max(16, triton.next_power_of_2(head_dim))}
 
 
+def _forward_config(dtype, precision, block_hd, len_q, target=None) -> dict:
+    config = _config("fwd", dtype, precision, block_hd, target)
+    block_m = config.block_m if _length_bucket(len_q) <= SHORT_QUERIES else config.long_block_m
+    return {"BLOCK_M": block_m, "BLOCK_N": config.block_n, **config.options()}
+
+
+def _backward_config(dtype, precision, block_hd, len_q, target=None) -> dict:
+    config = _config("bwd", dtype, precision, block_hd, target)
+    return {"BLOCK_M": _row_tile(len_q, config.block_m), "BLOCK_N": config.block_n,
+            **config.options()}
+
+
 def _head_dim(x: torch.Tensor, num_heads: int) -> int:
     head_dim = x.shape[-1] // num_heads
     if head_dim > MAX_HEAD_DIM:
@@ -444,8 +456,7 @@ def _launch(name: str, kernel, tuner, grid, args, constexprs: dict, pinned: dict
     if triton_interpreter_enabled():
         raise RuntimeError(f"{AUTOTUNE_ENV}=1 needs a GPU to time the configs: unset it under "
                            "Triton's interpreter (TRITON_INTERPRET=1)")
-    fixed = {key: value for key, value in pinned.items() if key not in AUTOTUNE_SPACE[name]}
-    tuner[lambda meta: grid(meta["BLOCK_M"])](*args, **constexprs, **fixed)
+    tuner[lambda meta: grid(meta["BLOCK_M"])](*args, **constexprs)
     for key, config in tuner.cache.items():
         if (name, key) not in _printed_choices:
             _printed_choices.add((name, key))

@@ -100,7 +100,7 @@ precision there too (see tests/test_multiview_kernels.py).
 Shapes: any N >= 1 (runtime; rows past N are clamped for loads and masked
 for stores), any D (runtime; padded to a multiple of 16 when needed, see
 ``_padded_rows``), any V. Block configs come from a small fixed table keyed
-by the input dtype and a D bucket (``_lse_config``, ``_grad_config``), so N
+by kernel phase, input dtype and a D bucket (``CONFIGS``), so N
 and D never force a recompile beyond Triton's own divisibility
 specialisation.
 """
@@ -117,23 +117,23 @@ from mvcl_fast.backend import triton_interpreter_enabled
 from mvcl_fast.kernels.multiview_backward import _grad_kernel
 from mvcl_fast.kernels.multiview_forward import _inverse_norms_kernel, _loss_kernel, _lse_kernel
 from mvcl_fast.kernels.multiview_staged_backward import _staged_ds_kernel, _staged_grad_kernel
-from mvcl_fast.kernels.shared import NORM_EPS, TL_DTYPE, fp32_dot_precision, lacks_bf16_dot
+from mvcl_fast.kernels.shared import (NORM_EPS, TL_DTYPE, LaunchConfig, fp32_dot_precision,
+                                      lacks_bf16_dot)
 
 
 # ----------------------------------------------------------------------------
-# Configs: a fixed table keyed by input dtype and D bucket (N never recompiles).
+# Configs: a fixed table keyed by kernel phase, input dtype and D bucket (N never recompiles).
 # ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Config:
-    block_m: int
-    block_n: int
-    block_d: int          # D-chunk of the logit dot products
-    block_do: int         # D-chunk of the gradient a backward program owns
-    num_warps: int
-    num_stages: int
-    always_chunked: bool = False  # the D-chunk loop even when one chunk holds D
+class _Config(LaunchConfig):
+    """A launch of this file's kernels. The tile kernels: block_m anchor (or own) rows x
+    block_n view rows, block_k deep (the D-chunk of the logit dot products; the staged
+    gradient's: view rows of dS). _inverse_norms_kernel: block_m rows in block_k-wide D-chunks;
+    _loss_kernel: block_m terms a step."""
+    block_do: int = 0             # D-chunk of the gradient a backward program owns
     block_do_tail: int = 0        # a second output chunk the same program owns (0: none)
+    always_chunked: bool = False  # the D-chunk loop even when one chunk holds D
 
     @property
     def out_chunk(self) -> int:
@@ -141,11 +141,9 @@ class _Config:
         return self.block_do + self.block_do_tail
 
     def d_chunked(self, dim: int) -> bool:
-        return self.always_chunked or dim > self.block_d
+        return self.always_chunked or dim > self.block_k
 
 
-NORMS_BLOCK_R, NORMS_BLOCK_D = 8, 128
-LOSS_BLOCK = 1024
 # The widest D-chunk a backward program accumulates, and the tail chunk beside it: up to
 # their sum the backward is 4 units of V N^2 D multiply-adds; past it each further chunk
 # recomputes the logits (1 unit per side). fp16/bf16 on sm_90 hold up to WIDE_D columns
@@ -153,75 +151,78 @@ LOSS_BLOCK = 1024
 MAX_BLOCK_DO, MAX_BLOCK_DO_TAIL = 512, 256
 WIDE_D = 1024
 
+# Rows of (kernel phase, dtype class: "fp32" or "half" (fp16/bf16), widest padded D, sm_90 or
+# later, _Config(block_m, block_n, block_k, num_warps, num_stages, ...)), None matching any;
+# a launch takes the first row that matches it.
 # Every config below compiles without spills for sm_90a under triton 3.6.0 and 3.9 at the
 # specialisations the launchers use (python -m mvcl_fast.tools.report). Row tiles of 64
 # (lse) and 32 or fewer (gradient) give every kernel >= 132 programs at N = 4096, V = 4.
-
-
-def _lse_config(dtype: torch.dtype, dim: int) -> _Config:
-    if dtype == torch.float32:  # FMA ("ieee") or TF32 dots: smaller tiles, more warps
-        if dim <= 64:
-            return _Config(64, 64, 64, 0, 8, 2)
-        return _Config(64, 64, 32, 0, 8, 2)
-    if dim <= 64:
-        return _Config(64, 64, 64, 0, 4, 3)
-    if dim <= 128:
-        return _Config(64, 64, 128, 0, 4, 3)
-    return _Config(64, 64, 64, 0, 4, 3)
-
-
-def _grad_config(dtype: torch.dtype, dim: int, sm90: bool = True) -> _Config:
-    """Configs whose output chunks (block_do + block_do_tail) hold all of D up to
-    MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL for fp32, WIDE_D for fp16/bf16 on sm_90 (512 on sm_80)."""
-    if dtype == torch.float32:
-        # ptxas spills the single-chunk FMA form on sm_90a; the loop form does not.
-        if dim <= 64:
-            return _Config(32, 32, 32, 64, 4, 2, always_chunked=True)
-        if dim <= 128:   # 2 stages spill under triton 3.9
-            return _Config(32, 32, 32, 128, 8, 1, always_chunked=True)
-        if dim <= 256:
-            return _Config(32, 32, 32, 256, 8, 2, always_chunked=True)
-        if dim <= 512 or dim > MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL:
-            return _Config(16, 32, 32, MAX_BLOCK_DO, 8, 2, always_chunked=True)
-        return _Config(16, 16, 32, MAX_BLOCK_DO, 8, 2, always_chunked=True,   # 32 keys spill
-                       block_do_tail=MAX_BLOCK_DO_TAIL)
-    if dim <= 64:
-        return _Config(32, 64, 64, 64, 4, 2)
-    if dim <= 128:   # 64-row tiles spill under triton 3.6
-        return _Config(32, 64, 128, 128, 4, 2)
-    if dim <= 256:
-        return _Config(64, 64, 128, 256, 8, 2)
+CONFIGS = (
+    ("norms", None, None, None, _Config(8, 0, 128, 4, None)),
+    ("loss", None, None, None, _Config(1024, 0, 0, 4, None)),
+    # fp32: FMA ("ieee") or TF32 dots: smaller tiles, more warps.
+    ("lse", "fp32", 64, None, _Config(64, 64, 64, 8, 2)),
+    ("lse", "fp32", None, None, _Config(64, 64, 32, 8, 2)),
+    ("lse", "half", 64, None, _Config(64, 64, 64, 4, 3)),
+    ("lse", "half", 128, None, _Config(64, 64, 128, 4, 3)),
+    ("lse", "half", None, None, _Config(64, 64, 64, 4, 3)),
+    # The gradient's output chunks (block_do + block_do_tail) hold all of D up to
+    # MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL for fp32, WIDE_D for fp16/bf16 on sm_90 (512 on sm_80).
+    # fp32: ptxas spills the single-chunk FMA form on sm_90a; the loop form does not.
+    ("grad", "fp32", 64, None, _Config(32, 32, 32, 4, 2, block_do=64, always_chunked=True)),
+    # 2 stages spill under triton 3.9.
+    ("grad", "fp32", 128, None, _Config(32, 32, 32, 8, 1, block_do=128, always_chunked=True)),
+    ("grad", "fp32", 256, None, _Config(32, 32, 32, 8, 2, block_do=256, always_chunked=True)),
+    ("grad", "fp32", MAX_BLOCK_DO, None,
+     _Config(16, 32, 32, 8, 2, block_do=MAX_BLOCK_DO, always_chunked=True)),
+    # 32 keys spill.
+    ("grad", "fp32", MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL, None,
+     _Config(16, 16, 32, 8, 2, block_do=MAX_BLOCK_DO, block_do_tail=MAX_BLOCK_DO_TAIL,
+             always_chunked=True)),
+    # The fp32 FMA form spills past 768 columns: 512-wide chunks there.
+    ("grad", "fp32", None, None,
+     _Config(16, 32, 32, 8, 2, block_do=MAX_BLOCK_DO, always_chunked=True)),
+    ("grad", "half", 64, None, _Config(32, 64, 64, 4, 2, block_do=64)),
+    # 64-row tiles spill under triton 3.6.
+    ("grad", "half", 128, None, _Config(32, 64, 128, 4, 2, block_do=128)),
+    ("grad", "half", 256, None, _Config(64, 64, 128, 8, 2, block_do=256)),
+    ("grad", "half", MAX_BLOCK_DO, None, _Config(32, 64, 128, 8, 2, block_do=MAX_BLOCK_DO)),
     # sm_80's mma.sync code spills the tail (44 B at 32 x 32): 512-wide chunks there.
-    if dim <= 512 or not sm90:
-        return _Config(32, 64, 128, MAX_BLOCK_DO, 8, 2)
-    if dim <= MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL:
-        # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
-        return _Config(32, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=MAX_BLOCK_DO_TAIL)
+    ("grad", "half", None, False, _Config(32, 64, 128, 8, 2, block_do=MAX_BLOCK_DO)),
+    # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
+    ("grad", "half", MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL, True,
+     _Config(32, 32, 128, 8, 1, block_do=MAX_BLOCK_DO, block_do_tail=MAX_BLOCK_DO_TAIL)),
     # 1024 columns: 16-row tiles hold them in registers (216-232 of 255, both Tritons). Past
     # WIDE_D (a DDP rank's share: the whole batch stages dS), 1024-wide chunks halve the
-    # recomputes of 512-wide ones. The fp32 FMA form spills at this width, so fp32 keeps
-    # 512-wide chunks past 768.
-    return _Config(16, 32, 128, MAX_BLOCK_DO, 8, 1, block_do_tail=WIDE_D - MAX_BLOCK_DO)
+    # recomputes of 512-wide ones.
+    ("grad", "half", None, True,
+     _Config(16, 32, 128, 8, 1, block_do=MAX_BLOCK_DO, block_do_tail=WIDE_D - MAX_BLOCK_DO)),
+    # The staged backward (D past a program's output chunk, see _staged_backward): plain GEMM
+    # tiles. _staged_ds_kernel: block_m anchor rows x block_n view rows, block_k deep.
+    ("staged_ds", "fp32", None, None, _Config(64, 64, 32, 4, 2)),
+    ("staged_ds", "half", None, None, _Config(128, 128, 64, 8, 3)),
+    # _staged_grad_kernel: block_m own rows x block_do columns, block_k deep. fp32: the FMA
+    # form spills 2.4 KB at 32 deep, 4 warps.
+    ("staged_grad", "fp32", None, None, _Config(64, 0, 16, 8, 2, block_do=64)),
+    ("staged_grad", "half", None, None, _Config(128, 0, 64, 8, 3, block_do=128)),
+)
 
 
-# The staged backward (D past a program's output chunk, see _staged_backward): plain GEMM tiles,
-# dS of an anchor-row chunk at most STAGED_DS_BYTES, chunks a multiple of STAGED_CHUNK_ALIGN rows.
+def _config(phase: str, dtype: torch.dtype, dim: int = 0, sm90: bool = True) -> _Config:
+    """The config of a `phase` launch on `dtype` inputs of padded width `dim` (`sm90`: compiled
+    for sm_90 or later): the first matching row of CONFIGS."""
+    kind = "fp32" if dtype == torch.float32 else "half"
+    for row_phase, row_kind, widest, row_sm90, config in CONFIGS:
+        if (row_phase == phase and row_kind in (None, kind) and (widest is None or dim <= widest)
+                and row_sm90 in (None, sm90)):
+            return config
+    raise LookupError(f"no multiview_infonce {phase} config for {dtype} at D={dim}")
+
+
+# dS of an anchor-row chunk of the staged backward is at most STAGED_DS_BYTES, chunks a
+# multiple of STAGED_CHUNK_ALIGN rows.
 STAGED_DS_BYTES = 1 << 30
 STAGED_CHUNK_ALIGN = 128
-
-
-def _staged_ds_config(dtype: torch.dtype) -> _Config:
-    """_staged_ds_kernel's tiles (block_m anchor rows x block_n view rows, block_d deep)."""
-    if dtype == torch.float32:
-        return _Config(64, 64, 32, 0, 4, 2)
-    return _Config(128, 128, 64, 0, 8, 3)
-
-
-def _staged_grad_config(dtype: torch.dtype) -> _Config:
-    """_staged_grad_kernel's tiles: block_m own rows x block_do columns, block_n deep."""
-    if dtype == torch.float32:   # the FMA form spills 2.4 KB at 32 deep, 4 warps
-        return _Config(64, 16, 0, 64, 8, 2)
-    return _Config(128, 64, 0, 128, 8, 3)
 
 
 def _sm90(x: torch.Tensor) -> bool:
@@ -265,10 +266,11 @@ def _inverse_norms(anchor, views):
     """rnorm [V + 1, N]: the views' inverse norms, then the anchor's; one launch."""
     num_views, n, dim = views.shape
     rnorm = torch.empty(num_views + 1, n, dtype=torch.float32, device=anchor.device)
-    _inverse_norms_kernel[(triton.cdiv(n, NORMS_BLOCK_R), num_views + 1)](
+    cfg = _config("norms", anchor.dtype)
+    _inverse_norms_kernel[(triton.cdiv(n, cfg.block_m), num_views + 1)](
         anchor, views, rnorm, n, dim, num_views, anchor.stride(0), views.stride(0),
-        views.stride(1), EPS=NORM_EPS.value, BLOCK_R=NORMS_BLOCK_R, BLOCK_D=NORMS_BLOCK_D,
-        num_warps=4)
+        views.stride(1), EPS=NORM_EPS.value, BLOCK_R=cfg.block_m, BLOCK_D=cfg.block_k,
+        **cfg.options())
     return rnorm
 
 
@@ -303,19 +305,18 @@ def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: fl
     loss = torch.empty((), dtype=loss_dtype, device=device)
     with _on_device(anchor):
         rnorm = _inverse_norms(anchor, views)
-        cfg = _lse_config(anchor.dtype, dim)
+        cfg = _config("lse", anchor.dtype, dim)
         # Non-symmetric: the column outputs are never written; the row ones stand in.
         _lse_kernel[_lse_grid(cfg, num_rows, num_views, symmetric)](
             anchor, views, rnorm, lse_rows, lse_cols if symmetric else lse_rows, row_terms,
             col_terms if symmetric else row_terms, n, row_start, num_rows, dim, num_views,
             anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_k,
             D_CHUNKED=cfg.d_chunked(dim), OPERAND=_operand_dtype(anchor.dtype),
-            PRECISION=fp32_dot_precision(anchor.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        count = num_views * num_rows
+            PRECISION=fp32_dot_precision(anchor.dtype), **cfg.options())
+        count, loss_cfg = num_views * num_rows, _config("loss", anchor.dtype)
         _loss_kernel[(1,)](row_terms, col_terms, loss, count, (0.5 if symmetric else 1.0) / count,
-                           SYMMETRIC=symmetric, BLOCK=LOSS_BLOCK, num_warps=4)
+                           SYMMETRIC=symmetric, BLOCK=loss_cfg.block_m, **loss_cfg.options())
     return loss, lse_rows, lse_cols, row_terms, col_terms, rnorm
 
 
@@ -339,7 +340,7 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
         lse_cols, col_terms = lse_rows, row_terms
     d_anchor = torch.empty((n, padded_dim), dtype=anchor.dtype, device=anchor.device)
     d_views = torch.empty((num_views, n, padded_dim), dtype=views.dtype, device=views.device)
-    cfg = _grad_config(anchor.dtype, padded_dim, _sm90(anchor))
+    cfg = _config("grad", anchor.dtype, padded_dim, _sm90(anchor))
     # The whole batch with D wider than a program's output chunk stages dS instead of
     # recomputing the logits once per D-chunk.
     staged = num_rows == n and padded_dim > cfg.out_chunk
@@ -357,11 +358,11 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
                 triton.cdiv(own_count, cfg.block_m), anchor.stride(0), views.stride(0),
                 views.stride(1), 1.0 / tau, (0.5 if symmetric else 1.0) / (num_views * num_rows),
                 SYMMETRIC=symmetric, OWN_IN_R=own_in_r, EPS=NORM_EPS.value,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_k,
                 BLOCK_DO=cfg.block_do, BLOCK_DO_TAIL=cfg.block_do_tail,
                 D_CHUNKED=cfg.d_chunked(padded_dim),
                 OPERAND=_operand_dtype(anchor.dtype), PRECISION=fp32_dot_precision(anchor.dtype),
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                **cfg.options())
     if padded_dim != dim:  # the padding columns hold zero gradients
         d_anchor, d_views = d_anchor[:, :dim].contiguous(), d_views[..., :dim].contiguous()
     return d_anchor, d_views
@@ -402,7 +403,7 @@ def _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_col
     chunk, the view gradients accumulated in fp32 between them.
     """
     num_views, n, dim = views.shape
-    ds_cfg, grad_cfg = _staged_ds_config(anchor.dtype), _staged_grad_config(anchor.dtype)
+    ds_cfg, grad_cfg = _config("staged_ds", anchor.dtype), _config("staged_grad", anchor.dtype)
     chunk_rows = staged_chunk_rows(n, num_views, anchor.element_size())
     num_chunks = triton.cdiv(n, chunk_rows)
     device = anchor.device
@@ -426,14 +427,12 @@ def _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_col
             col_proj, n, dim, num_views, start, rows, ds.stride(0), ds.stride(1),
             row_proj.stride(1), anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,
             SYMMETRIC=symmetric, BLOCK_M=ds_cfg.block_m, BLOCK_N=ds_cfg.block_n,
-            BLOCK_D=ds_cfg.block_d, OPERAND=operand, PRECISION=precision,
-            num_warps=ds_cfg.num_warps, num_stages=ds_cfg.num_stages)
+            BLOCK_D=ds_cfg.block_k, OPERAND=operand, PRECISION=precision, **ds_cfg.options())
         _staged_grad_kernel[grad_grid](
             anchor, views, rnorm, ds, row_proj, col_proj, view_acc, view_proj, grad_loss,
             d_anchor, d_views, n, dim, num_views, start, rows, chunk, num_chunks, anchor_tiles,
             view_tiles, col_tiles, row_tiles, ds.stride(0), ds.stride(1), row_proj.stride(1),
             anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,
             (0.5 if symmetric else 1.0) / (num_views * n), EPS=NORM_EPS.value,
-            BLOCK_M=grad_cfg.block_m, BLOCK_K=grad_cfg.block_n, BLOCK_DO=grad_cfg.block_do,
-            OPERAND=operand, PRECISION=precision,
-            num_warps=grad_cfg.num_warps, num_stages=grad_cfg.num_stages)
+            BLOCK_M=grad_cfg.block_m, BLOCK_K=grad_cfg.block_k, BLOCK_DO=grad_cfg.block_do,
+            OPERAND=operand, PRECISION=precision, **grad_cfg.options())

@@ -56,6 +56,7 @@ Prototype InfoNCE (SPEC op 2) as one op, forward and backward:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -67,20 +68,43 @@ from mvcl_fast.kernels.prototypes_rows import (_infonce_bwd_kernel, _infonce_fin
                                                _infonce_fwd_kernel)
 from mvcl_fast.kernels.prototypes_sums import (_class_sums_kernel, _class_sums_reduce_kernel,
                                                _gather_mean_grad_kernel)
-from mvcl_fast.kernels.shared import lacks_bf16_dot, sm_count
+from mvcl_fast.kernels.shared import LaunchConfig, lacks_bf16_dot, sm_count
 
+
+@dataclass(frozen=True)
+class _Config(LaunchConfig):
+    """A launch of this file's kernels: block_m rows x block_n classes of the logits, block_k
+    deep (the D chunk of the logits dots)."""
+    block_do: int    # D chunk of the gradient GEMMs and of the sums
+    loss_block: int  # loss partials the finalize kernel adds a step
+    dp_block: int    # elements of dP one backward program scales
+
+
+# Rows of (kernel phase, most classes (None: any), _Config(block_m, block_n, block_k, num_warps,
+# num_stages, ...)); a launch takes the first row that matches it.
 # Row tile of every kernel: 64 rows, one wgmma M for one warp group (4 warps); the class-side
 # GEMMs (sums, dS) take their M from the 64-wide D chunks. No software pipelining: with it, or
 # 8 warps, or 64-wide logits chunks, kernels spilled under triton 3.6 (python -m
-# mvcl_fast.tools.report).
-ROWS = 64
-NUM_WARPS = 4
-NUM_STAGES = 1
-K_CHUNK = 32    # D chunk of the logits dots
-D_OUT = 64      # D chunk of the gradient GEMMs and of the sums
-FINAL_COLS = 256
-# The backward reading staged logits: 8 warps (4 spilled 32 B in fp32 under triton 3.9).
-STAGED_BWD_WARPS = 8
+# mvcl_fast.tools.report). Class tile: 16 or 32 (the K of the dz GEMM must be a multiple of
+# 16; 64 spills).
+CONFIGS = (
+    ("rows", 16, _Config(64, 16, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    ("rows", None, _Config(64, 32, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    # The backward reading staged logits (the class split: more than 32 classes): 8 warps (4
+    # spilled 32 B in fp32 under triton 3.9).
+    ("staged_bwd", None, _Config(64, 32, 32, 8, 1, block_do=64, loss_block=256, dp_block=1024)),
+)
+
+
+def _config(num_classes: int, phase: str = "rows") -> _Config:
+    """The config of a `phase` launch over `num_classes` classes: the first matching row of
+    CONFIGS."""
+    for row_phase, most_classes, config in CONFIGS:
+        if row_phase == phase and (most_classes is None or num_classes <= most_classes):
+            return config
+    raise LookupError(f"no prototypes {phase} config for {num_classes} classes")
+
+
 # A program walks at most about this many serial tile steps while the GPU has SMs to spare.
 MAX_SERIAL_STEPS = 64
 # Programs that fill the GPU: two per SM.
@@ -88,18 +112,12 @@ PROGRAMS_PER_SM = 2
 # The class split stages the logits (fp32) of at most this many (row, class) pairs, 1 GiB: no
 # more than eager PyTorch's own fp32 logits. Beyond it the row programs recompute them.
 STAGED_LOGITS_LIMIT = 1 << 28
-LOSS_CHUNK = 256
 
 # Dot modes: fp32 (tf32x3), a half dtype on the tensor cores, or the interpreter's fp32 stand-in.
 DOT_FP32, DOT_HALF, DOT_EMULATED = 0, 1, 2
 
 # The half dtype the fp32 operands are split into (hi + lo) in each input dtype's dot mode.
 TRITON_HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.bfloat16}
-
-
-def class_block(num_classes: int) -> int:
-    """Class tile: 16 or 32 (the K of the dz GEMM must be a multiple of 16; 64 spills)."""
-    return 16 if num_classes <= 16 else 32
 
 
 def _dot_mode(dtype: torch.dtype) -> int:
@@ -128,8 +146,9 @@ def _dot_meta(dtype: torch.dtype) -> dict:
 def _sum_splits(rows: int, dim: int, num_classes: int, device: torch.device) -> int:
     """Row splits of a (class tile, D chunk) grid, the sums' or the class split's dS_hat: one
     unless a program would walk too many row tiles on an idle GPU."""
-    row_tiles = triton.cdiv(rows, ROWS)
-    programs = triton.cdiv(num_classes, class_block(num_classes)) * triton.cdiv(dim, D_OUT)
+    cfg = _config(num_classes)
+    row_tiles = triton.cdiv(rows, cfg.block_m)
+    programs = triton.cdiv(num_classes, cfg.block_n) * triton.cdiv(dim, cfg.block_do)
     fill = target_programs(device)
     if row_tiles <= MAX_SERIAL_STEPS or 2 * programs >= fill:
         return 1
@@ -144,15 +163,15 @@ def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
     """
     views, n, dim = z.shape
     rows = views * n
-    block_c = class_block(num_classes)
+    cfg = _config(num_classes)
     out_dtype = z.dtype if mean else torch.float32
     out = torch.empty((num_classes, dim), dtype=out_dtype, device=z.device)
     counts = torch.empty(num_classes, dtype=torch.int64, device=z.device)
     splits = _sum_splits(rows, dim, num_classes, z.device)
-    grid = triton.cdiv(num_classes, block_c) * triton.cdiv(dim, D_OUT)
+    grid = triton.cdiv(num_classes, cfg.block_n) * triton.cdiv(dim, cfg.block_do)
     args = dict(R=rows, N=n, D=dim, C=num_classes, stride_zv=z.stride(0), stride_zn=z.stride(1),
-                num_splits=splits, MEAN=mean, BLOCK_M=ROWS, BLOCK_C=block_c, BLOCK_D=D_OUT,
-                MODE=_dot_mode(z.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                num_splits=splits, MEAN=mean, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n,
+                BLOCK_D=cfg.block_do, MODE=_dot_mode(z.dtype), **cfg.options())
     if splits == 1:
         _class_sums_kernel[(grid,)](z, y, out, counts, FINAL=True, **args)
         return out, counts
@@ -160,8 +179,8 @@ def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
     part_counts = torch.empty((splits, num_classes), dtype=torch.int32, device=z.device)
     _class_sums_kernel[(grid * splits,)](z, y, part, part_counts, FINAL=False, **args)
     _class_sums_reduce_kernel[(grid,)](part, part_counts, out, counts, num_classes, dim, splits,
-                                       MEAN=mean, BLOCK_C=block_c, BLOCK_D=D_OUT,
-                                       num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                                       MEAN=mean, BLOCK_C=cfg.block_n, BLOCK_D=cfg.block_do,
+                                       **cfg.options())
     return out, counts
 
 
@@ -176,9 +195,10 @@ def batch_prototypes_backward(grad_prototypes: torch.Tensor, y: torch.Tensor,
     grad_prototypes = _unit_stride(grad_prototypes)
     (num_classes, dim), n = grad_prototypes.shape, y.shape[0]
     dz = torch.empty((n, dim), dtype=grad_prototypes.dtype, device=grad_prototypes.device)
-    _gather_mean_grad_kernel[(triton.cdiv(n, ROWS), triton.cdiv(dim, D_OUT))](
+    cfg = _config(num_classes)
+    _gather_mean_grad_kernel[(triton.cdiv(n, cfg.block_m), triton.cdiv(dim, cfg.block_do))](
         grad_prototypes, y.contiguous(), counts, dz, n, dim, num_classes,
-        grad_prototypes.stride(0), BLOCK_N=ROWS, BLOCK_D=D_OUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        grad_prototypes.stride(0), BLOCK_N=cfg.block_m, BLOCK_D=cfg.block_do, **cfg.options())
     return dz
 
 
@@ -190,12 +210,14 @@ def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool,
     programs: fewer dS partials to write and add), but never so few programs that a
     large batch leaves SMs idle.
     """
-    row_tiles = triton.cdiv(rows, ROWS)
-    class_tiles = triton.cdiv(num_classes, class_block(num_classes))
-    logit_steps = triton.cdiv(dim, K_CHUNK) * class_tiles
+    cfg = _config(num_classes)
+    row_tiles = triton.cdiv(rows, cfg.block_m)
+    class_tiles = triton.cdiv(num_classes, cfg.block_n)
+    logit_steps = triton.cdiv(dim, cfg.block_k) * class_tiles
     steps = logit_steps
     if need_ds:
-        steps += triton.cdiv(dim, D_OUT) * class_tiles + (logit_steps if class_tiles > 1 else 0)
+        steps += (triton.cdiv(dim, cfg.block_do) * class_tiles
+                  + (logit_steps if class_tiles > 1 else 0))
     per_program = max(1, MAX_SERIAL_STEPS // steps, triton.cdiv(row_tiles, target_programs(device)))
     per_program = min(per_program, row_tiles)
     return triton.cdiv(row_tiles, per_program), per_program
@@ -204,7 +226,7 @@ def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool,
 def splits_classes(rows: int, num_classes: int) -> bool:
     """Whether the loss takes the class split: several class tiles (one tile's logits stay in
     registers, and the row programs are the better plan), and logits small enough to stage."""
-    return num_classes > class_block(num_classes) and rows * num_classes <= STAGED_LOGITS_LIMIT
+    return num_classes > _config(num_classes).block_n and rows * num_classes <= STAGED_LOGITS_LIMIT
 
 
 def staged_size(rows: int, num_classes: int) -> int:
@@ -246,7 +268,7 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     has_counts = counts is not None
     if not has_counts:
         counts = torch.empty(0, dtype=torch.int64, device=device)
-    block_c = class_block(num_classes)
+    cfg = _config(num_classes)
     lse = torch.empty((views, n), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=z.dtype, device=device)
     loss_out = loss if single else torch.empty(programs, dtype=torch.float32, device=device)
@@ -256,18 +278,18 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     _infonce_fwd_kernel[(programs,)](
         z, y, s, counts, lse, loss_out, part, rows, n, dim, num_classes, z.stride(0), z.stride(1),
         s.stride(0), 1.0 / tau, 1.0 / rows, per_program, SINGLE=single,
-        ONE_TILE=num_classes <= block_c, FUSED_SUMS=fused_sums, BLOCK_M=ROWS, BLOCK_C=block_c,
-        BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **flags,
+        ONE_TILE=num_classes <= cfg.block_n, FUSED_SUMS=fused_sums, BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_DO=cfg.block_do, **cfg.options(), **flags,
         **_dot_meta(z.dtype))
     if single:
         ds = part[0] if need_ds else torch.empty(0, dtype=torch.float32, device=device)
     else:
         ds = torch.empty((num_classes, dim) if need_ds else 0, dtype=torch.float32, device=device)
-        finalize_programs = 1 + (triton.cdiv(num_classes, block_c) if need_ds else 0)
+        finalize_programs = 1 + (triton.cdiv(num_classes, cfg.block_n) if need_ds else 0)
         _infonce_finalize_kernel[(finalize_programs,)](
             part, programs, s, counts, ds, loss_out, loss, num_classes, dim, s.stride(0),
-            BLOCK_C=block_c, BLOCK_D=D_OUT, LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS,
-            num_stages=NUM_STAGES, **flags)
+            BLOCK_C=cfg.block_n, BLOCK_D=cfg.block_do, LOSS_BLOCK=cfg.loss_block,
+            **cfg.options(), **flags)
     return loss, lse, s, counts, ds, torch.empty(0, dtype=torch.float32, device=device)
 
 
@@ -281,10 +303,10 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
     has_counts = counts is not None
     if not has_counts:
         counts = torch.empty(0, dtype=torch.int64, device=device)
-    block_c = class_block(num_classes)
-    class_tiles, row_tiles = triton.cdiv(num_classes, block_c), triton.cdiv(rows, ROWS)
+    cfg = _config(num_classes)
+    class_tiles, row_tiles = triton.cdiv(num_classes, cfg.block_n), triton.cdiv(rows, cfg.block_m)
     # One class tile is a step per K chunk of the logits and per D chunk of its norms.
-    tile_steps = triton.cdiv(dim, K_CHUNK) + triton.cdiv(dim, D_OUT)
+    tile_steps = triton.cdiv(dim, cfg.block_k) + triton.cdiv(dim, cfg.block_do)
     tiles_per_chunk = max(1, MAX_SERIAL_STEPS // tile_steps)
     chunks = triton.cdiv(class_tiles, tiles_per_chunk)
     stats = torch.empty(staged_size(rows, num_classes), dtype=torch.float32, device=device)
@@ -292,9 +314,9 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
     dot = _dot_meta(z.dtype)
     _infonce_lse_kernel[(row_tiles * chunks,)](
         z, y, s, counts, stats, lse_part, rows, n, dim, num_classes, z.stride(0), z.stride(1),
-        s.stride(0), 1.0 / tau, tiles_per_chunk, SUMS=sums, HAS_COUNTS=has_counts, BLOCK_M=ROWS,
-        BLOCK_C=block_c, BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES, **dot)
+        s.stride(0), 1.0 / tau, tiles_per_chunk, SUMS=sums, HAS_COUNTS=has_counts,
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_DO=cfg.block_do,
+        **cfg.options(), **dot)
     if need_ds:  # the same (class tile, D chunk) grid as the sums
         splits = _sum_splits(rows, dim, num_classes, device)
     else:  # the loss alone: one program per split, so split the rows as finely as the steps ask
@@ -304,18 +326,18 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
     loss_part = torch.empty(splits, dtype=torch.float32, device=device)
     part = torch.empty((splits if need_ds else 0, num_classes, dim), dtype=torch.float32,
                        device=device)
-    programs = class_tiles * triton.cdiv(dim, D_OUT) if need_ds else 1
+    programs = class_tiles * triton.cdiv(dim, cfg.block_do) if need_ds else 1
     _infonce_class_grad_kernel[(programs * splits,)](
         z, y, stats, lse_part, lse, loss_part, part, rows, n, dim, num_classes, z.stride(0),
-        z.stride(1), 1.0 / tau, 1.0 / rows, chunks, splits, NEED_DS=need_ds, BLOCK_M=ROWS,
-        BLOCK_C=block_c, BLOCK_DO=D_OUT, num_warps=NUM_WARPS, num_stages=NUM_STAGES, **dot)
+        z.stride(1), 1.0 / tau, 1.0 / rows, chunks, splits, NEED_DS=need_ds, BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_n, BLOCK_DO=cfg.block_do, **cfg.options(), **dot)
     # One split: dS is finalised in place in its part (each element read before it is written).
     ds = part[0] if need_ds and splits == 1 else torch.empty(
         (num_classes, dim) if need_ds else 0, dtype=torch.float32, device=device)
     _infonce_finalize_kernel[(1 + (class_tiles if need_ds else 0),)](
         part, splits, s, counts, ds, loss_part, loss, num_classes, dim, s.stride(0),
-        SUMS=sums, HAS_COUNTS=has_counts, NEED_DS=need_ds, BLOCK_C=block_c, BLOCK_D=D_OUT,
-        LOSS_BLOCK=LOSS_CHUNK, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        SUMS=sums, HAS_COUNTS=has_counts, NEED_DS=need_ds, BLOCK_C=cfg.block_n,
+        BLOCK_D=cfg.block_do, LOSS_BLOCK=cfg.loss_block, **cfg.options())
     return loss, lse, s, counts, ds, stats
 
 
@@ -331,26 +353,25 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
     z, y = _unit_stride(z), y.contiguous()
     views, n, dim = z.shape
     rows, num_classes = views * n, s.shape[0]
-    block_c = class_block(num_classes)
-    row_tiles = triton.cdiv(rows, ROWS)
-    d_chunks = triton.cdiv(dim, D_OUT)
     staged = stats.numel() > 0
+    cfg = _config(num_classes, "staged_bwd" if staged else "rows")
+    row_tiles = triton.cdiv(rows, cfg.block_m)
+    d_chunks = triton.cdiv(dim, cfg.block_do)
     # A program walks its row tile's logits and then its D chunks of dz; several programs share
     # the D chunks (each recomputing, or loading when staged, the logits) only where one would
     # walk too many steps.
-    class_tiles = triton.cdiv(num_classes, block_c)
-    logit_steps = class_tiles * (1 if staged else triton.cdiv(dim, K_CHUNK))
+    class_tiles = triton.cdiv(num_classes, cfg.block_n)
+    logit_steps = class_tiles * (1 if staged else triton.cdiv(dim, cfg.block_k))
     steps = logit_steps + d_chunks * (class_tiles + (logit_steps if class_tiles > 1 else 0))
     d_split = max(1, min(d_chunks, triton.cdiv(steps, MAX_SERIAL_STEPS)))
     dz = torch.empty((views, n, dim), dtype=z.dtype, device=z.device)
     dp = torch.empty((num_classes, dim) if need_dp else 0, dtype=s.dtype, device=z.device)
-    dp_programs = triton.cdiv(num_classes * dim, FINAL_COLS * 4) if need_dp else 0
+    dp_programs = triton.cdiv(num_classes * dim, cfg.dp_block) if need_dp else 0
     _infonce_bwd_kernel[(row_tiles * d_split + dp_programs,)](
         grad_loss, z, y, s, counts, lse, ds, stats, dz, dp, rows, n, dim, num_classes,
         z.stride(0), z.stride(1), s.stride(0), 1.0 / tau, 1.0 / rows, d_split, SUMS=sums,
         HAS_COUNTS=counts.numel() > 0, THROUGH=through, NEED_DP=need_dp,
-        ONE_TILE=num_classes <= block_c, STAGED=staged, BLOCK_M=ROWS, BLOCK_C=block_c,
-        BLOCK_K=K_CHUNK, BLOCK_DO=D_OUT, DP_BLOCK=FINAL_COLS * 4, num_stages=NUM_STAGES,
-        num_warps=STAGED_BWD_WARPS if staged else NUM_WARPS,
-        **_dot_meta(z.dtype))
+        ONE_TILE=num_classes <= cfg.block_n, STAGED=staged, BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_DO=cfg.block_do, DP_BLOCK=cfg.dp_block,
+        num_stages=cfg.num_stages, num_warps=cfg.num_warps, **_dot_meta(z.dtype))
     return dz, dp

@@ -1,9 +1,10 @@
 """What every kernel file of mvcl_fast.kernels shares: constants, dtype maps, the dot policy,
-the device's SM count and the autotune switch."""
+the device's SM count, the autotune switch and the launch config every config table holds."""
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton.language as tl
@@ -29,6 +30,27 @@ MODELLED_SM_COUNT = 132
 # choice to pin. The prototype and multi-view kernels have no config space to search: their
 # configs are fixed per dtype and size, so the switch leaves them as they are.
 AUTOTUNE_ENV = "MVCL_FAST_AUTOTUNE"
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One launch's tiles and compile options: a row of a kernel file's config table.
+
+    block_m x block_n is a program's tile (rows by columns), block_k the depth of its dot
+    products or reductions; 0 where a kernel has no such tile. num_stages None: Triton's
+    default. Each kernel file subclasses it with the tiles only its kernels take and says what
+    each tile is there.
+    """
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int | None
+
+    def options(self) -> dict:
+        """The compile options a launch passes: num_warps, and num_stages unless Triton's."""
+        stages = {} if self.num_stages is None else {"num_stages": self.num_stages}
+        return {"num_warps": self.num_warps, **stages}
 
 
 def autotune_requested() -> bool:

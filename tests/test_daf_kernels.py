@@ -97,11 +97,9 @@ def test_bfloat16_in_interpreter(case, kernel_device):
 
 
 def _force_tiles(monkeypatch, kernels, forward, backward):
-    """Launch every kernel with these tiles, on the interpreter as on CUDA."""
-    table = {"fwd": {kind: [(512, forward)] for kind in ("mma", "fma")},
-             "bwd": {kind: [(512, backward)] for kind in ("mma", "fma")}}
-    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", table)
-    monkeypatch.setattr(kernels, "PINNED_CONFIGS", table)
+    """Launch every kernel with these configs, on the interpreter as on CUDA."""
+    monkeypatch.setattr(kernels, "CONFIGS", ((None, "fwd", None, 512, forward),
+                                             (None, "bwd", None, 512, backward)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -113,7 +111,8 @@ def test_smallest_tiles_many_blocks(dtype, len_q, kernel_device, monkeypatch):
     dK/dV between them; 48 take one 64-row tile that stores dK/dV per key tile."""
     from mvcl_fast.kernels import daf_attention as kernels
 
-    _force_tiles(monkeypatch, kernels, (16, 16, 32, 4, 2), (64, 32, 4, 2))
+    _force_tiles(monkeypatch, kernels, kernels._Config(16, 32, 0, 4, 2, long_block_m=16),
+                 kernels._Config(64, 32, 0, 4, 2))
     assert kernels._row_tile(len_q, 64) == {37: 16, 48: 64}[len_q]
     batch, len_k, heads, head_dim = 3, 231, 2, 32
     inputs = _inputs(batch, len_q, len_k, heads * head_dim, dtype, kernel_device)
@@ -194,10 +193,10 @@ def test_pinned_configs_follow_dtype_head_dim_and_query_length(monkeypatch):
     """Without MVCL_FAST_AUTOTUNE the launches take the pinned configs: 16-row forward tiles
     for DAF's short text side (Lq = 30-80), the largest backward row tile (up to the largest
     that compiles without spills at the head width) leaving at most a quarter of its rows
-    masked, the FMA table for IEEE fp32."""
+    masked, the FMA rows for IEEE fp32."""
     from mvcl_fast.kernels import daf_attention as kernels
 
-    monkeypatch.setattr(kernels, "INTERPRETER_CONFIGS", kernels.PINNED_CONFIGS)
+    monkeypatch.setattr(kernels, "_config_target", lambda: "gpu")
     monkeypatch.delenv(kernels.AUTOTUNE_ENV, raising=False)
 
     def rows(kind, dtype, precision, head_dim, len_q):
@@ -218,7 +217,7 @@ def test_pinned_configs_follow_dtype_head_dim_and_query_length(monkeypatch):
 
 
 def test_autotune_space_is_pruned_to_the_lengths():
-    """MVCL_FAST_AUTOTUNE=1 searches every combination of AUTOTUNE_SPACE, less the tiles
+    """MVCL_FAST_AUTOTUNE=1 searches every combination of SEARCH_SPACE, less the tiles
     longer than the bucketed sequences (the shortest kept)."""
     from mvcl_fast.kernels import daf_attention as kernels
 
@@ -258,6 +257,6 @@ def test_autotuned_backward_gets_fp32_partials(monkeypatch):
     monkeypatch.setattr(kernels, "_launch", lambda name, kernel, tuner, grid, args, *rest:
                         partials.append(args[12].dtype))
     q = torch.empty(1, 48, 64, dtype=torch.bfloat16)  # one head of 64: the pinned tile is 64 rows
-    assert kernels._backward_config(q.dtype, "ieee", 64, 48, kernels.PINNED_CONFIGS)["BLOCK_M"] == 64
+    assert kernels._backward_config(q.dtype, "ieee", 64, 48, "gpu")["BLOCK_M"] == 64
     kernels.daf_attention_backward(q, q, q, q, q, None, q, torch.empty(1, 1, 48), 1)
     assert partials == [torch.float32]

@@ -48,7 +48,7 @@ def structures():
     model's shape, Lq = 80 text tokens against Lk = 96 keys, D = 768 in 12 heads of 64}."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MVCL_FAST_BACKEND", "triton")
-        patch.setattr(kernels, "INTERPRETER_CONFIGS", kernels.PINNED_CONFIGS)
+        patch.setattr(kernels, "_config_target", lambda: "gpu")
         torch.manual_seed(0)
         return {"padded": _structure(VALID_KEYS), "full": _structure((LK, LK)),
                 "mintrec": _structure(VALID_KEYS, len_q=80, dim=768, heads=12)}
@@ -91,7 +91,8 @@ def test_work_follows_the_valid_key_length(structures):
     assert padded.macs < full.macs
     for short, long in zip(padded.kernels, full.kernels):
         assert short.bytes_loaded < long.bytes_loaded and short.macs < long.macs
-    block_n = kernels.PINNED_CONFIGS["fwd"]["mma"][0][1][2]
+    block_hd = kernels._tile(D // HEADS)["BLOCK_HD"]
+    block_n = kernels._config("fwd", DTYPE, "ieee", block_hd, "gpu").block_n
     skipped_tiles = sum(math.ceil(LK / block_n) - math.ceil(n / block_n) for n in VALID_KEYS)
     forward_dot = 2 * 16 * block_n * (D // HEADS)  # QK^T and PV of a 16-row tile
     assert full.kernels[0].macs - padded.kernels[0].macs == \
@@ -105,14 +106,14 @@ def test_the_mintrec_shape_is_one_launch_per_direction(structures):
     assert s.launches <= MAX_LAUNCHES and not s.aten, s.table()
     assert s.syncs == []
     assert [k.name for k in s.kernels] == ["_daf_fwd_kernel", "_daf_bwd_kernel"]
-    assert kernels._backward_config(DTYPE, "ieee", 64, 80, kernels.PINNED_CONFIGS)["BLOCK_M"] == 32
+    assert kernels._backward_config(DTYPE, "ieee", 64, 80, "gpu")["BLOCK_M"] == 32
     assert s.kernels[1].programs == B * 12
     element, len_q, dim = DTYPE.itemsize, 80, 768
     q_side, k_side = B * len_q * dim * element, B * LK * dim * element
     # dq, dgate and the final dk, dv in bf16, and the fp32 partial dK/dV the first row tiles
     # leave (every key up to the last valid one, partial key tiles included), read back by the
     # next: the traffic above the floor is theirs (on the GPU they stay in L2: 48 KB a head).
-    block_n = kernels.PINNED_CONFIGS["bwd"]["mma"][0][1][1]
+    block_n = kernels._config("bwd", DTYPE, "ieee", 64, "gpu").block_n
     partials = 2 * sum(min(LK, math.ceil(n / block_n) * block_n) for n in VALID_KEYS) * dim * 4
     assert s.kernels[1].bytes_stored == 2 * q_side + 2 * k_side + partials
     floor = 7 * q_side + 4 * k_side + B * LK

@@ -83,19 +83,19 @@ def test_multiply_adds_within_budget(structure):
                                  kernels.MAX_BLOCK_DO + kernels.MAX_BLOCK_DO_TAIL])
 def test_backward_in_one_d_chunk(dtype, dim):
     """The backward's accumulators span D, so no D-chunk recomputes the logits."""
-    assert kernels._grad_grid(kernels._grad_config(dtype, dim), dim, 4096, V)[1] == 1
+    assert kernels._grad_grid(kernels._config("grad", dtype, dim), dim, 4096, V)[1] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("dim", [800, 1000, kernels.WIDE_D])
 def test_half_backward_in_one_d_chunk_up_to_1024_on_sm90(dtype, dim):
-    assert kernels._grad_grid(kernels._grad_config(dtype, dim), dim, 4096, V)[1] == 1
-    assert kernels._grad_grid(kernels._grad_config(dtype, dim, sm90=False), dim, 4096, V)[1] == 2
+    assert kernels._grad_grid(kernels._config("grad", dtype, dim), dim, 4096, V)[1] == 1
+    assert kernels._grad_grid(kernels._config("grad", dtype, dim, sm90=False), dim, 4096, V)[1] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_backward_chunks_are_1024_wide_past_1024_on_sm90(dtype):
-    assert kernels._grad_grid(kernels._grad_config(dtype, 4096), 4096, 4096, V)[1] == 4
+    assert kernels._grad_grid(kernels._config("grad", dtype, 4096), 4096, 4096, V)[1] == 4
 
 
 BACKWARD_KERNELS = ("_grad_kernel", "_staged_ds_kernel", "_staged_grad_kernel")
@@ -130,8 +130,8 @@ def test_backward_units_at_wide_d(n, dim, units, backward):
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("dim", [128, 768, 1024])
 def test_grids_fill_the_card_at_4096(dtype, dim, symmetric):
-    lse = kernels._lse_grid(kernels._lse_config(dtype, dim), 4096, V, symmetric)
-    grad = kernels._grad_grid(kernels._grad_config(dtype, dim), dim, 4096, V)
+    lse = kernels._lse_grid(kernels._config("lse", dtype, dim), 4096, V, symmetric)
+    grad = kernels._grad_grid(kernels._config("grad", dtype, dim), dim, 4096, V)
     assert lse[0] * lse[1] * lse[2] >= SMS
     assert grad[0] * grad[1] >= SMS
 
@@ -141,8 +141,8 @@ def test_grids_fill_the_card_at_4096(dtype, dim, symmetric):
 def test_staged_grids_fill_the_card_at_4096(dtype, dim):
     rows = kernels.staged_chunk_rows(4096, V, dtype.itemsize)
     assert rows == 4096                     # one chunk: 2 backward launches
-    ds_grid, grad_grid = kernels._staged_grids(kernels._staged_ds_config(dtype),
-                                               kernels._staged_grad_config(dtype), 4096, rows,
+    ds_grid, grad_grid = kernels._staged_grids(kernels._config("staged_ds", dtype),
+                                               kernels._config("staged_grad", dtype), 4096, rows,
                                                dim, V)
     assert ds_grid[0] * ds_grid[1] * ds_grid[2] >= SMS
     assert grad_grid[0] * grad_grid[1] >= SMS

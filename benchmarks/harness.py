@@ -125,7 +125,7 @@ class Card:
 
 # Matched against torch.cuda.get_device_name(). The H200's are the figures measured on this
 # workplace's lent H200s (a device-to-device copy moved ~4.3 TB/s counting reads and writes;
-# an 8192^3 bf16 GEMM ran at ~788 TFLOP/s), against which SPEC.md judges "within 2x of the
+# an 8192^3 bf16 GEMM ran at ~788 TFLOP/s), against which docs/design.md judges "within 2x of the
 # floor"; the others are datasheet leads, not measurements.
 CARDS = (
     ("H200", Card("H200", 4.3e12, 788e12)),

@@ -2,7 +2,7 @@
 
 FlashAttention-style (as the Triton tutorial 06-fused-attention and
 FlashAttention's Triton kernel), for the coarse-to-fine fusion of MVCL-DAF++
-(SPEC op 4), in two launches, one per direction:
+(docs/design.md, op 4), in two launches, one per direction:
 
 * forward: one program per (query tile, batch * head). The Q tile stays
   resident while K/V tiles stream past it with an online softmax in base 2

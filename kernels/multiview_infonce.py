@@ -2,7 +2,7 @@
 
 For each view v, S_v = norm(anchor) norm(views_v)^T / tau and the loss is the
 mean over views of mean_i (lse_i(S_v) - S_v[i, i]); symmetric=True averages
-that with the same term over the columns of S_v (SPEC op 3). Only O(N)
+that with the same term over the columns of S_v (docs/design.md, op 3). Only O(N)
 statistics ever reach memory: inverse row norms, per-row loss terms and the
 row (and column) log-sum-exps; the op saves the inputs, the log-sum-exps,
 the per-row terms and the inverse norms.

@@ -4,7 +4,7 @@ Notation: z [V, N, D] (V views of N rows sharing the labels y [N]; row r = v N +
 R = V N rows), C classes, tau. Everything is deterministic: no float atomics, every
 sum in a fixed order.
 
-Scatter-mean (SPEC op 1), `_class_sums_kernel`: the class sums are a GEMM with a
+Scatter-mean (docs/design.md, op 1), `_class_sums_kernel`: the class sums are a GEMM with a
 one-hot matrix, S^T [D, C] = z^T [D, R] @ onehot(y) [R, C], on the tensor cores
 (bf16/fp16 operands are exact, the one-hot is exact, fp32 accumulation). A program
 owns (class tile, D chunk, row split) and walks the row tiles of its split; when a
@@ -12,7 +12,7 @@ large batch needs row splits to fill the GPU, `_class_sums_reduce_kernel` adds t
 splits in order. The counts come from the same one-hot tiles. Backward
 (`_gather_mean_grad_kernel`): dz_i = dP_{y_i} / count_{y_i}.
 
-Prototype InfoNCE (SPEC op 2) as one op, forward and backward:
+Prototype InfoNCE (docs/design.md, op 2) as one op, forward and backward:
 
 - The normalisation is scale-free, so the batch prototypes need only the class
   sums: norm(P_c) = S_c / max(|S_c|, count_c eps) exactly (|P_c| = |S_c| / count_c).
@@ -373,5 +373,5 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
         HAS_COUNTS=counts.numel() > 0, THROUGH=through, NEED_DP=need_dp,
         ONE_TILE=num_classes <= cfg.block_n, STAGED=staged, BLOCK_M=cfg.block_m,
         BLOCK_C=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_DO=cfg.block_do, DP_BLOCK=cfg.dp_block,
-        num_stages=cfg.num_stages, num_warps=cfg.num_warps, **_dot_meta(z.dtype))
+        **cfg.options(), **_dot_meta(z.dtype))
     return dz, dp

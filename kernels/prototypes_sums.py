@@ -1,4 +1,4 @@
-"""Scatter-mean kernels (SPEC op 1; mvcl_fast.kernels.prototypes describes the design): the
+"""Scatter-mean kernels (docs/design.md, op 1; mvcl_fast.kernels.prototypes describes the design): the
 class sums as a one-hot GEMM, the in-order reduction of row splits, and the backward
 dz_i = dP_{y_i} / count_{y_i}."""
 from __future__ import annotations

@@ -231,8 +231,8 @@ def test_report_flags_spills_shared_memory_and_modules_declaring_nothing(python,
     assert "SPILLS" in proc.stdout and "SMEM>LIMIT" in proc.stdout
 
 
-def test_readme_table_summarises_reports_of_two_tritons(tmp_path):
-    """--readme-table compiles nothing: it folds --json reports into the README's table."""
+def test_markdown_table_summarises_reports_of_two_tritons(tmp_path):
+    """--markdown-table compiles nothing: it folds --json reports into docs/benchmarks.md's table."""
     def row(kernel, mma, launches, spill=0):
         return {"module": "mvcl_fast.kernels.k", "kernel": kernel, "arch": "sm_90a", "mma": mma,
                 "launches": launches, "spills": spill, "spill_stores": spill, "spill_loads": spill,
@@ -246,7 +246,7 @@ def test_readme_table_summarises_reports_of_two_tritons(tmp_path):
     for name, report in (("new", new), ("old", old)):
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(report))
-    proc = subprocess.run([sys.executable, "-m", "mvcl_fast.tools.report", "--readme-table",
+    proc = subprocess.run([sys.executable, "-m", "mvcl_fast.tools.report", "--markdown-table",
                            *map(str, paths)], capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert proc.returncode == 0, proc.stderr

@@ -532,7 +532,7 @@ def _launch_modes(launches: str) -> set:
     return set(re.findall(r"[\[,](fp32-tf32|fp32|fp16|bf16)[,\]]", launches))
 
 
-def readme_table(reports: list[dict], arch: str = "sm_90a") -> str:
+def markdown_table(reports: list[dict], arch: str = "sm_90a") -> str:
     """Markdown: per op and kernel, the specialisations, the MMA instruction of each dtype mode
     under the first report's Triton, and the spilling ones under every report's Triton."""
     def op(row):
@@ -578,19 +578,19 @@ def main(argv=None) -> int:
     parser.add_argument("--module", nargs="+", metavar="NAME",
                         help="import these modules, each declaring aot_launches(), instead of "
                              "those of mvcl_fast.tools.aot_launches")
-    parser.add_argument("--readme-table", nargs="+", metavar="JSON",
-                        help="compile nothing: print the README's markdown summary of these --json "
+    parser.add_argument("--markdown-table", nargs="+", metavar="JSON",
+                        help="compile nothing: print docs/benchmarks.md's markdown summary of these --json "
                              "reports (one per Triton, the first's MMA instructions shown)")
     args = parser.parse_args(argv)
-    if args.readme_table:
+    if args.markdown_table:
         reports = []
-        for path in args.readme_table:
+        for path in args.markdown_table:
             try:
                 with open(path) as f:
                     reports.append(json.load(f))
             except (OSError, ValueError) as exc:
-                parser.error(f"--readme-table: cannot read {path}: {exc}")
-        print(readme_table(reports, args.arch[0]))
+                parser.error(f"--markdown-table: cannot read {path}: {exc}")
+        print(markdown_table(reports, args.arch[0]))
         return 0
     for arch in args.arch:
         try:

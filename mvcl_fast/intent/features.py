@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import time
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -255,16 +256,19 @@ class DamagedCache(ValueError):
     file): open_features converts the pickle again."""
 
 
-# What reading a damaged index or frames header raises (np.load of a truncated .npz: BadZipFile;
-# of a member with a corrupted header: ValueError, or MemoryError for the size it declares).
-_DAMAGE = (FileNotFoundError, EOFError, ValueError, KeyError, zipfile.BadZipFile, MemoryError)
+# What reading a damaged index or frames header raises (np.load of a truncated .npz: BadZipFile,
+# or OSError for a seek before the start; of a corrupted .npy header: ValueError, or
+# tokenize.TokenError from numpy's header filter, or MemoryError for the size it declares).
+# A cache that cannot be read is converted again.
+_DAMAGE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, tokenize.TokenError,
+           MemoryError)
 
 
 def _read_index(path: Path) -> dict:
     """The index's arrays, checked against each other: keys, offsets and counts one per key,
     the offsets the running sum of the counts, nonzero one per frame."""
-    try:
-        with np.load(path, allow_pickle=False) as index:
+    try:   # opened here: np.load leaves the file open when the zip does not read
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as index:
             arrays = {name: index[name] for name in ("keys", "offsets", "counts", "nonzero", "dim")}
     except _DAMAGE as err:
         raise DamagedCache(f"{path} does not read: {first_line(err)}") from err

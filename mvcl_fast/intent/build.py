@@ -19,6 +19,7 @@ from torch import nn
 
 from mvcl_fast.intent.data import SPLITS, MultimodalSplit, load_split
 from mvcl_fast.intent.errors import ConfigError, DataError, reraised_as
+from mvcl_fast.intent.loading import UNWRITABLE_DATA_HINT
 from mvcl_fast.intent.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss,
                                     default_text_model, load_text_encoder)
 
@@ -56,7 +57,7 @@ def ensure_data_dir(args: argparse.Namespace, dist, log: Callable[[str], None]) 
 def read_splits(args: argparse.Namespace, dist, log: Callable[[str], None]) -> dict[str, MultimodalSplit]:
     """The train, dev and test splits of --data-dir. Collective under DDP: rank 0 converts the
     feature pickles once, the other ranks then map them."""
-    with reraised_as(DataError, "", DATA_HINT):
+    with reraised_as(DataError, "", DATA_HINT, UNWRITABLE_DATA_HINT):
         if not dist.is_main:
             dist.barrier()
         try:

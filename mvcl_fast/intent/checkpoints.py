@@ -49,6 +49,12 @@ class Progress:
     finished: bool = False
 
 
+# torch's refusal names the global the file asked for ("GLOBAL posix.system", "GLOBAL eval");
+# the rest of its message is advice to load the file with weights_only=False, which would run it.
+REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\n|$)")
+
+
 def load_checkpoint(path: Path) -> dict:
     """A mvcl_fast checkpoint, read with weights_only=True: only tensors and plain values are
     unpickled, so a crafted file's payload never runs."""
@@ -57,15 +63,17 @@ def load_checkpoint(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch's message is a page of advice; its one informative sentence follows this marker
-        found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\n|$)", str(err))
-        detail = found.group(1) if found else first_line(err)
-        if "Unsupported global" in detail:
+        refused = REFUSED_GLOBAL.search(str(err))
+        if refused:
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors and plain values; refused to "
-                f"load it ({detail})", "mvcl_fast checkpoints hold none: this file was written by "
-                                       "something else or by another version of mvcl_fast") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({detail})", unreadable) from None
+                f"load it (it asks for {refused.group(1)})",
+                "mvcl_fast checkpoints hold none: this file was written by something else, or "
+                "crafted; do not load it by other means") from None
+        detail = UNPICKLER_DETAIL.search(str(err))
+        raise CheckpointError(f"{path} is not a readable checkpoint ("
+                              f"{detail.group(1) if detail else 'refused by the safe unpickler'})",
+                              unreadable) from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)})",
                               unreadable) from None
@@ -74,6 +82,32 @@ def load_checkpoint(path: Path) -> dict:
                               "another version of mvcl_fast wrote it, or another program: start "
                               "a new run")
     return state
+
+
+def check_fields(state: dict, path: Path, kinds: dict[str, type | tuple], hint: str) -> None:
+    """Each field of kinds is in state with a value of its type (bool is no int here), or a
+    CheckpointError names the file and the field."""
+    for name, kind in kinds.items():
+        if name not in state:
+            raise CheckpointError(f"{path} has no field {name!r}", hint)
+        value = state[name]
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _types(kind)):
+            raise CheckpointError(f"{path}: field {name!r} is a {type(value).__name__}, not "
+                                  f"{' or '.join(t.__name__ for t in _types(kind))}", hint)
+
+
+def _types(kind: type | tuple) -> tuple:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+# What a trained model's checkpoint holds (best.pt; last.pt holds it too): load_model reads it.
+MODEL_FIELDS = {"args": dict, "model_config": dict, "label_names": list, "model": dict}
+# What last.pt holds besides: the training state and one field per Progress field.
+_ANNOTATED_TYPES = {"int": int, "float": (float, int), "bool": bool, "list[dict]": list,
+                    "list[float]": list}
+LAST_FIELDS = {**MODEL_FIELDS, "criterion": dict, "optimizer": dict, "scheduler": dict,
+               "grad_scaler": dict, "world_size": int, "epoch_sums": list, "rng": list,
+               **{f.name: _ANNOTATED_TYPES[f.type] for f in fields(Progress)}}
 
 
 # ------------------------------------------------------------ random generators
@@ -130,24 +164,55 @@ def save_last(trainer) -> None:
 
 
 def restore_last(trainer, state: dict) -> None:
-    """Continue a Trainer from its last.pt (load_checkpoint's dict)."""
+    """Continue a Trainer from its last.pt (load_checkpoint's dict, whose fields
+    mvcl_fast.intent.train checked); a field that does not fit the run is a CheckpointError."""
+    path = trainer.last_path
     # The data shards, steps per epoch and learning-rate schedule all depend on the number
     # of processes: a resume with another number would not continue the same run.
     saved_world = state["world_size"]
     if saved_world != trainer.dist.world_size:
         launch = ("plain python -m mvcl_fast.train" if saved_world == 1
                   else f"torchrun --nproc_per_node={saved_world} (in all)")
-        raise CheckpointError(f"--resume: {trainer.last_path} was written by {saved_world} "
+        raise CheckpointError(f"--resume: {path} was written by {saved_world} "
                               f"process(es); resume it with the same number (this run has "
                               f"{trainer.dist.world_size})", f"start it with {launch}")
-    trainer.model.load_state_dict(state["model"])
-    trainer.criterion.load_state_dict(state["criterion"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["grad_scaler"])
+    hint = "resume with the data and text model the run was trained on, or start a new run"
+    saved_config = state["model_config"]
+    changed = [f"{key} {value!r} (the checkpoint's: {saved_config.get(key)!r})"
+               for key, value in trainer.cfg.to_dict().items()
+               if key != "text_model" and _plain(saved_config.get(key)) != _plain(value)]
+    if changed:
+        raise CheckpointError(f"--resume: {path} holds a model of other data than --data-dir "
+                              f"{trainer.args.data_dir} now gives: {', '.join(changed)}", hint)
+    per_rank = {}
+    for name in ("epoch_sums", "rng"):
+        if len(state[name]) != saved_world:
+            raise CheckpointError(f"--resume: {path}: field {name!r} holds {len(state[name])} "
+                                  f"entries for a run of {saved_world} process(es)", hint)
+        per_rank[name] = state[name][trainer.dist.rank]
+    parts = {"model": trainer.model, "criterion": trainer.criterion,
+             "optimizer": trainer.optimizer, "scheduler": trainer.scheduler,
+             "grad_scaler": trainer.scaler}
+
+    def set_epoch_sums(sums: dict) -> None:
+        trainer.epoch_sums = {str(key): float(value) for key, value in sums.items()}
+
+    restores = [*((name, part.load_state_dict) for name, part in parts.items()),
+                ("epoch_sums", set_epoch_sums), ("rng", set_rng_state)]
+    for name, restore in restores:
+        try:
+            restore(per_rank.get(name, state[name]))
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
+                          first_line(err))
+            raise CheckpointError(f"--resume: {path}: field {name!r} does not fit this run "
+                                  f"({detail})", hint) from None
     trainer.progress = Progress(**{f.name: state[f.name] for f in fields(Progress)})
-    trainer.epoch_sums = state["epoch_sums"][trainer.dist.rank]
-    set_rng_state(state["rng"][trainer.dist.rank])
+
+
+def _plain(value):
+    """A configuration value as it compares after a round trip through a checkpoint."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def save_best(trainer, dev: dict) -> None:

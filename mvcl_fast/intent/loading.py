@@ -18,8 +18,15 @@ from typing import Optional
 
 import torch
 
-from mvcl_fast.intent.checkpoints import BEST_CHECKPOINT, load_checkpoint
-from mvcl_fast.intent.errors import CheckpointError, ConfigError, DataError, first_line, reraised_as
+from mvcl_fast.intent.checkpoints import (BEST_CHECKPOINT, MODEL_FIELDS, check_fields,
+                                          load_checkpoint)
+from mvcl_fast.intent.errors import (CheckpointError, ConfigError, DataError, first_line,
+                                     reraised_as)
+
+# A permission refused or a read-only file system: most often the feature cache, which is
+# written beside the pickles unless --cache-dir names a folder.
+UNWRITABLE_DATA_HINT = ("the feature cache is written beside the pickles: pass --cache-dir, a "
+                        "folder you can write to (and make sure the data files are readable)")
 
 # --precision: the dtype of torch.autocast (fp32: no autocast).
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -80,6 +87,40 @@ def dataset_of(label_names: list[str], path: Path) -> str:
                           f"set ({', '.join(DATASETS)})", "pass a checkpoint that mvcl_fast.train wrote")
 
 
+MODEL_CONFIG_HINT = "pass best.pt or last.pt of a mvcl_fast.train run, unchanged"
+# ModelConfig's field annotations, as the types a checkpoint's plain values come back as
+_CONFIG_TYPES = {"int": int, "float": (int, float), "str": str, "tuple[str, ...]": (list, tuple)}
+
+
+def model_config(saved: dict, path: Path, text_model: Optional[str] = None):
+    """The ModelConfig a checkpoint's field 'model_config' holds, every field known and of its
+    type; text_model (if given) in place of the recorded one."""
+    from dataclasses import MISSING, fields
+
+    from mvcl_fast.intent.model import ModelConfig
+
+    known = {f.name: f for f in fields(ModelConfig)}
+    for name in saved:
+        if name not in known:
+            raise CheckpointError(f"{path}: field 'model_config' holds {name!r}, which is no "
+                                  "field of this version's model", MODEL_CONFIG_HINT)
+    for name, f in known.items():
+        if name not in saved:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise CheckpointError(f"{path}: field 'model_config' has no {name!r}",
+                                      MODEL_CONFIG_HINT)
+            continue
+        value, kind = saved[name], _CONFIG_TYPES[f.type]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise CheckpointError(f"{path}: field 'model_config': {name!r} is {value!r}, not "
+                                  f"of type {f.type}", MODEL_CONFIG_HINT)
+    try:
+        return ModelConfig(**{**saved, **({"text_model": text_model} if text_model else {})})
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: field 'model_config' ({first_line(err)})",
+                              MODEL_CONFIG_HINT) from None
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                text_model: Optional[str] = None) -> LoadedModel:
     """The trained model of a run folder (its best.pt) or of a checkpoint file, ready to predict.
@@ -87,7 +128,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     text_model: the encoder folder when the one recorded in the checkpoint has moved; its
     weights' shapes and vocabulary must be the checkpoint's.
     """
-    from mvcl_fast.intent.model import ModelConfig, MVCLDAFPlusPlus, load_text_encoder
+    from mvcl_fast.intent.model import MVCLDAFPlusPlus, load_text_encoder
 
     path = Path(path)
     if path.is_dir():
@@ -95,18 +136,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist",
                               "pass a run folder that holds best.pt, or the checkpoint file")
+    from mvcl_fast.intent.cli import check_saved_options
+
     state = load_checkpoint(path)
-    for key in ("model_config", "label_names", "model"):
-        if key not in state:
-            raise CheckpointError(f"{path} has no {key!r}: it is not a trained model's checkpoint",
-                                  "pass best.pt or last.pt of a mvcl_fast.train run")
-    cfg = ModelConfig(**{**state["model_config"], **({"text_model": text_model} if text_model else {})})
+    check_fields(state, path, MODEL_FIELDS, "pass best.pt or last.pt of a mvcl_fast.train run")
+    check_saved_options(state["args"], path)
+    cfg = model_config(state["model_config"], path, text_model)
     try:
         tokenizer, encoder = load_text_encoder(cfg.text_model)
     except (OSError, ValueError) as err:
         raise ConfigError(f"text model {cfg.text_model} of {path} cannot be loaded ({first_line(err)})",
                           "pass its current folder with --text-model") from None
-    model = MVCLDAFPlusPlus(cfg, encoder)
+    try:
+        model = MVCLDAFPlusPlus(cfg, encoder)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: field 'model_config' does not make a model "
+                              f"({first_line(err)})", MODEL_CONFIG_HINT) from None
     model.anchor_encoder = None    # only training reads the anchor view
     weights = {k: v for k, v in state["model"].items() if not k.startswith("anchor_encoder.")}
     mismatch = f"{path} was trained with another text model than {cfg.text_model}"
@@ -115,7 +160,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                           "pass the text model the run was trained with (--text-model)")
     try:
         model.load_state_dict(weights)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
         detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line),
                       first_line(err))
         raise ConfigError(f"{mismatch}, or with other model options ({detail})",
@@ -164,7 +209,7 @@ def _model_data(loaded: LoadedModel, source: str, layout: str, dataset: Optional
                               f"pass {loaded.dataset} data, or a model trained on {dataset}")
     with reraised_as(DataError, f"{source}: ",
                      f"the model predicts the intents of {loaded.dataset}: pass {layout} in its "
-                     "layout (docs/data.md)"):
+                     "layout (docs/data.md)", UNWRITABLE_DATA_HINT):
         data = load()
     cfg = loaded.config
     for name, dim in (("video", data.video.dim), ("audio", data.audio.dim)):

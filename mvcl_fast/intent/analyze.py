@@ -306,11 +306,12 @@ def analyze_prototypes(args: argparse.Namespace) -> dict:
 def write_outputs(png: Path, draw, results: dict) -> None:
     """The figure (draw(file)) at png and the results as JSON beside it, each replaced atomically."""
     folder = png.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    runs.replace_file(folder, png.name, draw)
+    runs.make_output_folder(folder, "--output")
+    runs.replace_file(folder, png.name, draw, option="--output")
     json_name = png.with_suffix(".json").name
     runs.replace_file(folder, json_name,
-                      lambda file: file.write((json.dumps(results, indent=1) + "\n").encode()))
+                      lambda file: file.write((json.dumps(results, indent=1) + "\n").encode()),
+                      option="--output")
     print(f"wrote {png} and {folder / json_name}")
 
 

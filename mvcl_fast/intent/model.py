@@ -366,7 +366,10 @@ class DynamicAttentionFusion(nn.Module):
         dtype = fused_op_dtype(x)
         q, k, v, gate, residual = (t.to(dtype) for t in (self.q(x), self.k(keys), self.v(keys),
                                                          self.gate(x), x))
-        out = daf_attention(q, k, v, gate, residual, self.heads, key_padding_mask=padding)
+        # validate=False: NaN/Inf activations (a diverging run) make the loss NaN, which the
+        # trainer checks and reports with the step; the op's own check would stop it first.
+        out = daf_attention(q, k, v, gate, residual, self.heads, key_padding_mask=padding,
+                            validate=False)
         out = self.norm_attn(out)
         return self.norm_out(out + self.ffn(out))
 

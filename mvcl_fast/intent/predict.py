@@ -68,7 +68,7 @@ def predict(args: argparse.Namespace) -> Optional[dict]:
                                   split.labels.tolist()):
         writer.writerow([key, text, names[p], f"{c:.4f}", "" if t == UNLABELLED else names[t]])
     folder = output_folder(args)
-    folder.mkdir(parents=True, exist_ok=True)
+    runs.make_output_folder(folder, "--output-dir")
     runs.replace_file(folder, PREDICTIONS, lambda file: file.write(table.getvalue().encode()))
     model = f"model {args.checkpoint}" + ("" if "text" in loaded.config.modalities
                                           else " (trained without text: the texts are not read)")

@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Optional
 
 from mvcl_fast.intent import distributed, runs
-from mvcl_fast.intent.checkpoints import load_checkpoint
-from mvcl_fast.intent.cli import (check_dropped_modalities, check_train_options, run_command,
-                                  train_parser)
-from mvcl_fast.intent.errors import ConfigError, first_line
+from mvcl_fast.intent.checkpoints import BEST_CHECKPOINT, LAST_FIELDS, check_fields, load_checkpoint
+from mvcl_fast.intent.cli import (check_dropped_modalities, check_saved_options, check_train_options,
+                                  run_command, train_parser)
+from mvcl_fast.intent.errors import (CheckpointError, ConfigError, DiskError, Interrupted,
+                                     MVCLError, first_line)
 from mvcl_fast.intent.evaluation import final_report
 from mvcl_fast.intent.trainer import Trainer, TrainingDiverged
 
@@ -83,6 +84,13 @@ def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     line's run options)."""
     path = runs.resume_checkpoint(args.resume, args.output_dir, args.name)
     state = load_checkpoint(path)
+    if "world_size" not in state and "dev" in state:
+        raise CheckpointError(f"--resume {path}: a {BEST_CHECKPOINT} holds the model of the best dev "
+                              "epoch, not the training state a run continues from",
+                              f"resume the run's {runs.LAST_CHECKPOINT}: --resume {path.parent}")
+    check_fields(state, path, LAST_FIELDS,
+                 f"--resume reads the {runs.LAST_CHECKPOINT} of a mvcl_fast.train run, unchanged")
+    check_saved_options(state["args"], path)
     saved = state["args"]
     changed = [key for key in sorted(given_options(parser, argv) - set(RUNTIME_OPTIONS))
                if getattr(args, key) != saved[key]]
@@ -219,6 +227,28 @@ def run_seeds(args: argparse.Namespace) -> int:
         folder.release()
 
 
+def stopped_run_error(trainer: Trainer, err: BaseException) -> MVCLError:
+    """The error a run that stopped on err (divergence, a full disk, a second stop signal) ends
+    with: what stopped it and what last.pt holds, with a hint; appended to train.log too."""
+    progress = trainer.progress
+    if trainer.last_path.exists():
+        kept = f"the last good checkpoint is {trainer.last_path}"
+        again = "writes its report again" if progress.finished else "continues from it"
+        resume = f"--resume {trainer.output_dir} {again}"
+    else:
+        kept, resume = "no checkpoint had been written yet", "start the run again"
+    if isinstance(err, TrainingDiverged):
+        error = TrainingDiverged(f"{err}; {kept}" + (f" (epoch {progress.epoch})"
+                                                      if trainer.last_path.exists() else ""),
+                                 f"try a lower --lr / --fusion-lr, or --grad-clip 1; {resume}")
+    elif isinstance(err, DiskError):
+        error = DiskError(f"{err}; {kept}", f"{err.hint}; then {resume}")
+    else:
+        error = Interrupted(f"interrupted; {kept}", resume)
+    trainer.append_to_log(f"error: {error}")
+    return error
+
+
 def run(trainer: Trainer, resumed: bool, started: float) -> int:
     args, progress = trainer.args, trainer.progress
     if resumed:
@@ -234,17 +264,9 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
                 f"precision {trainer.precision} | compile {'on' if trainer.compiled else 'off'} | "
                 f"backend {args.backend}")
     try:
-        status = trainer.fit()
-    except TrainingDiverged as err:
-        where = (f"the last good checkpoint is {trainer.last_path} (epoch {progress.epoch})"
-                 if trainer.last_path.exists() else "no checkpoint had been written yet")
-        trainer.log(f"error: {err}; {where}. Try a lower --lr/--fusion-lr or --grad-clip.")
-        return 1
-    except KeyboardInterrupt:
-        trainer.log(f"aborted; {trainer.last_path} holds the state of the last completed epoch"
-                    if trainer.last_path.exists() else "aborted before the first checkpoint")
-        return 130
-    if status == "interrupted":
-        return 130
-    final_report(trainer, started)
+        if trainer.fit() == "interrupted":
+            return 130
+        final_report(trainer, started)
+    except (TrainingDiverged, KeyboardInterrupt, DiskError) as err:
+        raise stopped_run_error(trainer, err) from err
     return 0

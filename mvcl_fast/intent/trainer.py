@@ -4,13 +4,16 @@ Every epoch trains on the shuffled training split, evaluates dev, keeps
 ``best.pt`` when the dev selection metric improved and replaces ``last.pt``;
 the run stops after --epochs or --max-steps, or early after --patience epochs
 without improvement. Ctrl-C or SIGTERM finishes the current step, saves
-``last.pt`` and stops (a second one aborts); a NaN/Inf loss stops the run
-naming the step. Under DDP every rank runs this loop: the ranks decide stops
-and divergence together, and rank 0 alone writes.
+``last.pt`` and stops (a second one aborts, once a checkpoint being written is
+complete); a NaN/Inf loss stops the run naming the step, and so do NaN/Inf
+weights before a checkpoint is written, so ``last.pt`` and ``best.pt`` only ever
+hold finite weights. Under DDP every rank runs this loop: the ranks decide
+stops and divergence together, and rank 0 alone writes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import signal
@@ -26,6 +29,7 @@ from torch import nn
 from mvcl_fast.intent import build, checkpoints, distributed, runs
 from mvcl_fast.intent.data import data_loader
 from mvcl_fast.intent.distributed import Distributed
+from mvcl_fast.intent.errors import MVCLError
 from mvcl_fast.intent.evaluation import predicted_labels
 from mvcl_fast.intent.loading import PRECISIONS, autocast, autocast_dtype, model_inputs
 
@@ -34,19 +38,22 @@ from mvcl_fast.intent.loading import PRECISIONS, autocast, autocast_dtype, model
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf."""
+class TrainingDiverged(MVCLError):
+    """The loss or the weights became NaN or Inf."""
 
 
 class StopSignals:
     """While entered: the first stop signal is counted (the loop stops after its step), a second
-    one raises KeyboardInterrupt. Handlers are installed in the main thread only."""
+    one raises KeyboardInterrupt, or, while a checkpoint is written (:meth:`held`), once it is.
+    Handlers are installed in the main thread only."""
 
     def __init__(self, log):
         self.log = log
         self.received = 0           # this process's own count; the ranks decide stops together
         self.pid = os.getpid()      # forked DataLoader workers inherit the handler
         self.previous = {}
+        self.holding = False
+        self.abort_held = False
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -57,11 +64,26 @@ class StopSignals:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    @contextlib.contextmanager
+    def held(self):
+        """A second stop signal aborts only once the block (a checkpoint write) is done, so the
+        file written is whole and the run's newest."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.abort_held:
+            raise KeyboardInterrupt
+
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:
             return
         self.received += 1
         if self.received > 1:
+            if self.holding:
+                self.abort_held = True
+                return
             raise KeyboardInterrupt
         self.log(f"{signal.Signals(signum).name}: finishing the current step, then saving last.pt "
                  "(a second one aborts without saving)")
@@ -127,11 +149,19 @@ class Trainer:
         """Print and append to train.log (rank 0 only: the ranks agree on everything logged)."""
         from tqdm import tqdm
 
-        if not self.dist.is_main:
+        if self.dist.is_main:
+            tqdm.write(message)
+            self.append_to_log(message)
+
+    def append_to_log(self, message: str) -> None:
+        """Append to train.log only (what the command prints itself: its error line)."""
+        if self.log_file is None:
             return
-        tqdm.write(message)
-        self.log_file.write(message + "\n")
-        self.log_file.flush()
+        try:
+            self.log_file.write(message + "\n")
+            self.log_file.flush()
+        except OSError as err:
+            raise runs.output_error(err, self.output_dir, runs.LOG_NAME, "--output-dir") from err
 
     def _loader(self, split: str, batch_size: int, shuffle: bool):
         return data_loader(self.splits[split].split, batch_size, shuffle=shuffle, seed=self.args.seed,
@@ -223,7 +253,9 @@ class Trainer:
                         progress.elapsed += seconds
                         progress.epoch_train_seconds += seconds
                         bar.close()
-                        checkpoints.save_last(self)
+                        self._check_weights()
+                        with self.stops.held():
+                            checkpoints.save_last(self)
                         self.log(f"interrupted at epoch {epoch + 1}, step {progress.step_in_epoch}: "
                                  f"saved {self.last_path}; continue with --resume {self.output_dir}")
                         return "interrupted"
@@ -237,6 +269,7 @@ class Trainer:
         """Evaluate dev, keep the best model, decide whether to stop, save last.pt.
         train_seconds: the epoch's training time since it (re)started in this process."""
         progress = self.progress
+        self._check_weights()
         steps = max(1, progress.step_in_epoch) * self.dist.world_size
         # every rank's sums: the means are over the steps of all of them
         sums = dict(zip(self.epoch_sums, self.dist.sum(list(self.epoch_sums.values()))))
@@ -252,7 +285,8 @@ class Trainer:
         improved = dev[metric] > progress.best_score
         if improved:
             progress.best_score, progress.best_epoch, progress.bad_epochs = dev[metric], progress.epoch, 0
-            checkpoints.save_best(self, dev)
+            with self.stops.held():
+                checkpoints.save_best(self, dev)
         else:
             progress.bad_epochs += 1
         progress.history.append({"epoch": progress.epoch,
@@ -268,11 +302,23 @@ class Trainer:
             self.log(f"early stop: dev {metric} has not improved for {progress.bad_epochs} epochs "
                      f"(best {progress.best_score:.2f} at epoch {progress.best_epoch})")
             progress.finished = True
-        checkpoints.save_last(self)
+        with self.stops.held():
+            checkpoints.save_last(self)
+
+    def _check_weights(self) -> None:
+        """Before a checkpoint: a step whose loss was finite can still leave NaN/Inf weights (an
+        overflowing update), which the next step's loss would only show after they were saved.
+        The ranks hold the same weights, so they decide alike."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not finite.item():
+            raise TrainingDiverged(f"stopping after global step {self.progress.global_step}: the "
+                                   "weights are NaN/Inf")
 
     def close(self) -> None:
         if self.log_file is not None:
-            self.log_file.close()
+            # What a close could still flush is what a failed write already reported.
+            with contextlib.suppress(OSError):
+                self.log_file.close()
         if self.folder is not None:
             self.folder.release()
         self.dist.close()

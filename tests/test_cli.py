@@ -55,7 +55,7 @@ BAD_OPTIONS = [
     ("--lambda-mv", "-1", "a number >= 0"), ("--patience", "0", "an integer >= 1"),
     ("--warmup", "2", "a number >= 0 and < 1"), ("--grad-clip", "-1", "a number >= 0"),
     ("--batch-size", "0", "an integer >= 1"), ("--eval-batch-size", "0", "an integer >= 1"),
-    ("--video-width", "0", "an integer >= 4, a multiple of 4"),
+    ("--video-width", "0", "an integer >= 4 and <= 8192, a multiple of 4"),
     ("--video-width", "10", "a multiple of 4"), ("--audio-width", "3", "a multiple of 2"),
     ("--video-layers", "0", "an integer >= 1"), ("--fusion-heads", "0", "an integer >= 1"),
     ("--tau", "0", "a number > 0"), ("--dropout", "1", "a number >= 0 and < 1"),
@@ -70,6 +70,13 @@ BAD_OPTIONS = [
     ("--modalities", ",", "a non-empty comma-separated subset"), ("--seeds", "-1", "an integer >= 0"),
     ("--prototype-momentum", "1", "a number >= 0 and < 1"),
     ("--prototype-momentum", "-0.1", "a number >= 0 and < 1"),
+    ("--batch-size", str(10**20), "an integer >= 1 and <= 65536"),
+    ("--eval-batch-size", str(10**20), "an integer >= 1 and <= 65536"),
+    ("--video-len", "100000000", "an integer >= 1 and <= 16384"),
+    ("--audio-len", "100000000", "an integer >= 1 and <= 16384"),
+    ("--video-width", str(10**20), "an integer >= 4 and <= 8192"),
+    ("--audio-width", str(10**20), "an integer >= 2 and <= 8192"),
+    ("--video-layers", str(10**9), "an integer >= 1 and <= 64"),
 ]
 
 
@@ -139,7 +146,8 @@ def test_overwrite_starts_over_and_stale_temporaries_are_removed(tiny_setup, tmp
     out_dir.mkdir()
     (out_dir / "metrics.json").write_text('{"earlier": "run"}')
     (out_dir / "train.log").write_text("the earlier run's log\n")
-    stale = out_dir / ".last.pt.tmp-12345"        # what a SIGKILL during a checkpoint write leaves
+    # what a SIGKILL during a checkpoint write leaves
+    stale = out_dir / f".last.pt{runs.TEMPORARY_MARK}k3j_x9q2"
     stale.write_bytes(b"\0" * 1024)
     assert train_lib.main(argv(tiny_setup, out_dir, "--epochs", "1", "--max-steps", "1",
                                "--overwrite")) == 0
@@ -183,7 +191,7 @@ def test_resume_refuses_options_that_change_the_run(finished_run, capsys):
     before = (finished_run / "metrics.json").read_text()
     err = usage_error(capsys, ["--resume", str(finished_run), "--epochs", "4", "--lr", "1e-3",
                                "--batch-size", "16"])     # the run's own batch size is no change
-    message = err.strip().splitlines()[-1]
+    message, = (line for line in err.splitlines() if ": error: " in line)
     assert "--epochs 4 (the run's: 1), --lr 0.001 (the run's: 5e-05) would change the run" in message
     assert "--batch-size" not in message
     assert (finished_run / "metrics.json").read_text() == before

@@ -246,9 +246,10 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tiny_setup,
 
     monkeypatch.setattr(MVCLLoss, "forward", loss_turning_nan)
     assert train_lib.main(argv(tiny_setup, out_dir)) == 1
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     assert "stopping at epoch 2, step 2 (global step 6): the training loss is nan" in printed
     assert f"the last good checkpoint is {out_dir / 'last.pt'} (epoch 1)" in printed
+    assert "stopping at epoch 2, step 2" in (out_dir / "train.log").read_text()
     state = last_state(out_dir)
     assert state["epoch"] == 1 and state["global_step"] == 4 and not state["finished"]
     assert not (out_dir / "metrics.json").exists()

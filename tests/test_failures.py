@@ -481,3 +481,22 @@ def test_starting_a_run_keeps_the_users_hidden_files(tiny_setup, tmp_path):
     assert train_lib.main(argv(tiny_setup, out_dir, "--epochs", "1", "--max-steps", "1")) == 0
     assert all((out_dir / name).read_text() == "mine\n" for name in mine)
     assert not stale.exists()
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_a_damaged_pickle_inside_a_checkpoint_is_a_checkpoint_error(trained, tmp_path):
+    """The zip intact, its data.pkl cut short: what torch's unpickler raises then (struct.error,
+    IndexError, ...) is one CheckpointError naming the file."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(trained / "best.pt") as src:
+        members = [(info.filename, src.read(info)) for info in src.infolist()]
+    damaged = io.BytesIO()
+    with zipfile.ZipFile(damaged, "w", zipfile.ZIP_STORED) as dst:
+        for name, data in members:
+            dst.writestr(name, data[:len(data) // 2] if name.endswith("data.pkl") else data)
+    path = tmp_path / "best.pt"
+    path.write_bytes(damaged.getvalue())
+    with pytest.raises(checkpoints.CheckpointError, match=f"{path} is not a readable checkpoint"):
+        checkpoints.load_checkpoint(path)

@@ -74,9 +74,11 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint ("
                               f"{detail.group(1) if detail else 'refused by the safe unpickler'})",
                               unreadable) from None
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)})",
-                              unreadable) from None
+    except Exception as err:   # noqa: BLE001
+        # Whatever else torch.load raises is about the file: a damaged zip or pickle reaches
+        # its unpickler and storages as struct.error, IndexError, KeyError, AssertionError ...
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
+                              f"{first_line(err)})", unreadable) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a mvcl_fast checkpoint of format {CHECKPOINT_FORMAT}",
                               "another version of mvcl_fast wrote it, or another program: start "

@@ -125,11 +125,11 @@ def apply(constraints: Path, out: Path, drop: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("freeze").add_argument("out", type=Path)
-    applying = sub.add_parser("apply")
+    sub.add_parser("freeze", allow_abbrev=False).add_argument("out", type=Path)
+    applying = sub.add_parser("apply", allow_abbrev=False)
     applying.add_argument("constraints", type=Path)
     applying.add_argument("out", type=Path)
     applying.add_argument("--drop", nargs="*", default=[], metavar="NAME")

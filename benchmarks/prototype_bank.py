@@ -52,7 +52,7 @@ FIGURES = (("test", "acc", "test ACC"), ("test", "f1", "test macro F1"),
 
 def parse_args(argv=None) -> argparse.Namespace:
     number = cli.number
-    p = argparse.ArgumentParser(prog="python -m benchmarks.prototype_bank",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.prototype_bank",
                                 description=__doc__.split("\n\n")[0],
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--batch-sizes", nargs="+", type=number(int, at_least=1), default=[8, 16, 32],

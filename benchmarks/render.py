@@ -239,7 +239,7 @@ def replace_between_markers(text: str, name: str, table: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (--benchmark-json), one or more")
     parser.add_argument("--merged", help="write the inputs merged into one JSON here")
     parser.add_argument("--md", help="write the markdown table here (default: print it)")

@@ -568,7 +568,7 @@ def markdown_table(reports: list[dict], arch: str = "sm_90a") -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mvcl_fast.tools.report",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m mvcl_fast.tools.report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS),
                         help="targets to compile for (default: sm_90a sm_80)")

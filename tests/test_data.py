@@ -285,7 +285,33 @@ def test_a_pickle_replaced_with_its_size_and_mtime_restored_is_converted_again(m
     assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)
     after = load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
     torch.testing.assert_close(after.video[:], -before)
-    assert len(cache_files(folder)) == 4                  # the old cache is removed
+    assert [n for n in after.notes if "other bytes than its cache's" in n], after.notes
+    assert len(cache_files(folder)) == 4                  # the old cache is replaced
+
+
+@pytest.mark.parametrize("how", ["chmod", "copied_back"])
+def test_a_pickle_with_the_same_bytes_and_a_new_inode_or_ctime_is_hashed_once(mintrec_dir,
+                                                                                monkeypatch, how):
+    folder, _, _ = mintrec_dir
+    path = folder / "video_feats.pkl"
+    before = load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA).video[:]
+    time.sleep(0.05)   # past the file system's timestamp granularity
+    if how == "chmod":
+        os.chmod(path, 0o444)
+    else:
+        old = os.stat(path)
+        (folder / "copy.pkl").write_bytes(path.read_bytes())
+        os.replace(folder / "copy.pkl", path)
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    calls = []
+    real_load, real_digest = features.load_feature_pickle, features._digest
+    monkeypatch.setattr(features, "load_feature_pickle", lambda p: calls.append("load") or real_load(p))
+    monkeypatch.setattr(features, "_digest", lambda p: calls.append("hash") or real_digest(p))
+    again = load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
+    assert calls == ["hash"] and not again.notes
+    torch.testing.assert_close(again.video[:], before)
+    load_split(folder, "mintrec", "dev", video_len=TV, audio_len=TA)
+    assert calls == ["hash"]   # the cache recorded the pickle's new identity
 
 
 def damage(stem, how):
@@ -302,8 +328,17 @@ def damage(stem, how):
         np.save(frames, np.load(frames)[:-1])
     elif how == "frames_of_another_width":
         np.save(frames, np.load(frames)[:, :-1])
+    elif how == "frames_format_version":   # the .npy magic's minor version byte
+        blob = bytearray(frames.read_bytes())
+        blob[7] = 8
+        frames.write_bytes(bytes(blob))
     elif how == "truncated_index":
         index.write_bytes(index.read_bytes()[:index.stat().st_size // 2])
+    elif how == "index_compression_method":   # of its first member, in the central directory
+        blob = bytearray(index.read_bytes())
+        at = blob.index(b"PK\x01\x02") + 10
+        blob[at:at + 2] = (99).to_bytes(2, "little")
+        index.write_bytes(bytes(blob))
     elif how == "garbage_index":
         index.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)
     elif how == "smaller_index":    # a valid index of one key fewer
@@ -322,8 +357,8 @@ def damage(stem, how):
 
 @pytest.mark.parametrize("how", [
     "truncated_frames", "frames_header_only", "empty_frames", "missing_frames", "smaller_frames",
-    "frames_of_another_width", "truncated_index", "garbage_index", "smaller_index",
-    "index_offsets_disagree"])
+    "frames_of_another_width", "frames_format_version", "truncated_index",
+    "index_compression_method", "garbage_index", "smaller_index", "index_offsets_disagree"])
 def test_a_damaged_cache_is_rebuilt_once(mintrec_dir, monkeypatch, how):
     folder, _, _ = mintrec_dir
     first = load_split(folder, "mintrec", "train", video_len=TV, audio_len=TA)
@@ -348,8 +383,8 @@ def test_a_cache_that_stays_damaged_is_an_error(mintrec_dir, monkeypatch):
     folder, _, _ = mintrec_dir
     real_convert = features._convert
 
-    def convert_then_truncate(source, stem):
-        real_convert(source, stem)
+    def convert_then_truncate(source, stem, *args):
+        real_convert(source, stem, *args)
         damage(stem, "truncated_frames")
 
     monkeypatch.setattr(features, "_convert", convert_then_truncate)

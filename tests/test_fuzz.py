@@ -373,10 +373,6 @@ def mutate_member(rng: random.Random, blob: bytes) -> bytes:
 
 # torch's weights-only unpickler warns about a class of its own while it refuses a mutated file
 @pytest.mark.filterwarnings("ignore:Defining your `__torch_function__` as a plain method")
-@pytest.mark.xfail(strict=True, reason="load_checkpoint lets struct.error, IndexError, KeyError, "
-                   "TypeError and AssertionError from torch's weights-only unpickler through "
-                   "(a mutated data.pkl); mvcl_fast/intent/checkpoints.py is to refuse them as a "
-                   "CheckpointError, and this mark then goes")
 def test_fuzz_the_checkpoint_reader(tmp_path):
     watch = WriteWatch.get()
     rng = random.Random(SEED)

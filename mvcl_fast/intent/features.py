@@ -2,12 +2,16 @@
 
 A feature pickle is a dict ``key -> array (T, D) or (T, 1, D)``. It goes
 through a restricted unpickler that builds dicts, lists, tuples, strings,
-numbers and numpy arrays only, so a data file never runs code. The first
-load converts it once into a cache (one float32 ``.npy`` with every key's
-frames end to end, and an index ``.npz`` with keys, offsets and frame counts)
-beside the pickle in ``.mvcl-cache/`` or under ``cache_dir``; later loads
-memory-map it (:class:`FeatureStore`) and read only the frames of the items
-asked for (:class:`Frames`), so a data set larger than memory trains.
+numbers and numpy arrays only, and no array larger than the file, so a data
+file never runs code nor asks for memory it does not hold. The first load
+converts it once into a cache (one float32 ``.npy`` with every key's frames
+end to end, and an index ``.npz`` with keys, offsets and frame counts, and
+the pickle's identity and SHA-256) beside the pickle in ``.mvcl-cache/`` or
+under ``cache_dir``; later loads check the cache against the pickle
+(:func:`open_features`) and its own files against each other, memory-map it
+(:class:`FeatureStore`) and read only the frames of the items asked for
+(:class:`Frames`), so a data set larger than memory trains. A cache that is
+stale or damaged is converted again.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 
 from mvcl_fast.intent.errors import first_line
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 CACHE_SUBFOLDER = ".mvcl-cache"
 FAULT_AROUND = 1 << 16   # Linux's default fault_around_bytes
 
@@ -173,25 +177,46 @@ def _finite_float32(frames: np.ndarray, path: Path, key: str) -> np.ndarray:
     return out
 
 
-def _cache_stem(source: Path, cache_dir: Path | None) -> Path:
-    """Where the cache of ``source`` lives: keyed by its size, modification and status-change
-    times and inode. os.utime can set the modification time back, but not the status-change
-    time (a write, a chmod or os.utime itself sets it to now) nor the inode (a file renamed
-    over the pickle has its own), so a pickle replaced by other data of the same size is
-    converted again; a hash of the content would cost a full read of the pickle per load."""
-    st = source.stat()
+def _cache_stem(source: Path, st: os.stat_result, cache_dir: Path | None) -> Path:
+    """Where the cache of ``source`` lives: named by its size and modification time."""
     if cache_dir is None:
         root = source.parent / CACHE_SUBFOLDER
     else:  # one subfolder per source folder, so equal file names never collide
         root = Path(cache_dir) / hashlib.sha1(str(source.resolve().parent).encode()).hexdigest()[:16]
-    identity = f"{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}"
-    return root / f"{source.name}.{identity}.v{CACHE_FORMAT}"
+    return root / f"{source.name}.{st.st_size}-{st.st_mtime_ns}.v{CACHE_FORMAT}"
 
 
-def _convert(source: Path, stem: Path) -> None:
+def _identity(st: os.stat_result) -> str:
+    """What os.utime cannot set back: the status-change time (a write, a chmod or os.utime
+    itself sets it to now) and the inode (a file renamed over the pickle has its own)."""
+    return f"{st.st_ctime_ns}-{st.st_ino}"
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _write_index(stem: Path, arrays: dict) -> None:
+    """The index, through a temporary file renamed into place (the index marks a complete
+    cache: it is written last)."""
+    tmp = stem.with_name(f".{stem.name}.index.tmp-{os.getpid()}.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, f"{stem}.index.npz")
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _convert(source: Path, stem: Path, identity: str) -> None:
     """Write the cache of one pickle: frames first, the index last (the index marks a complete
     cache); both through temporary files renamed into place, so a killed conversion leaves no
-    half cache. Peak memory: the unpickled dict, the frames are streamed to disk."""
+    half cache. The index records the pickle's identity and the SHA-256 of its bytes. Peak
+    memory: the unpickled dict, the frames are streamed to disk."""
+    digest = _digest(source)
     feats = load_feature_pickle(source)
     keys = list(feats)
     if not keys:
@@ -208,7 +233,6 @@ def _convert(source: Path, stem: Path) -> None:
 
     stem.parent.mkdir(parents=True, exist_ok=True)
     frames_tmp = stem.with_name(f".{stem.name}.frames.tmp-{os.getpid()}.npy")
-    index_tmp = stem.with_name(f".{stem.name}.index.tmp-{os.getpid()}.npz")
     try:
         with open(frames_tmp, "wb") as f:
             np.lib.format.write_array_header_2_0(
@@ -217,13 +241,12 @@ def _convert(source: Path, stem: Path) -> None:
                 block = _finite_float32(arr, source, key)
                 nonzero[offset:offset + len(block)] = block.any(axis=1)
                 f.write(block.tobytes())
-        np.savez(index_tmp, keys=np.array(keys, dtype=str), offsets=offsets, counts=counts,
-                 nonzero=nonzero, dim=np.int64(dim))
         os.replace(frames_tmp, f"{stem}.frames.npy")
-        os.replace(index_tmp, f"{stem}.index.npz")
     finally:
-        for tmp in (frames_tmp, index_tmp):
-            tmp.unlink(missing_ok=True)
+        frames_tmp.unlink(missing_ok=True)
+    _write_index(stem, {"keys": np.array(keys, dtype=str), "offsets": offsets, "counts": counts,
+                        "nonzero": nonzero, "dim": np.int64(dim), "source": np.array(identity),
+                        "digest": np.array(digest)})
     _remove_stale(source, stem)
 
 
@@ -241,9 +264,8 @@ def _remove_stale(source: Path, stem: Path) -> None:
     """Remove the caches of earlier versions of the pickle and the temporaries of killed
     conversions (their writer's process is gone)."""
     name = re.escape(source.name)
-    identity = r"\d+(?:-\d+)+\.v\d+"
-    cache = re.compile(rf"{name}\.{identity}\.(frames\.npy|index\.npz)")
-    temporary = re.compile(rf"\.{name}\.{identity}\.(frames|index)\.tmp-(\d+)\.np[yz]")
+    cache = re.compile(rf"{name}\.\d+-\d+\.v\d+\.(frames\.npy|index\.npz)")
+    temporary = re.compile(rf"\.{name}\.\d+-\d+\.v\d+\.(frames|index)\.tmp-(\d+)\.np[yz]")
     for path in stem.parent.iterdir():
         dead = temporary.fullmatch(path.name)
         if ((cache.fullmatch(path.name) and not path.name.startswith(stem.name + "."))
@@ -257,24 +279,27 @@ class DamagedCache(ValueError):
 
 
 # What reading a damaged index or frames header raises (np.load of a truncated .npz: BadZipFile,
-# or OSError for a seek before the start; of a corrupted .npy header: ValueError, or
+# or OSError for a seek before the start; a member's flags or method garbled: RuntimeError
+# "password required" or NotImplementedError; a corrupted .npy header: ValueError, or
 # tokenize.TokenError from numpy's header filter, or MemoryError for the size it declares).
 # A cache that cannot be read is converted again.
-_DAMAGE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, tokenize.TokenError,
-           MemoryError)
+_DAMAGE = (OSError, EOFError, ValueError, KeyError, RuntimeError, zipfile.BadZipFile,
+           tokenize.TokenError, MemoryError)
 
 
 def _read_index(path: Path) -> dict:
     """The index's arrays, checked against each other: keys, offsets and counts one per key,
     the offsets the running sum of the counts, nonzero one per frame."""
+    names = ("keys", "offsets", "counts", "nonzero", "dim", "source", "digest")
     try:   # opened here: np.load leaves the file open when the zip does not read
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as index:
-            arrays = {name: index[name] for name in ("keys", "offsets", "counts", "nonzero", "dim")}
+            arrays = {name: index[name] for name in names}
     except _DAMAGE as err:
         raise DamagedCache(f"{path} does not read: {first_line(err)}") from err
-    keys, offsets, counts, nonzero, dim = arrays.values()
+    keys, offsets, counts, nonzero, dim, source, digest = arrays.values()
     n = len(keys) if keys.ndim == 1 else -1
     if not (n > 0 and keys.dtype.kind == "U" and len(set(keys.tolist())) == n
+            and source.shape == digest.shape == () and source.dtype.kind == digest.dtype.kind == "U"
             and offsets.shape == counts.shape == (n,) and offsets.dtype == counts.dtype == np.int64
             and dim.shape == () and dim.dtype == np.int64 and dim >= 1 and counts.min() >= 1
             and offsets[0] == 0 and (offsets[1:] == np.cumsum(counts)[:-1]).all()
@@ -283,14 +308,18 @@ def _read_index(path: Path) -> dict:
     return arrays
 
 
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+
+
 def _check_frames(path: Path, frames: int, dim: int) -> None:
     """The frames file holds a C-order float32 [frames, dim] array, whole."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran_order, dtype = read_header(f)
+            if version not in _NPY_HEADERS:   # what np.load's memory map reads
+                raise ValueError(f"unknown .npy format version {version}")
+            shape, fortran_order, dtype = _NPY_HEADERS[version](f)
             size = f.tell() + frames * dim * 4
             actual = os.fstat(f.fileno()).st_size
     except _DAMAGE as err:
@@ -319,6 +348,7 @@ class FeatureStore:
         self.counts = index["counts"]
         self.nonzero = index["nonzero"]
         self.dim = int(index["dim"])
+        self.source_identity, self.source_digest = str(index["source"]), str(index["digest"])
         _check_frames(self.frames_path, len(self.nonzero), self.dim)
         self.row_of = {k: i for i, k in enumerate(self.keys)}
         self._frames = None
@@ -359,32 +389,54 @@ class FeatureStore:
 def open_features(source: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                   notes: list[str] | None = None) -> FeatureStore:
     """The feature store of a pickle, converting it into the cache on first use, when the
-    pickle changed (another size, modification or status-change time, or inode), or when
-    the cache is damaged (a note says so)."""
+    pickle changed, or when the cache is damaged (a note says which).
+
+    A cache is found by the pickle's size and modification time. When the pickle's
+    status-change time or inode differ from those the cache recorded (a chmod, a copy, or
+    other bytes written with the modification time set back), the SHA-256 of its bytes
+    decides: the same, the cache serves and records them (if its folder is writable); else
+    the pickle is converted again. A load of an unchanged pickle reads none of it."""
     source = Path(source)
     if not source.is_file():
         raise FileNotFoundError(f"features file {source} does not exist")
-    stem = _cache_stem(source, None if cache_dir is None else Path(cache_dir))
-    damage = None
+    st = source.stat()
+    stem = _cache_stem(source, st, None if cache_dir is None else Path(cache_dir))
+    identity = _identity(st)
+    why = "converted once"
     if Path(f"{stem}.index.npz").is_file():
         try:
-            return FeatureStore(source, stem)
+            store = FeatureStore(source, stem)
         except DamagedCache as err:
-            damage = err
+            why = f"the cache was damaged ({err}); converted again"
+        else:
+            if store.source_identity == identity:
+                return store
+            if _digest(source) == store.source_digest:
+                _record_identity(stem, identity)
+                return store
+            why = ("other bytes than its cache's, with the same size and modification time; "
+                   "converted again")
     start = time.perf_counter()
     try:
-        _convert(source, stem)
+        _convert(source, stem, identity)
     except PermissionError as err:
         raise PermissionError(f"cannot write the feature cache of {source} in {stem.parent} "
                               f"({err}); name a writable folder with cache_dir "
                               "(--cache-dir)") from err
     seconds = time.perf_counter() - start
     if notes is not None:
-        notes.append(f"{source.name}: converted once into the cache {stem.parent} ({seconds:.1f}s)"
-                     if damage is None else
-                     f"{source.name}: the cache was damaged ({damage}); converted again into "
-                     f"{stem.parent} ({seconds:.1f}s)")
+        notes.append(f"{source.name}: {why} into the cache {stem.parent} ({seconds:.1f}s)")
     return FeatureStore(source, stem)
+
+
+def _record_identity(stem: Path, identity: str) -> None:
+    """The pickle's new identity in its cache's index, so that the next load does not hash it
+    again. Where the cache folder cannot be written, the next load hashes it again."""
+    arrays = _read_index(Path(f"{stem}.index.npz"))
+    try:
+        _write_index(stem, {**arrays, "source": np.array(identity)})
+    except OSError:
+        pass
 
 
 class Frames:

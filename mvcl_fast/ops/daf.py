@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mvcl_fast import checks, reference
 from mvcl_fast.backend import kernel_module, requested_backend, use_triton
-from mvcl_fast.ops.common import reference_vjp
+from mvcl_fast.ops.common import no_gradients, reference_vjp
 
 KERNELS = "daf_attention"
 
@@ -84,7 +84,7 @@ def _setup(ctx, inputs, output):
 
 def _grad(ctx, grad_out, grad_attn, grad_lse):
     if grad_out is None:  # only attn or lse reached the loss: they carry no gradient
-        return None, None, None, None, None, None, None
+        return no_gradients(ctx)
     q, k, v, gate, key_padding_mask, attn, lse = ctx.saved_tensors
     dq, dk, dv, dgate = _daf_attention_backward(
         grad_out.contiguous(), q, k, v, gate, key_padding_mask, attn, lse, ctx.num_heads)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mvcl_fast import checks, reference
 from mvcl_fast.backend import kernel_module, use_triton
-from mvcl_fast.ops.common import reference_vjp
+from mvcl_fast.ops.common import no_gradients, reference_vjp
 
 KERNELS = "multiview_infonce"
 
@@ -95,6 +95,8 @@ def _setup(ctx, inputs, output):
 
 
 def _grad(ctx, grad_loss, *grad_stats):
+    if grad_loss is None:
+        return no_gradients(ctx)
     anchor, views, *stats = ctx.saved_tensors
     grad_anchor, grad_views = _multiview_infonce_backward(
         grad_loss, anchor, views, ctx.tau, ctx.symmetric, *stats, ctx.row_start)

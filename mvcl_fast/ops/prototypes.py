@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mvcl_fast import checks, reference
 from mvcl_fast.backend import kernel_module, use_triton
-from mvcl_fast.ops.common import reference_vjp
+from mvcl_fast.ops.common import no_gradients, reference_vjp
 
 KERNELS = "prototypes"
 
@@ -70,6 +70,8 @@ def _batch_prototypes_setup(ctx, inputs, output):
 
 
 def _batch_prototypes_grad(ctx, grad_prototypes, grad_counts):
+    if grad_prototypes is None:
+        return no_gradients(ctx)
     y, counts = ctx.saved_tensors
     return _batch_prototypes_backward(grad_prototypes.contiguous(), y, counts), None, None
 
@@ -178,6 +180,8 @@ def _prototype_infonce_setup(ctx, inputs, output):
 
 
 def _prototype_infonce_grad(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return no_gradients(ctx)
     z, y, prototypes, counts, sums, out_counts, lse, ds, stats = ctx.saved_tensors
     need_dp = prototypes is not None and ctx.needs_input_grad[2]
     if need_dp and not ctx.need_ds:

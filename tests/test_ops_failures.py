@@ -1,0 +1,135 @@
+"""The ops where a caller's gradient goes astray: undefined and zero incoming gradients,
+gradcheck."""
+import pytest
+import torch
+
+import mvcl_fast
+from mvcl_fast import reference
+
+Y = torch.tensor([0, 1, 1, 2, 0, 1])
+
+
+@pytest.fixture
+def reference_backend(monkeypatch):
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "reference")
+
+
+class DropGradient(torch.autograd.Function):
+    """Identity whose backward returns None: the gradient reaching the op before it is undefined."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def _inputs(dtype, device="cpu"):
+    torch.manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+
+    return {"z": leaf(6, 8), "views": leaf(2, 6, 8), "prototypes": leaf(3, 8), "q": leaf(2, 3, 8),
+            "kv": leaf(2, 5, 8)}
+
+
+# name -> (the public call, the reference's, the inputs it differentiates); each returns one tensor
+OPS = {
+    "prototype_infonce": (lambda x: mvcl_fast.prototype_infonce(x["z"], Y, 4, 0.2),
+                          lambda x: reference.prototype_infonce(x["z"], Y, 4, 0.2), ["z"]),
+    "prototype_infonce_views": (
+        lambda x: mvcl_fast.prototype_infonce(x["views"], Y, 3, 0.3),
+        lambda x: reference.prototype_infonce(x["views"], Y, 3, 0.3), ["views"]),
+    "prototype_infonce_detached": (
+        lambda x: mvcl_fast.prototype_infonce(x["z"], Y, 3, detach_prototypes=True),
+        lambda x: reference.prototype_infonce(x["z"], Y, 3, detach_prototypes=True), ["z"]),
+    "prototype_infonce_explicit": (
+        lambda x: mvcl_fast.prototype_infonce(x["z"], Y, 3, prototypes=x["prototypes"]),
+        lambda x: reference.prototype_infonce(x["z"], Y, 3, prototypes=x["prototypes"]),
+        ["z", "prototypes"]),
+    "PrototypeInfoNCELoss": (lambda x: mvcl_fast.PrototypeInfoNCELoss(3)(x["z"], Y),
+                             lambda x: reference.prototype_infonce(x["z"], Y, 3), ["z"]),
+    "batch_prototypes": (lambda x: mvcl_fast.batch_prototypes(x["z"], Y, 4)[0],
+                         lambda x: reference.batch_prototypes(x["z"], Y, 4)[0], ["z"]),
+    "multiview_infonce": (lambda x: mvcl_fast.multiview_infonce(x["z"], x["views"]),
+                          lambda x: reference.multiview_infonce(x["z"], x["views"]),
+                          ["z", "views"]),
+    "MultiViewInfoNCELoss": (
+        lambda x: mvcl_fast.MultiViewInfoNCELoss(0.2, symmetric=True)(x["z"], x["views"]),
+        lambda x: reference.multiview_infonce(x["z"], x["views"], 0.2, symmetric=True),
+        ["z", "views"]),
+    "daf_attention": (
+        lambda x: mvcl_fast.daf_attention(x["q"], x["kv"], x["kv"], x["q"], x["q"], 2),
+        lambda x: reference.daf_attention(x["q"], x["kv"], x["kv"], x["q"], x["q"], 2),
+        ["q", "kv"]),
+}
+
+
+def _gradients(call, inputs, names, incoming):
+    """The gradients of the inputs `names` when the op's output gets the incoming gradient
+    "undefined" (DropGradient after the op; 0 * each input is added to the total, so every
+    input gets a gradient tensor) or "zero" (zeros; an input autograd leaves out gets zeros)."""
+    tensors = [inputs[name] for name in names]
+    out = call(inputs)
+    if incoming == "undefined":
+        total = DropGradient.apply(out).sum() + sum(t.sum() * 0 for t in tensors)
+        grads = torch.autograd.grad(total, tensors)
+    else:
+        grads = torch.autograd.grad(out, tensors, torch.zeros_like(out), allow_unused=True,
+                                    materialize_grads=True)
+    return grads
+
+
+@pytest.mark.parametrize("incoming", ["undefined", "zero"])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_undefined_or_zero_incoming_gradient_gives_zero(name, incoming, reference_backend):
+    """The reference gives 0: so must the op (an undefined gradient is no gradient)."""
+    call, reference_call, names = OPS[name]
+    inputs = _inputs(torch.float64)
+    ours = _gradients(call, inputs, names, incoming)
+    expected = _gradients(reference_call, inputs, names, incoming)
+    for got, want in zip(ours, expected):
+        assert not want.any()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("incoming", ["undefined", "zero"])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_kernels_take_undefined_or_zero_incoming_gradient(name, incoming, kernel_device):
+    call, _, names = OPS[name]
+    inputs = _inputs(torch.float32, kernel_device)
+    for grad in _gradients(call, inputs, names, incoming):
+        assert not grad.any()
+
+
+# Detached prototypes are a gradient that is not the function's derivative, by request.
+@pytest.mark.parametrize("name", sorted(set(OPS) - {"prototype_infonce_detached"}))
+def test_gradcheck_with_default_settings(name, reference_backend):
+    """torch.autograd.gradcheck as it comes (float64, its undefined-gradient check included)."""
+    call, _, names = OPS[name]
+    inputs = _inputs(torch.float64)
+
+    def op(*tensors):
+        return call({**inputs, **dict(zip(names, tensors))})
+
+    assert torch.autograd.gradcheck(op, [inputs[n] for n in names])
+
+
+@pytest.mark.parametrize("name", ["prototype_infonce", "prototype_infonce_explicit",
+                                  "batch_prototypes", "MultiViewInfoNCELoss"])
+def test_gradcheck_on_the_kernels(name, kernel_device):
+    """The kernels take fp32 at most, where gradcheck's default step (1e-6) and tolerances
+    (1e-5, 1e-3) sit below the rounding: the same check with a step and tolerances for fp32,
+    its undefined-gradient check included, at small shapes (Triton's interpreter on the CPU)."""
+    call, _, names = OPS[name]
+    inputs = _inputs(torch.float32, kernel_device)
+
+    def op(*tensors):
+        return call({**inputs, **dict(zip(names, tensors))})
+
+    with pytest.warns(UserWarning, match="not a double precision"):
+        assert torch.autograd.gradcheck(op, [inputs[n] for n in names], eps=1e-3, atol=1e-2,
+                                        rtol=1e-2, fast_mode=True)

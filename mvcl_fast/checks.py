@@ -12,7 +12,13 @@ import math
 
 import torch
 
+from mvcl_fast import reference
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# |logits| <= 1/tau; a loss term reaches 2/tau, the symmetric multi-view sum and the
+# gradients 4/tau, the kernels' base-2 logits 1.44/tau: TAU_HEADROOM/tau must be finite
+# in the accumulation dtype.
+TAU_HEADROOM = 8.0
 
 
 def check_tensor(name: str, x, dims, *, floating: bool = True):
@@ -46,12 +52,30 @@ def check_shape(name: str, x: torch.Tensor, expected):
         raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(x.shape)}")
 
 
-def check_tau(tau):
+def smallest_tau(dtype: torch.dtype) -> float:
+    """The smallest tau whose logits and gradients stay finite for inputs of dtype
+    (computed in reference.compute_dtype(dtype): fp32 for half inputs)."""
+    return TAU_HEADROOM / torch.finfo(reference.compute_dtype(dtype)).max
+
+
+def check_tau(tau, dtype: torch.dtype) -> float:
+    """tau as a float: a finite Python number > 0 whose 1/tau scale of the logits does not
+    overflow the accumulation dtype of inputs of dtype (a Python float: no sync).
+
+    torch.compile may trace a tau that varies between calls as a symbol: the checks are
+    comparisons, which it traces as guards, and the messages show tau without a format spec.
+    """
     if isinstance(tau, torch.Tensor) or isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise TypeError(f"tau must be a Python float, got {type(tau).__name__}")
-    if not math.isfinite(tau) or tau <= 0:
+    tau = float(tau)
+    if not 0 < tau < math.inf:
         raise ValueError(f"tau must be a finite number > 0, got {tau}")
-    return float(tau)
+    if tau < smallest_tau(dtype):
+        raise ValueError(
+            f"tau={tau} is too small for {dtype} inputs: the logits (up to 1/tau) and their "
+            f"gradients overflow {reference.compute_dtype(dtype)}; tau must be at least "
+            f"{smallest_tau(dtype):.3g}")
+    return tau
 
 
 def check_positive_int(name: str, value):

@@ -1,10 +1,10 @@
-"""The ops where a caller's gradient goes astray: undefined and zero incoming gradients,
-gradcheck."""
+"""The ops where a caller's gradient or tau goes astray: undefined and zero incoming
+gradients, gradcheck, a tau too small to compute."""
 import pytest
 import torch
 
 import mvcl_fast
-from mvcl_fast import reference
+from mvcl_fast import checks, reference
 
 Y = torch.tensor([0, 1, 1, 2, 0, 1])
 
@@ -133,3 +133,44 @@ def test_gradcheck_on_the_kernels(name, kernel_device):
     with pytest.warns(UserWarning, match="not a double precision"):
         assert torch.autograd.gradcheck(op, [inputs[n] for n in names], eps=1e-3, atol=1e-2,
                                         rtol=1e-2, fast_mode=True)
+
+
+# ------------------------------------------------------------------------ tau's range
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_tau_below_what_the_dtype_computes_is_refused(dtype):
+    smallest = checks.smallest_tau(dtype)
+    accumulation = torch.float64 if dtype == torch.float64 else torch.float32
+    assert smallest == 8.0 / torch.finfo(accumulation).max
+    z = torch.randn(6, 8).to(dtype)
+    for call in (lambda tau: mvcl_fast.prototype_infonce(z, Y, 3, tau),
+                 lambda tau: mvcl_fast.multiview_infonce(z, z[None], tau),
+                 lambda tau: mvcl_fast.PrototypeInfoNCELoss(3, tau=tau)(z, Y)):
+        with pytest.raises(ValueError, match=rf"^tau={smallest / 2} is too small for {dtype}"):
+            call(smallest / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_smallest_tau_computes_the_worst_case(dtype, reference_backend):
+    """At the smallest tau, inputs that push every quantity to its bound (the positive pair at
+    cosine -1, the negatives at +1) give a finite loss and finite gradients."""
+    tau = checks.smallest_tau(dtype)
+    e = torch.zeros(8, dtype=dtype)
+    e[0] = 1
+    anchor = torch.stack([e, -e]).requires_grad_()
+    views = torch.stack([-e, e])[None].repeat(2, 1, 1).requires_grad_()
+    prototypes = torch.stack([-e, e]).requires_grad_()
+    y = torch.tensor([0, 1])
+    losses = [mvcl_fast.multiview_infonce(anchor, views, tau, symmetric=True),
+              mvcl_fast.prototype_infonce(anchor, y, 2, tau, prototypes=prototypes)]
+    for loss in losses:
+        grads = torch.autograd.grad(loss, (anchor, views, prototypes), allow_unused=True)
+        assert torch.isfinite(loss) and loss > 1 / tau
+        assert all(torch.isfinite(g).all() for g in grads if g is not None)
+
+
+def test_tau_1e_30_is_computed_in_fp32(reference_backend):
+    z = torch.randn(6, 8, requires_grad=True)
+    loss = (mvcl_fast.prototype_infonce(z, Y, 3, 1e-30)
+            + mvcl_fast.multiview_infonce(z, z[None], 1e-30))
+    (grad,) = torch.autograd.grad(loss, z)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()

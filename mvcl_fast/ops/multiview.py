@@ -150,7 +150,7 @@ def multiview_infonce(anchor: Tensor, views: Union[Tensor, Sequence[Tensor]], ta
     checks.check_nonempty("views", views)
     checks.check_shape("views", views, (views.shape[0], *anchor.shape))
     checks.check_same(["anchor", "views"], [anchor, views])
-    tau = checks.check_tau(tau)
+    tau = checks.check_tau(tau, anchor.dtype)
     if checks.wants_value_checks(validate, anchor, views):
         checks.check_values(["anchor", "views"], [anchor, views], group=group)
     row_start, num_rows = 0, anchor.shape[0]

@@ -273,7 +273,7 @@ def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
     checks.check_tensor("z", z, (2, 3))
     checks.check_nonempty("z", z)
     num_classes = checks.check_positive_int("num_classes", num_classes)
-    tau = checks.check_tau(tau)
+    tau = checks.check_tau(tau, z.dtype)
     views = z if z.dim() == 3 else z.unsqueeze(0)
     checks.check_labels("y", y, views.shape[1], z.device)
     if prototypes is not None:

@@ -500,3 +500,18 @@ def test_a_damaged_pickle_inside_a_checkpoint_is_a_checkpoint_error(trained, tmp
     path.write_bytes(damaged.getvalue())
     with pytest.raises(checkpoints.CheckpointError, match=f"{path} is not a readable checkpoint"):
         checkpoints.load_checkpoint(path)
+
+
+def test_a_flipped_byte_in_a_checkpoints_weights_is_a_checkpoint_error(tmp_path):
+    """torch.load does not check the archive's CRCs: a flipped byte in a tensor's data would load
+    as other weights. load_checkpoint checks them and refuses the file."""
+    path = tmp_path / "last.pt"
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT,
+                "weights": torch.full((256,), 1.2345, dtype=torch.float32)}, path)
+    assert checkpoints.load_checkpoint(path)["weights"][0] == torch.tensor(1.2345)
+    data = bytearray(path.read_bytes())
+    at = data.find(torch.tensor([1.2345] * 4).numpy().tobytes())
+    data[at + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoints.CheckpointError, match=r"is damaged \(.*data/0 fails its CRC check\)"):
+        checkpoints.load_checkpoint(path)

@@ -18,6 +18,7 @@ import math
 import pickle
 import random
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -61,7 +62,15 @@ def load_checkpoint(path: Path) -> dict:
     unreadable = ("the file may be truncated or not a torch checkpoint: start a new run, or resume "
                   "another")
     try:
+        # torch.load does not verify the archive's checksums: a flipped byte in a tensor would
+        # load as silently changed weights. One read of the file checks them all.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise CheckpointError(f"{path} is damaged ({damaged} fails its CRC check)", unreadable)
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as err:
         refused = REFUSED_GLOBAL.search(str(err))
         if refused:

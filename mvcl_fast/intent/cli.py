@@ -48,6 +48,7 @@ import torch
 
 from mvcl_fast.intent import runs, synthetic
 from mvcl_fast.intent.checkpoints import BEST_CHECKPOINT
+from mvcl_fast.intent.data import MAX_FRAMES
 from mvcl_fast.intent.errors import (CheckpointError, Interrupted, MVCLError, disk_full,
                                      is_disk_full, print_error)
 from mvcl_fast.intent.loading import PRECISIONS, quiet_transformers
@@ -140,7 +141,6 @@ beside it (.json).
 # at 230 video and 480 audio frames), and refused before a value sets off an allocation of
 # hundreds of GiB or a loop that does not end.
 MAX_BATCH_SIZE = 65536
-MAX_FRAMES = 16384
 MAX_WIDTH = 8192
 MAX_LAYERS = 64
 MAX_SAMPLED_BATCHES = 100_000

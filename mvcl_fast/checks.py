@@ -5,16 +5,26 @@ torch.compile): they always run, at the public entry. Value checks (label range,
 NaN/Inf) read the data, which on CUDA costs a host sync: the ``validate``
 keyword decides (None: CPU tensors only; True: always, one sync; False: never).
 Unchecked labels never reach an address: the kernels mask them (a NaN loss).
+
+Under torch.compile both kinds raise what they raise in eager, when the compiled
+code runs: Dynamo cannot let an exception escape the graph it captures (with
+fullgraph=True it reports ``torch._dynamo.exc.Unsupported`` instead), so a
+static check that fails while Dynamo traces becomes the graph node
+``mvcl_fast::argument_error`` (``argument_errors_when_run``), and the value checks
+are the graph node ``mvcl_fast::check_values``; dead-code elimination keeps both.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Optional
 
 import torch
 
 from mvcl_fast import reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ARGUMENT_ERRORS = {"TypeError": TypeError, "ValueError": ValueError}
 # |logits| <= 1/tau; a loss term reaches 2/tau, the symmetric multi-view sum and the
 # gradients 4/tau, the kernels' base-2 logits 1.44/tau: TAU_HEADROOM/tau must be finite
 # in the accumulation dtype.
@@ -97,9 +107,7 @@ def check_labels(name: str, y, n: int, device):
 
 def wants_value_checks(validate, *tensors) -> bool:
     """The ``validate`` keyword: None checks values of CPU tensors only (on CUDA a check is a
-    host sync), True everywhere, False nowhere. Never while torch.compile traces."""
-    if torch.compiler.is_compiling():
-        return False
+    host sync), True everywhere, False nowhere; the same under torch.compile."""
     if validate is None:
         return all(t.device.type == "cpu" for t in tensors if t is not None)
     return bool(validate)
@@ -111,8 +119,21 @@ def check_values(names, tensors, labels=None, group=None):
 
     Every verdict is computed on the device and read back at once: one host sync. With a
     process group the verdicts are all-reduced first, so every rank raises together instead
-    of one rank raising while the others wait in the op's collectives.
+    of one rank raising while the others wait in the op's collectives. While torch.compile
+    traces, the check is the graph node mvcl_fast::check_values: it runs, and raises, each
+    time the compiled code runs.
     """
+    if torch.compiler.is_compiling():
+        label_name, y, num_classes = labels if labels is not None else ("", None, 0)
+        present = [(name, x) for name, x in zip(names, tensors) if x is not None]
+        _check_values_op([x.detach() for _, x in present], ",".join(name for name, _ in present),
+                         label_name, y, num_classes,
+                         None if group is None else group.group_name)
+        return
+    _check_values_now(names, tensors, labels, group)
+
+
+def _check_values_now(names, tensors, labels, group):
     present = [(name, x) for name, x in zip(names, tensors) if x is not None]
     flags = [~torch.isfinite(x).all() for _, x in present]
     if labels is not None:
@@ -135,3 +156,75 @@ def check_values(names, tensors, labels=None, group=None):
         outside = y[(y < 0) | (y >= num_classes)]
         detail = f"label {int(outside[0])}" if outside.numel() else "a label"
         raise ValueError(f"{name} has {detail} outside [0, num_classes={num_classes}){where}")
+
+
+@torch.library.custom_op("mvcl_fast::check_values", mutates_args=())
+def _check_values_op(tensors: list[torch.Tensor], names: str, label_name: str,
+                     labels: Optional[torch.Tensor], num_classes: int,
+                     group_name: Optional[str]) -> None:
+    """check_values as a graph node; names are comma-separated, label_name "" without labels."""
+    group = None
+    if group_name is not None:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        group = _resolve_process_group(group_name)
+    _check_values_now(names.split(",") if names else [], tensors,
+                      (label_name, labels, num_classes) if label_name else None, group)
+
+
+@_check_values_op.register_fake
+def _(tensors, names, label_name, labels, num_classes, group_name):
+    return None
+
+
+@torch.library.custom_op("mvcl_fast::argument_error", mutates_args=())
+def _argument_error(kind: str, message: str, shape: list[int], dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    """Raise ARGUMENT_ERRORS[kind](message): the graph node of an argument error found while
+    torch.compile traced a public op; its fake is a tensor of the op's result's shape."""
+    raise ARGUMENT_ERRORS[kind](message)
+
+
+@_argument_error.register_fake
+def _(kind, message, shape, dtype, device):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# check_values has no output, and argument_error's may go unread (a result the caller
+# discards): dead-code elimination must keep both.
+torch.fx.node.has_side_effect(torch.ops.mvcl_fast.check_values.default)
+torch.fx.node.has_side_effect(torch.ops.mvcl_fast.argument_error.default)
+
+
+def argument_errors_when_run(placeholder):
+    """Decorate a public op so that, under torch.compile, its argument errors reach the user.
+
+    In eager this changes nothing. While Dynamo traces the op, a ValueError or TypeError it
+    raises would reach the user as torch._dynamo.exc.Unsupported (fullgraph=True) or leave
+    a graph break; instead the op returns placeholder(fail, *args, **kwargs), built from
+    ``fail(shape, like, dtype=None)``: graph nodes (mvcl_fast::argument_error) of the
+    result's shapes, in dtype or like's floating dtype, on like's device, which raise the
+    same exception, with the same message, when the compiled code runs.
+    """
+    def decorate(op):
+        @functools.wraps(op)
+        def checked(*args, **kwargs):
+            try:
+                return op(*args, **kwargs)
+            except (TypeError, ValueError) as error:
+                if not torch.compiler.is_compiling():
+                    raise
+                kind = "TypeError" if isinstance(error, TypeError) else "ValueError"
+                message = str(error)
+
+                def fail(shape, like, dtype=None):
+                    is_tensor = isinstance(like, torch.Tensor)
+                    if dtype is None:
+                        floating = is_tensor and like.dtype in FLOAT_DTYPES
+                        dtype = like.dtype if floating else torch.float32
+                    device = like.device if is_tensor else torch.device("cpu")
+                    return _argument_error(kind, message, list(shape), dtype, device)
+
+                return placeholder(fail, *args, **kwargs)
+        return checked
+    return decorate

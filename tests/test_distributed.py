@@ -105,7 +105,10 @@ def _nan_on_rank1(rank):
                                                  group=dist.group.WORLD),
              lambda: mvcl_fast.batch_prototypes(z[0], torch.tensor([0, 1, 1, 0]), 2,
                                                 group=dist.group.WORLD),
-             lambda: mvcl_fast.multiview_infonce(anchor, views, 0.1, group=dist.group.WORLD)]
+             lambda: mvcl_fast.multiview_infonce(anchor, views, 0.1, group=dist.group.WORLD),
+             # the value checks' graph node under torch.compile, which names the group
+             lambda: torch.ops.mvcl_fast.check_values([anchor, views], "anchor,views", "", None, 0,
+                                                      dist.group.WORLD.group_name)]
     for call in calls:
         try:
             call()
@@ -117,7 +120,7 @@ def _nan_on_rank1(rank):
 
 def test_nan_on_one_rank_raises_on_every_rank(tmp_path):
     expected = ["z contains NaN or Inf on at least one rank"] * 2 + [
-        "views contains NaN or Inf on at least one rank"]
+        "views contains NaN or Inf on at least one rank"] * 2
     assert _run_ranks(_nan_on_rank1, tmp_path) == [expected, expected]
 
 

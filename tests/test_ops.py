@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mvcl_fast
-from mvcl_fast import reference
+from mvcl_fast import checks, reference
 from mvcl_fast.ops import daf, multiview, prototypes
 
 
@@ -55,6 +55,9 @@ OPCHECK_CASES = {
         daf._daf_attention,
         (_grad(2, 3, 8), _grad(2, 5, 8), _grad(2, 5, 8), _grad(2, 3, 8), _grad(2, 3, 8),
          torch.tensor([[False, False, True, False, True], [True] * 5]), 2)),
+    "check_values": lambda: (   # the value checks' graph node under torch.compile
+        checks._check_values_op,
+        ([_grad(3, 4), _grad(2)], "z,prototypes", "y", torch.tensor([0, 1]), 2, None)),
     "daf_attention_no_mask": lambda: (
         daf._daf_attention,
         (_grad(1, 4, 8), _grad(1, 2, 8), _grad(1, 2, 8), _grad(1, 4, 8), _grad(1, 4, 8), None, 4)),

@@ -1,5 +1,6 @@
-"""The ops where a caller's gradient or tau goes astray: undefined and zero incoming
-gradients, gradcheck, a tau too small to compute."""
+"""The ops where a caller's gradient or arguments go astray: undefined and zero incoming
+gradients, gradcheck, argument and value errors under torch.compile, a tau too small to compute.
+"""
 import pytest
 import torch
 
@@ -133,6 +134,118 @@ def test_gradcheck_on_the_kernels(name, kernel_device):
     with pytest.warns(UserWarning, match="not a double precision"):
         assert torch.autograd.gradcheck(op, [inputs[n] for n in names], eps=1e-3, atol=1e-2,
                                         rtol=1e-2, fast_mode=True)
+
+
+# ------------------------------------------------------------ errors under torch.compile
+Z = torch.randn(6, 8)
+NAN_Z = Z.clone()
+NAN_Z[2, 3] = float("nan")
+Q, KV = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+
+ERROR_CASES = {
+    "tau zero": lambda: mvcl_fast.prototype_infonce(Z, Y, 3, tau=0.0),
+    "tau too small": lambda: mvcl_fast.multiview_infonce(Z, Z[None], tau=1e-39),
+    "tau a tensor": lambda: mvcl_fast.multiview_infonce(Z, Z[None], tau=torch.tensor(0.1)),
+    "int64 z": lambda: mvcl_fast.prototype_infonce(Z.long(), Y, 3),
+    "y of the wrong length": lambda: mvcl_fast.prototype_infonce(Z, Y[:4], 3),
+    "1-D z": lambda: mvcl_fast.prototype_infonce(Z[0], Y, 3),
+    "float labels": lambda: mvcl_fast.batch_prototypes(Z, Y.float(), 3),
+    "num_classes zero": lambda: mvcl_fast.batch_prototypes(Z, Y, 0),
+    "prototype shape": lambda: mvcl_fast.prototype_infonce(Z, Y, 3, prototypes=torch.randn(3, 5)),
+    "views list shape": lambda: mvcl_fast.multiview_infonce(Z, [Z, Z[:3]]),
+    "views dtype": lambda: mvcl_fast.multiview_infonce(Z, Z[None].double()),
+    "heads not dividing": lambda: mvcl_fast.daf_attention(Q, KV, KV, Q, Q, 3),
+    "mask dtype": lambda: mvcl_fast.daf_attention(Q, KV, KV, Q, Q, 2, torch.zeros(2, 5)),
+    "loss module tau": lambda: mvcl_fast.PrototypeInfoNCELoss(3, tau=-1.0)(Z, Y),
+    "NaN z, validate=True": lambda: mvcl_fast.prototype_infonce(NAN_Z, Y, 3, validate=True),
+    "NaN z, validate=None on the CPU": lambda: mvcl_fast.batch_prototypes(NAN_Z, Y, 3),
+    "label out of range, validate=True": lambda: mvcl_fast.prototype_infonce(
+        Z, torch.tensor([0, 1, 2, 3, 9, 0]), 4, validate=True),
+    "NaN views, validate=True": lambda: mvcl_fast.multiview_infonce(Z, NAN_Z[None], validate=True),
+    "NaN gate, validate=True": lambda: mvcl_fast.daf_attention(
+        Q, KV, KV, torch.full_like(Q, float("nan")), Q, 2, validate=True),
+}
+
+
+def _eager_error(call):
+    with pytest.raises((TypeError, ValueError)) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_under_torch_compile_are_the_eager_ones(case):
+    """Under torch.compile(fullgraph=True) the exception is eager's: its exact type and
+    message, raised when the compiled code runs, not torch._dynamo.exc.Unsupported."""
+    call = ERROR_CASES[case]
+    expected = _eager_error(call)
+    torch._dynamo.reset()
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception) as caught:
+        compiled()
+    assert type(caught.value) is type(expected)
+    assert str(caught.value) == str(expected)
+
+
+def test_tau_that_varies_between_compiled_calls():
+    """A tau schedule: torch.compile traces a tau that changes between calls as a symbol; the
+    losses are eager's and a tau out of range raises eager's error."""
+    def step(z, tau):
+        return (mvcl_fast.multiview_infonce(z, z[None] * 2, tau)
+                + mvcl_fast.prototype_infonce(z, Y, 3, tau))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for tau in (0.1, 0.2, 0.0, 0.3, 1e-39, float("nan")):
+        if tau == 0.0 or tau == 1e-39 or tau != tau:
+            expected = _eager_error(lambda: step(Z, tau))
+            with pytest.raises(type(expected)) as caught:
+                compiled(Z, tau)
+            assert str(caught.value) == str(expected)
+        else:
+            torch.testing.assert_close(compiled(Z, tau), step(Z, tau))
+
+
+def test_validate_false_checks_nothing_under_torch_compile():
+    torch._dynamo.reset()
+    loss = torch.compile(lambda z: mvcl_fast.prototype_infonce(z, Y, 3, validate=False),
+                         fullgraph=True, backend="aot_eager")(NAN_Z)
+    assert torch.isnan(loss)
+
+
+def test_errors_of_discarded_results_are_raised_by_inductor():
+    """Inductor drops what nothing reads unless the node has side effects: the value check and
+    the argument error are kept even where the op's result goes unused; a clean call passes
+    and its gradient is the eager one."""
+    def step(z, tau):
+        mvcl_fast.batch_prototypes(z, Y, 3, validate=True)   # result discarded
+        mvcl_fast.multiview_infonce(z, z[None] * 2, tau)        # result discarded
+        return z * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    with pytest.raises(ValueError, match="^z contains NaN or Inf$"):
+        compiled(NAN_Z, 0.1)
+    with pytest.raises(ValueError, match="^tau must be a finite number > 0, got 0.0$"):
+        compiled(Z, 0.0)
+    torch.testing.assert_close(compiled(Z, 0.1), Z * 2)
+
+
+def test_checked_compiled_step_keeps_its_gradients():
+    """The value checks in the graph (validate=True) leave the losses and gradients as eager's."""
+    def step(z, views):
+        return (mvcl_fast.prototype_infonce(z, Y, 3, validate=True)
+                + mvcl_fast.multiview_infonce(z, views, symmetric=True, validate=True))
+
+    inputs = _inputs(torch.float32)
+    z, views = inputs["z"], inputs["views"]
+    eager = step(z, views)
+    eager_grads = torch.autograd.grad(eager, (z, views))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(z, views)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled, (z, views)), eager_grads):
+        torch.testing.assert_close(got, want)
 
 
 # ------------------------------------------------------------------------ tau's range

@@ -94,6 +94,11 @@ def _grad(ctx, grad_out, grad_attn, grad_lse):
 _daf_attention.register_autograd(_grad, setup_context=_setup)
 
 
+def _output_placeholder(fail, q=None, *args, **kwargs):
+    return fail(q.shape if isinstance(q, Tensor) else (), q)
+
+
+@checks.argument_errors_when_run(_output_placeholder)
 def daf_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, residual: Tensor,
                   num_heads: int, key_padding_mask: Optional[Tensor] = None, *,
                   validate: Optional[bool] = None) -> Tensor:

@@ -224,6 +224,17 @@ def _prototypes(z: Tensor, y: Tensor, num_classes: int, group):
     return (sums / counts.clamp_min(1).unsqueeze(1).to(acc)).to(z.dtype), counts
 
 
+def _prototypes_placeholder(fail, z=None, y=None, num_classes=1, *args, **kwargs):
+    classes = num_classes if isinstance(num_classes, int) and num_classes > 0 else 1
+    width = z.shape[-1] if isinstance(z, Tensor) and z.dim() else 1
+    return fail((classes, width), z), fail((classes,), z, torch.int64)
+
+
+def _loss_placeholder(fail, z=None, *args, **kwargs):
+    return fail((), z)
+
+
+@checks.argument_errors_when_run(_prototypes_placeholder)
 def batch_prototypes(z: Tensor, y: Tensor, num_classes: int, *, deterministic: bool = True,
                      validate: Optional[bool] = None, group=None):
     """Class prototypes of a batch: the mean of z [N, D] over each label of y [N].
@@ -246,6 +257,7 @@ def batch_prototypes(z: Tensor, y: Tensor, num_classes: int, *, deterministic: b
     return _prototypes(z, y.long(), num_classes, group)
 
 
+@checks.argument_errors_when_run(_loss_placeholder)
 def prototype_infonce(z: Tensor, y: Tensor, num_classes: int, tau: float = 0.1,
                       prototypes: Optional[Tensor] = None, detach_prototypes: bool = False, *,
                       deterministic: bool = True, validate: Optional[bool] = None,

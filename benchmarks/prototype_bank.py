@@ -38,7 +38,7 @@ from pathlib import Path
 if __package__ in (None, ""):     # run as a file: the repository root on the path, as with -m
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvcl_fast.intent import cli, runs, train  # noqa: E402
+from mvcl_fast.intent import options, runs, train  # noqa: E402
 from mvcl_fast.intent.loading import quiet_transformers  # noqa: E402
 from mvcl_fast.intent.synthetic import ensure_synthetic  # noqa: E402
 
@@ -51,10 +51,10 @@ FIGURES = (("test", "acc", "test ACC"), ("test", "f1", "test macro F1"),
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    number = cli.number
+    number = options.number
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m benchmarks.prototype_bank",
                                 description=__doc__.split("\n\n")[0],
-                                formatter_class=cli.HelpFormatter)
+                                formatter_class=options.HelpFormatter)
     p.add_argument("--batch-sizes", nargs="+", type=number(int, at_least=1), default=[8, 16, 32],
                    metavar="N", help="training batch sizes")
     p.add_argument("--seeds", nargs="+", type=number(int, at_least=0), default=[0, 1, 2],

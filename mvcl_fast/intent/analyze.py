@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from mvcl_fast.intent import distributed, runs
-from mvcl_fast.intent.cli import PROTOTYPE_DISTANCE, analyze_parser, run_command
+from mvcl_fast.intent.cli import analyze_parser, run_command
+from mvcl_fast.intent.options import PROTOTYPE_DISTANCE
 from mvcl_fast.intent.errors import ConfigError
 from mvcl_fast.intent.evaluation import loaded_model_outputs
 from mvcl_fast.intent.loading import LoadedModel, load_model, read_split

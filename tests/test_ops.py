@@ -203,3 +203,67 @@ def test_auto_backend_runs_reference_on_cpu(monkeypatch):
     monkeypatch.delenv("MVCL_FAST_BACKEND", raising=False)
     from mvcl_fast import backend
     assert not backend.use_triton("x", torch.randn(2))
+
+
+class _OnCuda:
+    """Stands in for a tensor on a CUDA device (use_triton reads only its device and dtype)."""
+    def __init__(self, index, dtype=torch.float32):
+        self.device, self.dtype = torch.device("cuda", index), dtype
+
+
+@pytest.fixture
+def cards(monkeypatch):
+    """Fakes CUDA cards: {index: (name, capability)}; counts the capability queries."""
+    from mvcl_fast import backend
+
+    installed, queries = {}, []
+
+    def capability(index=None):
+        queries.append(index)
+        return installed[index][1]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: installed[index][0])
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    for cached in (backend.unsupported_card, backend._warn_reference):
+        cached.cache_clear()
+    yield installed, queries
+    for cached in (backend.unsupported_card, backend._warn_reference):
+        cached.cache_clear()
+
+
+def test_cards_the_kernels_are_not_built_for_run_the_reference_with_one_warning(monkeypatch, cards):
+    from mvcl_fast import backend
+
+    monkeypatch.delenv("MVCL_FAST_BACKEND", raising=False)
+    installed, queries = cards
+    installed.update({0: ("Tesla T4", (7, 5)), 1: ("NVIDIA A100-SXM4-80GB", (8, 0)),
+                      2: ("NVIDIA B200", (10, 0)), 3: ("NVIDIA GeForce RTX 3090", (8, 6)),
+                      4: ("NVIDIA L4", (8, 9)), 5: ("NVIDIA H100 80GB HBM3", (9, 0))})
+    with pytest.warns(RuntimeWarning) as caught:
+        for _ in range(3):
+            assert not backend.use_triton("prototype_infonce", _OnCuda(0))
+            assert not backend.use_triton("daf_attention", _OnCuda(0, torch.float16))
+            assert not backend.use_triton("multiview_infonce", _OnCuda(2))
+            for index in (1, 3, 4, 5):
+                assert backend.use_triton("multiview_infonce", _OnCuda(index))
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert len(messages) == 2, messages  # one per unsupported card, whatever the op or the call
+    t4, b200 = messages
+    assert "Tesla T4" in t4 and "sm_75" in t4 and "bf16 MMA" in t4 and "reference" in t4, t4
+    assert "NVIDIA B200" in b200 and "sm_100" in b200 and "sm_80, sm_86, sm_89, sm_90" in b200, b200
+    assert sorted(queries) == [0, 1, 2, 3, 4, 5]  # the capability is read once per device
+
+
+def test_forced_triton_on_a_card_the_kernels_are_not_built_for_raises(monkeypatch, cards):
+    from mvcl_fast import backend
+
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "triton")
+    installed, _ = cards
+    installed.update({0: ("Tesla T4", (7, 5)), 1: ("NVIDIA A10", (8, 6))})
+    with pytest.raises(RuntimeError, match=r"MVCL_FAST_BACKEND=triton but prototype_infonce "
+                                           r"cannot run its kernels: cuda:0 is Tesla T4.*sm_75"):
+        backend.use_triton("prototype_infonce", _OnCuda(0))
+    assert backend.use_triton("prototype_infonce", _OnCuda(1))
+    # float64 runs the reference on any card, forced or not.
+    assert not backend.use_triton("prototype_infonce", _OnCuda(0, torch.float64))

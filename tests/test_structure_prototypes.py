@@ -3,7 +3,7 @@
 Through Triton's interpreter (mvcl_fast/tools/structure.py): device launches (Triton + aten,
 memsets and casts included), host syncs, and the bytes the Triton kernels load and
 store (distinct addresses per launch) against the floor: read z and the labels once,
-write dz (and the loss) once. Budgets of issue #12: at most 6 launches, 0 syncs, at
+write dz (and the loss) once. Budgets: at most 6 launches, 0 syncs, at
 most 2.5x the floor's bytes at N=256, D=128, C=20 in bf16.
 """
 import pytest

@@ -15,7 +15,7 @@ TRITON36_VERSION ?= 3.6.0
 INSTALLED36 := $(VENV36)/.installed
 ARGS ?=
 
-.PHONY: install install36 train test upgrade bench report report36 wheels clean
+.PHONY: install install36 train test upgrade bench report report36 report-all wheels clean
 
 install: $(INSTALLED)
 
@@ -65,6 +65,14 @@ report: $(INSTALLED)
 
 report36: $(INSTALLED36)
 	env -u TRITON_INTERPRET $(PY36) -m mvcl_fast.tools.report $(ARGS)
+
+# The whole matrix under both Tritons: every arch the kernels are built for (sm_75 is listed as
+# dispatching to the reference); exits non-zero on any compile error, spill or shared-memory
+# overflow.
+REPORT_ARCHS ?= sm_90a sm_80 sm_86 sm_89 sm_75
+report-all: $(INSTALLED) $(INSTALLED36)
+	env -u TRITON_INTERPRET $(PY) -m mvcl_fast.tools.report --arch $(REPORT_ARCHS) $(ARGS)
+	env -u TRITON_INTERPRET $(PY36) -m mvcl_fast.tools.report --arch $(REPORT_ARCHS) $(ARGS)
 
 # The inf-cl wheel for the offline GPU machine: benchmarks/gpu_check.sh installs it from .wheels/
 # there. It must be pure Python (py3-none-any: the machine runs another Python) and needs only

@@ -1,7 +1,10 @@
 """Ahead-of-time compile report: registers, spills, shared memory and the MMA instruction of
 every kernel specialisation the JIT launches.
 
-    python -m mvcl_fast.tools.report [--arch sm_90a sm_80] [--json PATH] [--jobs N]
+    python -m mvcl_fast.tools.report [--arch sm_75 sm_80 sm_86 sm_89 sm_90a] [--json PATH] [--jobs N]
+
+An arch the kernels are not built for (sm_75: mvcl_fast.backend.KERNEL_CAPABILITIES) compiles
+nothing: the report lists it as dispatching to the reference, which is what the ops do there.
 
 Every module of mvcl_fast.tools.aot_launches (one per op) is imported. Its
 ``aot_launches()`` gives named callables that run the op's public launchers on
@@ -63,12 +66,15 @@ import warnings
 from dataclasses import asdict, dataclass
 
 DECLARATIONS_PACKAGE = "mvcl_fast.tools.aot_launches"
-DEFAULT_ARCHS = ("sm_90a", "sm_80")
+DEFAULT_ARCHS = ("sm_90a", "sm_80", "sm_86", "sm_89", "sm_75")
 # Largest dynamic shared memory one block may opt in to (cudaDevAttrMaxSharedMemoryPerBlockOptin):
-# the SM has 228 KiB (sm_90) / 164 KiB (sm_80), of which 1 KiB per block is reserved by the system.
-SHARED_LIMIT_BYTES = {90: 227 * 1024, 80: 163 * 1024}
-# SMs of each target's GPU (H100 SXM, A100), which launchers size their grids by.
-SM_COUNT = {90: 132, 80: 108}
+# the SM has 228 KiB (sm_90), 164 KiB (sm_80), 100 KiB (sm_86, sm_89), of which 1 KiB per block
+# is reserved by the system; sm_75 (Turing) allows 64 KiB.
+SHARED_LIMIT_BYTES = {90: 227 * 1024, 89: 99 * 1024, 86: 99 * 1024, 80: 163 * 1024, 75: 64 * 1024}
+# One representative card per target, whose SM count launchers size their grids by.
+CARDS = {90: ("H100 SXM", 132), 89: ("RTX 4090", 128), 86: ("RTX 3090", 82), 80: ("A100", 108),
+         75: ("T4", 40)}
+SM_COUNT = {cap: sms for cap, (_, sms) in CARDS.items()}
 # Triton 3.9 warns at every compile that its fp-fusion default will change; the report compiles
 # with the default the JIT uses today and says so once in its header instead.
 FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
@@ -79,7 +85,7 @@ class CompileResult:
     module: str             # the module declaring the launches (one per op)
     kernel: str             # the @triton.jit function's name
     spec: str               # kernel(pointer element types)[constexprs]
-    arch: str               # "sm_90a" / "sm_80"
+    arch: str               # "sm_90a", "sm_80", ...
     num_warps: int
     num_stages: int
     launches: str = ""      # the aot_launches() entries that launch this specialisation
@@ -109,8 +115,23 @@ def capability(arch: str) -> int:
     """'sm_90a' -> 90, 'sm_80' -> 80 (Triton adds the 'a' itself for 90 and up)."""
     match = re.fullmatch(r"sm_(\d+)a?", arch)
     if not match or int(match.group(1)) not in SHARED_LIMIT_BYTES:
-        raise ValueError(f"unsupported arch {arch!r}: use one of sm_90a, sm_80")
+        raise ValueError(f"unsupported arch {arch!r}: use one of sm_90a, sm_89, sm_86, sm_80, sm_75")
     return int(match.group(1))
+
+
+def kernels_built_for(arch: str) -> bool:
+    """Whether the ops run their kernels on `arch` (else they dispatch to the reference)."""
+    from mvcl_fast.backend import KERNEL_CAPABILITIES
+
+    cap = capability(arch)
+    return (cap // 10, cap % 10) in KERNEL_CAPABILITIES
+
+
+def describe_arch(arch: str) -> str:
+    """'sm_80 (A100: 108 SMs, 163 KiB shared memory per block)'."""
+    cap = capability(arch)
+    card, sms = CARDS[cap]
+    return f"{arch} ({card}: {sms} SMs, {SHARED_LIMIT_BYTES[cap] // 1024} KiB shared memory per block)"
 
 
 def declaration(module) -> str | None:
@@ -444,7 +465,7 @@ def collect(archs=DEFAULT_ARCHS, modules=None, jobs: int = 1, progress=None) -> 
     for arch in archs:
         capability(arch)
     modules = declaration_modules() if modules is None else list(modules)
-    tasks, results = plan(archs, modules)
+    tasks, results = plan([arch for arch in archs if kernels_built_for(arch)], modules)
     if jobs <= 1 or len(tasks) <= 1:
         for task in tasks:
             results.append(_run_task(task))
@@ -504,8 +525,9 @@ def format_table(results: list[CompileResult]) -> str:
     return "\n".join(lines)
 
 
-def summary(results: list[CompileResult]) -> str:
-    """Counts per arch, then every failure on a line of its own."""
+def summary(results: list[CompileResult], archs=()) -> str:
+    """Counts per arch, the archs the ops dispatch to the reference on, then every failure on a
+    line of its own."""
     lines = []
     for arch in dict.fromkeys(r.arch for r in results):
         rows = [r for r in results if r.arch == arch]
@@ -516,6 +538,8 @@ def summary(results: list[CompileResult]) -> str:
         lines.append(f"{arch}: {len(rows)} compiles, {sum(not r.ok for r in rows)} failed, "
                      f"{sum(r.spills > 0 for r in rows)} spill; MMA "
                      + ", ".join(f"{k} x{v}" for k, v in sorted(mma.items())))
+    lines += [f"{arch}: dispatches to the reference (the kernels are not built for it), nothing "
+              "compiled" for arch in archs if not kernels_built_for(arch)]
     lines += [f"FAILED {r.arch} {r.module.rsplit('.', 1)[-1]} {r.spec} ({r.launches}): "
               + " ".join(problems(r))
               + (f", {r.spill_stores} B spill stores / {r.spill_loads} B loads at {r.registers} registers"
@@ -571,7 +595,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m mvcl_fast.tools.report",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", nargs="+", default=list(DEFAULT_ARCHS),
-                        help="targets to compile for (default: sm_90a sm_80)")
+                        help="targets to compile for (default: sm_90a sm_80 sm_86 sm_89 sm_75)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="compile in this many processes (default: one per CPU)")
@@ -606,7 +630,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     modules = args.module if args.module else declaration_modules()
     sources = {name: declaration(importlib.import_module(name)) for name in modules}
-    print(f"triton {triton.__version__}; archs {' '.join(args.arch)}; modules: "
+    print(f"triton {triton.__version__}; archs {', '.join(map(describe_arch, args.arch))}; modules: "
           + (", ".join(f"{m} ({s or 'declares nothing'})" for m, s in sources.items()) or "(none)"),
           flush=True)
     done = []
@@ -618,15 +642,18 @@ def main(argv=None) -> int:
 
     results = collect(args.arch, modules, jobs=args.jobs, progress=progress)
     print(format_table(results))
-    print(f"\n{summary(results)}\n{len(results)} compiles in {time.perf_counter() - start:.0f} s "
+    print(f"\n{summary(results, args.arch)}\n{len(results)} compiles in {time.perf_counter() - start:.0f} s "
           f"({args.jobs} jobs), {sum(not r.ok for r in results)} failed")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__, "archs": list(args.arch), "modules": modules,
+            json.dump({"triton": triton.__version__, "archs": list(args.arch),
+                       "reference_archs": [a for a in args.arch if not kernels_built_for(a)],
+                       "modules": modules,
                        "sources": sources,
                        "results": [dict(asdict(r), spills=r.spills, ok=r.ok) for r in results]},
                       f, indent=1)
-    return 1 if any(not r.ok for r in results) or not results else 0
+    compiled = any(kernels_built_for(arch) for arch in args.arch)
+    return 1 if any(not r.ok for r in results) or (compiled and not results) else 0
 
 
 if __name__ == "__main__":

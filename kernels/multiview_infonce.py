@@ -113,12 +113,11 @@ import torch
 import triton
 import triton.language as tl
 
-from mvcl_fast.backend import triton_interpreter_enabled
 from mvcl_fast.kernels.multiview_backward import _grad_kernel
 from mvcl_fast.kernels.multiview_forward import _inverse_norms_kernel, _loss_kernel, _lse_kernel
 from mvcl_fast.kernels.multiview_staged_backward import _staged_ds_kernel, _staged_grad_kernel
-from mvcl_fast.kernels.shared import (NORM_EPS, TL_DTYPE, LaunchConfig, fp32_dot_precision,
-                                      lacks_bf16_dot)
+from mvcl_fast.kernels.shared import (NORM_EPS, TL_DTYPE, LaunchConfig, arch_class,
+                                      fp32_dot_precision, lacks_bf16_dot)
 
 
 # ----------------------------------------------------------------------------
@@ -151,9 +150,10 @@ class _Config(LaunchConfig):
 MAX_BLOCK_DO, MAX_BLOCK_DO_TAIL = 512, 256
 WIDE_D = 1024
 
-# Rows of (kernel phase, dtype class: "fp32" or "half" (fp16/bf16), widest padded D, sm_90 or
-# later, _Config(block_m, block_n, block_k, num_warps, num_stages, ...)), None matching any;
-# a launch takes the first row that matches it.
+# Rows of (kernel phase, dtype class: "fp32" or "half" (fp16/bf16), widest padded D, arch class
+# (shared.ARCH_CLASSES: "sm_90", or "sm_80" for sm_80, sm_86 and sm_89),
+# _Config(block_m, block_n, block_k, num_warps, num_stages, ...)), None matching any; a launch
+# takes the first row that matches it.
 # Every config below compiles without spills for sm_90a under triton 3.6.0 and 3.9 at the
 # specialisations the launchers use (python -m mvcl_fast.tools.report). Row tiles of 64
 # (lse) and 32 or fewer (gradient) give every kernel >= 132 programs at N = 4096, V = 4.
@@ -170,6 +170,10 @@ CONFIGS = (
     # MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL for fp32, WIDE_D for fp16/bf16 on sm_90 (512 on sm_80).
     # fp32: ptxas spills the single-chunk FMA form on sm_90a; the loop form does not.
     ("grad", "fp32", 64, None, _Config(32, 32, 32, 4, 2, block_do=64, always_chunked=True)),
+    # sm_80, sm_86, sm_89: 16-row tiles (32 rows spilled 112 B with TF32 dots at 128
+    # registers (8 warps) under triton 3.9; at 4 warps 56 B, and 1.4 KB in the FMA form).
+    ("grad", "fp32", 128, "sm_80",
+     _Config(16, 32, 32, 8, 1, block_do=128, always_chunked=True)),
     # 2 stages spill under triton 3.9.
     ("grad", "fp32", 128, None, _Config(32, 32, 32, 8, 1, block_do=128, always_chunked=True)),
     ("grad", "fp32", 256, None, _Config(32, 32, 32, 8, 2, block_do=256, always_chunked=True)),
@@ -188,14 +192,14 @@ CONFIGS = (
     ("grad", "half", 256, None, _Config(64, 64, 128, 8, 2, block_do=256)),
     ("grad", "half", MAX_BLOCK_DO, None, _Config(32, 64, 128, 8, 2, block_do=MAX_BLOCK_DO)),
     # sm_80's mma.sync code spills the tail (44 B at 32 x 32): 512-wide chunks there.
-    ("grad", "half", None, False, _Config(32, 64, 128, 8, 2, block_do=MAX_BLOCK_DO)),
+    ("grad", "half", None, "sm_80", _Config(32, 64, 128, 8, 2, block_do=MAX_BLOCK_DO)),
     # 768 columns of accumulator: 32 x 32 tiles in one stage (64 keys or 2 stages spill).
-    ("grad", "half", MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL, True,
+    ("grad", "half", MAX_BLOCK_DO + MAX_BLOCK_DO_TAIL, "sm_90",
      _Config(32, 32, 128, 8, 1, block_do=MAX_BLOCK_DO, block_do_tail=MAX_BLOCK_DO_TAIL)),
     # 1024 columns: 16-row tiles hold them in registers (216-232 of 255, both Tritons). Past
     # WIDE_D (a DDP rank's share: the whole batch stages dS), 1024-wide chunks halve the
     # recomputes of 512-wide ones.
-    ("grad", "half", None, True,
+    ("grad", "half", None, "sm_90",
      _Config(16, 32, 128, 8, 1, block_do=MAX_BLOCK_DO, block_do_tail=WIDE_D - MAX_BLOCK_DO)),
     # The staged backward (D past a program's output chunk, see _staged_backward): plain GEMM
     # tiles. _staged_ds_kernel: block_m anchor rows x block_n view rows, block_k deep.
@@ -208,13 +212,13 @@ CONFIGS = (
 )
 
 
-def _config(phase: str, dtype: torch.dtype, dim: int = 0, sm90: bool = True) -> _Config:
-    """The config of a `phase` launch on `dtype` inputs of padded width `dim` (`sm90`: compiled
-    for sm_90 or later): the first matching row of CONFIGS."""
+def _config(phase: str, dtype: torch.dtype, dim: int = 0, arch: str = "sm_90") -> _Config:
+    """The config of a `phase` launch on `dtype` inputs of padded width `dim`, compiled for the
+    arch class `arch` (shared.arch_class): the first matching row of CONFIGS."""
     kind = "fp32" if dtype == torch.float32 else "half"
-    for row_phase, row_kind, widest, row_sm90, config in CONFIGS:
+    for row_phase, row_kind, widest, row_arch, config in CONFIGS:
         if (row_phase == phase and row_kind in (None, kind) and (widest is None or dim <= widest)
-                and row_sm90 in (None, sm90)):
+                and row_arch in (None, arch)):
             return config
     raise LookupError(f"no multiview_infonce {phase} config for {dtype} at D={dim}")
 
@@ -223,14 +227,6 @@ def _config(phase: str, dtype: torch.dtype, dim: int = 0, sm90: bool = True) -> 
 # multiple of STAGED_CHUNK_ALIGN rows.
 STAGED_DS_BYTES = 1 << 30
 STAGED_CHUNK_ALIGN = 128
-
-
-def _sm90(x: torch.Tensor) -> bool:
-    """Whether the kernels compile for sm_90 or later: a CUDA tensor's device answers (the AOT
-    report's capture answers its target); the interpreter takes sm_90's configs."""
-    if triton_interpreter_enabled():
-        return True
-    return torch.cuda.get_device_capability(x.device if x.is_cuda else None)[0] >= 9
 
 
 def _operand_dtype(dtype: torch.dtype):
@@ -266,7 +262,7 @@ def _inverse_norms(anchor, views):
     """rnorm [V + 1, N]: the views' inverse norms, then the anchor's; one launch."""
     num_views, n, dim = views.shape
     rnorm = torch.empty(num_views + 1, n, dtype=torch.float32, device=anchor.device)
-    cfg = _config("norms", anchor.dtype)
+    cfg = _config("norms", anchor.dtype, arch=arch_class(anchor.device))
     _inverse_norms_kernel[(triton.cdiv(n, cfg.block_m), num_views + 1)](
         anchor, views, rnorm, n, dim, num_views, anchor.stride(0), views.stride(0),
         views.stride(1), EPS=NORM_EPS.value, BLOCK_R=cfg.block_m, BLOCK_D=cfg.block_k,
@@ -305,7 +301,7 @@ def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: fl
     loss = torch.empty((), dtype=loss_dtype, device=device)
     with _on_device(anchor):
         rnorm = _inverse_norms(anchor, views)
-        cfg = _config("lse", anchor.dtype, dim)
+        cfg = _config("lse", anchor.dtype, dim, arch_class(device))
         # Non-symmetric: the column outputs are never written; the row ones stand in.
         _lse_kernel[_lse_grid(cfg, num_rows, num_views, symmetric)](
             anchor, views, rnorm, lse_rows, lse_cols if symmetric else lse_rows, row_terms,
@@ -314,7 +310,8 @@ def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: fl
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_k,
             D_CHUNKED=cfg.d_chunked(dim), OPERAND=_operand_dtype(anchor.dtype),
             PRECISION=fp32_dot_precision(anchor.dtype), **cfg.options())
-        count, loss_cfg = num_views * num_rows, _config("loss", anchor.dtype)
+        count = num_views * num_rows
+        loss_cfg = _config("loss", anchor.dtype, arch=arch_class(device))
         _loss_kernel[(1,)](row_terms, col_terms, loss, count, (0.5 if symmetric else 1.0) / count,
                            SYMMETRIC=symmetric, BLOCK=loss_cfg.block_m, **loss_cfg.options())
     return loss, lse_rows, lse_cols, row_terms, col_terms, rnorm
@@ -340,7 +337,7 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
         lse_cols, col_terms = lse_rows, row_terms
     d_anchor = torch.empty((n, padded_dim), dtype=anchor.dtype, device=anchor.device)
     d_views = torch.empty((num_views, n, padded_dim), dtype=views.dtype, device=views.device)
-    cfg = _config("grad", anchor.dtype, padded_dim, _sm90(anchor))
+    cfg = _config("grad", anchor.dtype, padded_dim, arch_class(anchor.device))
     # The whole batch with D wider than a program's output chunk stages dS instead of
     # recomputing the logits once per D-chunk.
     staged = num_rows == n and padded_dim > cfg.out_chunk
@@ -403,7 +400,9 @@ def _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_col
     chunk, the view gradients accumulated in fp32 between them.
     """
     num_views, n, dim = views.shape
-    ds_cfg, grad_cfg = _config("staged_ds", anchor.dtype), _config("staged_grad", anchor.dtype)
+    arch = arch_class(anchor.device)
+    ds_cfg = _config("staged_ds", anchor.dtype, arch=arch)
+    grad_cfg = _config("staged_grad", anchor.dtype, arch=arch)
     chunk_rows = staged_chunk_rows(n, num_views, anchor.element_size())
     num_chunks = triton.cdiv(n, chunk_rows)
     device = anchor.device

@@ -68,7 +68,7 @@ from mvcl_fast.kernels.prototypes_rows import (_infonce_bwd_kernel, _infonce_fin
                                                _infonce_fwd_kernel)
 from mvcl_fast.kernels.prototypes_sums import (_class_sums_kernel, _class_sums_reduce_kernel,
                                                _gather_mean_grad_kernel)
-from mvcl_fast.kernels.shared import LaunchConfig, lacks_bf16_dot, sm_count
+from mvcl_fast.kernels.shared import LaunchConfig, arch_class, lacks_bf16_dot, sm_count
 
 
 @dataclass(frozen=True)
@@ -80,29 +80,49 @@ class _Config(LaunchConfig):
     dp_block: int    # elements of dP one backward program scales
 
 
-# Rows of (kernel phase, most classes (None: any), _Config(block_m, block_n, block_k, num_warps,
-# num_stages, ...)); a launch takes the first row that matches it.
-# Row tile of every kernel: 64 rows, one wgmma M for one warp group (4 warps); the class-side
-# GEMMs (sums, dS) take their M from the 64-wide D chunks. No software pipelining: with it, or
-# 8 warps, or 64-wide logits chunks, kernels spilled under triton 3.6 (python -m
+# Rows of (arch class (shared.ARCH_CLASSES; None: any), kernel phase, most classes (None: any),
+# _Config(block_m, block_n, block_k, num_warps, num_stages, ...)); a launch takes the first row
+# that matches it. The class tile (block_n) is the same in every arch class: splits_classes
+# (which sizes the ops' saved statistics without a device) reads it.
+# sm_90: row tile of every kernel 64 rows, one wgmma M for one warp group (4 warps); the
+# class-side GEMMs (sums, dS) take their M from the 64-wide D chunks. No software pipelining:
+# with it, or 8 warps, or 64-wide logits chunks, kernels spilled under triton 3.6 (python -m
 # mvcl_fast.tools.report). Class tile: 16 or 32 (the K of the dz GEMM must be a multiple of
 # 16; 64 spills).
 CONFIGS = (
-    ("rows", 16, _Config(64, 16, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
-    ("rows", None, _Config(64, 32, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    # sm_80, sm_86, sm_89 (mma.sync, no warpgroup M to fill): 32-row tiles. At sm_90's 64 x 32
+    # ptxas spilled up to 216 B (the fp32 backward at 255 registers, the fp16/bf16 forward, the
+    # class sums) under triton 3.9; 8 warps at 64 rows left 4 spilling and at 32 rows capped
+    # the forward at 128 registers (236 B); 32-wide D chunks spilled the forward again.
+    ("sm_80", "rows", 16, _Config(32, 16, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    ("sm_80", "rows", None, _Config(32, 32, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    # The forward that writes the class sums itself: 16-deep logits chunks (32 spilled 24 B in
+    # fp32 at 168 registers under triton 3.9).
+    ("sm_80", "fused_sums", 16,
+     _Config(32, 16, 16, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    ("sm_80", "fused_sums", None,
+     _Config(32, 32, 16, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    ("sm_80", "staged_bwd", None,
+     _Config(32, 32, 32, 8, 1, block_do=64, loss_block=256, dp_block=1024)),
+    (None, "rows", 16, _Config(64, 16, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    (None, "rows", None, _Config(64, 32, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    (None, "fused_sums", 16, _Config(64, 16, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
+    (None, "fused_sums", None,
+     _Config(64, 32, 32, 4, 1, block_do=64, loss_block=256, dp_block=1024)),
     # The backward reading staged logits (the class split: more than 32 classes): 8 warps (4
     # spilled 32 B in fp32 under triton 3.9).
-    ("staged_bwd", None, _Config(64, 32, 32, 8, 1, block_do=64, loss_block=256, dp_block=1024)),
+    (None, "staged_bwd", None, _Config(64, 32, 32, 8, 1, block_do=64, loss_block=256, dp_block=1024)),
 )
 
 
-def _config(num_classes: int, phase: str = "rows") -> _Config:
-    """The config of a `phase` launch over `num_classes` classes: the first matching row of
-    CONFIGS."""
-    for row_phase, most_classes, config in CONFIGS:
-        if row_phase == phase and (most_classes is None or num_classes <= most_classes):
+def _config(num_classes: int, phase: str = "rows", arch: str = "sm_90") -> _Config:
+    """The config of a `phase` launch over `num_classes` classes compiled for the arch class
+    `arch` (shared.arch_class): the first matching row of CONFIGS."""
+    for row_arch, row_phase, most_classes, config in CONFIGS:
+        if (row_arch in (None, arch) and row_phase == phase
+                and (most_classes is None or num_classes <= most_classes)):
             return config
-    raise LookupError(f"no prototypes {phase} config for {num_classes} classes")
+    raise LookupError(f"no prototypes {phase} config for {num_classes} classes on {arch}")
 
 
 # A program walks at most about this many serial tile steps while the GPU has SMs to spare.
@@ -146,7 +166,7 @@ def _dot_meta(dtype: torch.dtype) -> dict:
 def _sum_splits(rows: int, dim: int, num_classes: int, device: torch.device) -> int:
     """Row splits of a (class tile, D chunk) grid, the sums' or the class split's dS_hat: one
     unless a program would walk too many row tiles on an idle GPU."""
-    cfg = _config(num_classes)
+    cfg = _config(num_classes, arch=arch_class(device))
     row_tiles = triton.cdiv(rows, cfg.block_m)
     programs = triton.cdiv(num_classes, cfg.block_n) * triton.cdiv(dim, cfg.block_do)
     fill = target_programs(device)
@@ -163,7 +183,7 @@ def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
     """
     views, n, dim = z.shape
     rows = views * n
-    cfg = _config(num_classes)
+    cfg = _config(num_classes, arch=arch_class(z.device))
     out_dtype = z.dtype if mean else torch.float32
     out = torch.empty((num_classes, dim), dtype=out_dtype, device=z.device)
     counts = torch.empty(num_classes, dtype=torch.int64, device=z.device)
@@ -195,7 +215,7 @@ def batch_prototypes_backward(grad_prototypes: torch.Tensor, y: torch.Tensor,
     grad_prototypes = _unit_stride(grad_prototypes)
     (num_classes, dim), n = grad_prototypes.shape, y.shape[0]
     dz = torch.empty((n, dim), dtype=grad_prototypes.dtype, device=grad_prototypes.device)
-    cfg = _config(num_classes)
+    cfg = _config(num_classes, arch=arch_class(grad_prototypes.device))
     _gather_mean_grad_kernel[(triton.cdiv(n, cfg.block_m), triton.cdiv(dim, cfg.block_do))](
         grad_prototypes, y.contiguous(), counts, dz, n, dim, num_classes,
         grad_prototypes.stride(0), BLOCK_N=cfg.block_m, BLOCK_D=cfg.block_do, **cfg.options())
@@ -210,7 +230,7 @@ def _forward_plan(rows: int, dim: int, num_classes: int, need_ds: bool,
     programs: fewer dS partials to write and add), but never so few programs that a
     large batch leaves SMs idle.
     """
-    cfg = _config(num_classes)
+    cfg = _config(num_classes, arch=arch_class(device))
     row_tiles = triton.cdiv(rows, cfg.block_m)
     class_tiles = triton.cdiv(num_classes, cfg.block_n)
     logit_steps = triton.cdiv(dim, cfg.block_k) * class_tiles
@@ -268,7 +288,8 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     has_counts = counts is not None
     if not has_counts:
         counts = torch.empty(0, dtype=torch.int64, device=device)
-    cfg = _config(num_classes)
+    # The fused forward's own config: its tiles are the plan's (block_m, block_n, block_do).
+    cfg = _config(num_classes, "fused_sums" if fused_sums else "rows", arch_class(device))
     lse = torch.empty((views, n), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=z.dtype, device=device)
     loss_out = loss if single else torch.empty(programs, dtype=torch.float32, device=device)
@@ -303,7 +324,7 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
     has_counts = counts is not None
     if not has_counts:
         counts = torch.empty(0, dtype=torch.int64, device=device)
-    cfg = _config(num_classes)
+    cfg = _config(num_classes, arch=arch_class(device))
     class_tiles, row_tiles = triton.cdiv(num_classes, cfg.block_n), triton.cdiv(rows, cfg.block_m)
     # One class tile is a step per K chunk of the logits and per D chunk of its norms.
     tile_steps = triton.cdiv(dim, cfg.block_k) + triton.cdiv(dim, cfg.block_do)
@@ -354,7 +375,7 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
     views, n, dim = z.shape
     rows, num_classes = views * n, s.shape[0]
     staged = stats.numel() > 0
-    cfg = _config(num_classes, "staged_bwd" if staged else "rows")
+    cfg = _config(num_classes, "staged_bwd" if staged else "rows", arch_class(z.device))
     row_tiles = triton.cdiv(rows, cfg.block_m)
     d_chunks = triton.cdiv(dim, cfg.block_do)
     # A program walks its row tile's logits and then its D chunks of dz; several programs share

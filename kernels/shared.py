@@ -1,5 +1,6 @@
 """What every kernel file of mvcl_fast.kernels shares: constants, dtype maps, the dot policy,
-the device's SM count, the autotune switch and the launch config every config table holds."""
+the device's SM count and arch class, the autotune switch and the launch config every config
+table holds."""
 from __future__ import annotations
 
 import functools
@@ -75,6 +76,24 @@ def lacks_bf16_dot(dtype: torch.dtype) -> bool:
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+# The arch classes the config tables key their rows on: "sm_90" (Hopper: warpgroup MMA, 227 KiB
+# of shared memory a block) and "sm_80" (sm_80, sm_86, sm_89: mma.sync, whose ptxas register
+# allocation spills some of sm_90's tiles). mvcl_fast.backend.KERNEL_CAPABILITIES lists the
+# capabilities the kernels run on.
+ARCH_CLASSES = ("sm_90", "sm_80")
+
+
+def arch_class(device: torch.device | None) -> str:
+    """The arch class whose config rows a launch on `device` takes: a CUDA device's capability
+    answers (None: the current one; off CUDA, the AOT report's capture answers its target's);
+    Triton's interpreter models sm_90a, as MODELLED_SM_COUNT does."""
+    if triton_interpreter_enabled():
+        return "sm_90"
+    on_cuda = device is not None and device.type == "cuda"
+    major, _ = torch.cuda.get_device_capability(device if on_cuda else None)
+    return "sm_90" if major >= 9 else "sm_80"
 
 
 def sm_count(device: torch.device) -> int:

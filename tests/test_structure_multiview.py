@@ -90,7 +90,7 @@ def test_backward_in_one_d_chunk(dtype, dim):
 @pytest.mark.parametrize("dim", [800, 1000, kernels.WIDE_D])
 def test_half_backward_in_one_d_chunk_up_to_1024_on_sm90(dtype, dim):
     assert kernels._grad_grid(kernels._config("grad", dtype, dim), dim, 4096, V)[1] == 1
-    assert kernels._grad_grid(kernels._config("grad", dtype, dim, sm90=False), dim, 4096, V)[1] == 2
+    assert kernels._grad_grid(kernels._config("grad", dtype, dim, arch="sm_80"), dim, 4096, V)[1] == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

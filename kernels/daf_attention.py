@@ -56,8 +56,9 @@ import triton
 import triton.language as tl
 
 from mvcl_fast.backend import triton_interpreter_enabled
-from mvcl_fast.kernels.shared import (AUTOTUNE_ENV, LN2, LOG2E, LaunchConfig, autotune_requested,
-                                      fp32_dot_precision, lacks_bf16_dot)
+from mvcl_fast.kernels.shared import (ARCH_CLASSES, AUTOTUNE_ENV, LN2, LOG2E, LaunchConfig,
+                                      arch_class, autotune_requested, fp32_dot_precision,
+                                      lacks_bf16_dot)
 
 MAX_HEAD_DIM = 128
 
@@ -82,6 +83,9 @@ class _Config(LaunchConfig):
 # warps: 128 registers, spills); so do 64-row forward tiles of 128-byte heads, and IEEE fp32
 # backward tiles of 32 x 16 at head dim 64 (ptxas of triton 3.6; 16 x 16 at 8 warps under 3.9)
 # and IEEE fp32 forward tiles of 32 x 32 at head dim 32 (triton 3.6).
+# Launches on sm_80, sm_86 and sm_89 also pass shared.MAX_REGISTERS' cap of 255: without it
+# ptxas held the fp16/bf16 backward at head dim 64 (32 x 32 tiles) to 168 registers on sm_86
+# and sm_89 and spilled 16 B.
 SHORT_QUERIES = 128
 CONFIGS = (
     # forward: 16 query rows fit Lq = 30-80 with at most 15 masked rows (none at 48 or 80).
@@ -154,13 +158,13 @@ def _row_tile(len_q: int, largest: int) -> int:
     return block_m
 
 
-def _search_space(kernel: str) -> list:
+def _search_space(kernel: str, arch: str = "sm_90") -> list:
     space = SEARCH_SPACE[kernel]
     configs = []
     for values in itertools.product(*space.values()):
         config = _Config(block_k=0, **dict(zip(space, values)))
         configs.append(triton.Config({"BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
-                                     **config.options()))
+                                     **config.options(arch)))
     return configs
 
 
@@ -173,8 +177,8 @@ def _prune_to_lengths(configs, named_args, **kwargs):
             and config.kwargs["BLOCK_N"] <= args["len_k_bucket"]]
 
 
-def _tuner(kernel: str, fn, **options):
-    return triton.autotune(configs=_search_space(kernel), key=TUNE_KEY,
+def _tuner(kernel: str, fn, arch: str, **options):
+    return triton.autotune(configs=_search_space(kernel, arch), key=TUNE_KEY,
                            prune_configs_by={"early_config_prune": _prune_to_lengths}, **options)(fn)
 
 
@@ -402,8 +406,9 @@ def _daf_bwd_kernel(
         _store_tile(DV, zero, cols, len_k, stride_dkn, stride_dkd, HEAD_DIM, BLOCK_HD)
 
 
-_FWD_TUNER = _tuner("fwd", _daf_fwd_kernel)
-_BWD_TUNER = _tuner("bwd", _daf_bwd_kernel)
+# One tuner per arch class: their configs carry the class's compile options.
+_FWD_TUNERS = {arch: _tuner("fwd", _daf_fwd_kernel, arch) for arch in ARCH_CLASSES}
+_BWD_TUNERS = {arch: _tuner("bwd", _daf_bwd_kernel, arch) for arch in ARCH_CLASSES}
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -413,16 +418,16 @@ def _tile(head_dim: int) -> dict:
     return {"HEAD_DIM": head_dim, "BLOCK_HD": max(16, triton.next_power_of_2(head_dim))}
 
 
-def _forward_config(dtype, precision, block_hd, len_q, target=None) -> dict:
+def _forward_config(dtype, precision, block_hd, len_q, target=None, arch="sm_90") -> dict:
     config = _config("fwd", dtype, precision, block_hd, target)
     block_m = config.block_m if _length_bucket(len_q) <= SHORT_QUERIES else config.long_block_m
-    return {"BLOCK_M": block_m, "BLOCK_N": config.block_n, **config.options()}
+    return {"BLOCK_M": block_m, "BLOCK_N": config.block_n, **config.options(arch)}
 
 
-def _backward_config(dtype, precision, block_hd, len_q, target=None) -> dict:
+def _backward_config(dtype, precision, block_hd, len_q, target=None, arch="sm_90") -> dict:
     config = _config("bwd", dtype, precision, block_hd, target)
     return {"BLOCK_M": _row_tile(len_q, config.block_m), "BLOCK_N": config.block_n,
-            **config.options()}
+            **config.options(arch)}
 
 
 def _head_dim(x: torch.Tensor, num_heads: int) -> int:
@@ -474,14 +479,15 @@ def daf_attention_forward(q, k, v, gate, residual, key_padding_mask, num_heads: 
     lse = torch.empty(batch, num_heads, len_q, device=q.device, dtype=torch.float32)
     mask, stride_pb, stride_pn = _mask_args(key_padding_mask)
     tile, flags = _tile(head_dim), _dot_flags(q.dtype)
-    _launch("fwd", _daf_fwd_kernel, _FWD_TUNER,
+    arch = arch_class(q.device)
+    _launch("fwd", _daf_fwd_kernel, _FWD_TUNERS[arch],
             lambda block_m: (triton.cdiv(len_q, block_m), batch * num_heads),
             (q, k, v, gate, residual, mask, out, attn, lse,
              *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *residual.stride(),
              stride_pb, stride_pn, *out.stride(),
              num_heads, len_q, len_k, 1.0 / math.sqrt(head_dim), _length_bucket(len_q), _length_bucket(len_k)),
             dict(tile, HAS_MASK=mask is not None, **flags),
-            _forward_config(q.dtype, flags["PRECISION"], tile["BLOCK_HD"], len_q))
+            _forward_config(q.dtype, flags["PRECISION"], tile["BLOCK_HD"], len_q, arch=arch))
     return out, attn, lse
 
 
@@ -492,7 +498,8 @@ def daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse,
     len_k = k.shape[1]
     mask, stride_pb, stride_pn = _mask_args(key_padding_mask)
     tile, flags = _tile(head_dim), _dot_flags(q.dtype)
-    config = _backward_config(q.dtype, flags["PRECISION"], tile["BLOCK_HD"], len_q)
+    arch = arch_class(q.device)
+    config = _backward_config(q.dtype, flags["PRECISION"], tile["BLOCK_HD"], len_q, arch=arch)
     # Contiguous, so that dq and dgate share strides, and dk, dv and their partial sums.
     dq, dgate = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(2))
     dk, dv = (torch.empty(k.shape, device=k.device, dtype=k.dtype) for _ in range(2))
@@ -503,7 +510,7 @@ def daf_attention_backward(grad_out, q, k, v, gate, key_padding_mask, attn, lse,
                             for _ in range(2))
     else:
         dk_part, dv_part = dk, dv
-    _launch("bwd", _daf_bwd_kernel, _BWD_TUNER, lambda block_m: (batch * num_heads,),
+    _launch("bwd", _daf_bwd_kernel, _BWD_TUNERS[arch], lambda block_m: (batch * num_heads,),
             (q, k, v, gate, grad_out, attn, mask, lse, dq, dk, dv, dgate, dk_part, dv_part,
              *q.stride(), *k.stride(), *v.stride(), *gate.stride(), *grad_out.stride(), *attn.stride(),
              stride_pb, stride_pn, *dq.stride(), *dk.stride(),

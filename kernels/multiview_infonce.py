@@ -155,8 +155,10 @@ WIDE_D = 1024
 # _Config(block_m, block_n, block_k, num_warps, num_stages, ...)), None matching any; a launch
 # takes the first row that matches it.
 # Every config below compiles without spills for sm_90a under triton 3.6.0 and 3.9 at the
-# specialisations the launchers use (python -m mvcl_fast.tools.report). Row tiles of 64
-# (lse) and 32 or fewer (gradient) give every kernel >= 132 programs at N = 4096, V = 4.
+# specialisations the launchers use (python -m mvcl_fast.tools.report); so does every one for
+# sm_80, sm_86 and sm_89 with shared.MAX_REGISTERS' cap of 255, without which ptxas held the
+# fp32-tf32 gradient at D = 128 to 80 registers on sm_86 and sm_89 and spilled 24 B. Row tiles
+# of 64 (lse) and 32 or fewer (gradient) give every kernel >= 132 programs at N = 4096, V = 4.
 CONFIGS = (
     ("norms", None, None, None, _Config(8, 0, 128, 4, None)),
     ("loss", None, None, None, _Config(1024, 0, 0, 4, None)),
@@ -262,11 +264,12 @@ def _inverse_norms(anchor, views):
     """rnorm [V + 1, N]: the views' inverse norms, then the anchor's; one launch."""
     num_views, n, dim = views.shape
     rnorm = torch.empty(num_views + 1, n, dtype=torch.float32, device=anchor.device)
-    cfg = _config("norms", anchor.dtype, arch=arch_class(anchor.device))
+    arch = arch_class(anchor.device)
+    cfg = _config("norms", anchor.dtype, arch=arch)
     _inverse_norms_kernel[(triton.cdiv(n, cfg.block_m), num_views + 1)](
         anchor, views, rnorm, n, dim, num_views, anchor.stride(0), views.stride(0),
         views.stride(1), EPS=NORM_EPS.value, BLOCK_R=cfg.block_m, BLOCK_D=cfg.block_k,
-        **cfg.options())
+        **cfg.options(arch))
     return rnorm
 
 
@@ -301,7 +304,8 @@ def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: fl
     loss = torch.empty((), dtype=loss_dtype, device=device)
     with _on_device(anchor):
         rnorm = _inverse_norms(anchor, views)
-        cfg = _config("lse", anchor.dtype, dim, arch_class(device))
+        arch = arch_class(device)
+        cfg = _config("lse", anchor.dtype, dim, arch)
         # Non-symmetric: the column outputs are never written; the row ones stand in.
         _lse_kernel[_lse_grid(cfg, num_rows, num_views, symmetric)](
             anchor, views, rnorm, lse_rows, lse_cols if symmetric else lse_rows, row_terms,
@@ -309,11 +313,11 @@ def multiview_infonce_forward(anchor: torch.Tensor, views: torch.Tensor, tau: fl
             anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_k,
             D_CHUNKED=cfg.d_chunked(dim), OPERAND=_operand_dtype(anchor.dtype),
-            PRECISION=fp32_dot_precision(anchor.dtype), **cfg.options())
+            PRECISION=fp32_dot_precision(anchor.dtype), **cfg.options(arch))
         count = num_views * num_rows
-        loss_cfg = _config("loss", anchor.dtype, arch=arch_class(device))
+        loss_cfg = _config("loss", anchor.dtype, arch=arch)
         _loss_kernel[(1,)](row_terms, col_terms, loss, count, (0.5 if symmetric else 1.0) / count,
-                           SYMMETRIC=symmetric, BLOCK=loss_cfg.block_m, **loss_cfg.options())
+                           SYMMETRIC=symmetric, BLOCK=loss_cfg.block_m, **loss_cfg.options(arch))
     return loss, lse_rows, lse_cols, row_terms, col_terms, rnorm
 
 
@@ -337,7 +341,8 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
         lse_cols, col_terms = lse_rows, row_terms
     d_anchor = torch.empty((n, padded_dim), dtype=anchor.dtype, device=anchor.device)
     d_views = torch.empty((num_views, n, padded_dim), dtype=views.dtype, device=views.device)
-    cfg = _config("grad", anchor.dtype, padded_dim, arch_class(anchor.device))
+    arch = arch_class(anchor.device)
+    cfg = _config("grad", anchor.dtype, padded_dim, arch)
     # The whole batch with D wider than a program's output chunk stages dS instead of
     # recomputing the logits once per D-chunk.
     staged = num_rows == n and padded_dim > cfg.out_chunk
@@ -359,7 +364,7 @@ def multiview_infonce_backward(grad_loss: torch.Tensor, anchor: torch.Tensor, vi
                 BLOCK_DO=cfg.block_do, BLOCK_DO_TAIL=cfg.block_do_tail,
                 D_CHUNKED=cfg.d_chunked(padded_dim),
                 OPERAND=_operand_dtype(anchor.dtype), PRECISION=fp32_dot_precision(anchor.dtype),
-                **cfg.options())
+                **cfg.options(arch))
     if padded_dim != dim:  # the padding columns hold zero gradients
         d_anchor, d_views = d_anchor[:, :dim].contiguous(), d_views[..., :dim].contiguous()
     return d_anchor, d_views
@@ -426,7 +431,7 @@ def _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_col
             col_proj, n, dim, num_views, start, rows, ds.stride(0), ds.stride(1),
             row_proj.stride(1), anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,
             SYMMETRIC=symmetric, BLOCK_M=ds_cfg.block_m, BLOCK_N=ds_cfg.block_n,
-            BLOCK_D=ds_cfg.block_k, OPERAND=operand, PRECISION=precision, **ds_cfg.options())
+            BLOCK_D=ds_cfg.block_k, OPERAND=operand, PRECISION=precision, **ds_cfg.options(arch))
         _staged_grad_kernel[grad_grid](
             anchor, views, rnorm, ds, row_proj, col_proj, view_acc, view_proj, grad_loss,
             d_anchor, d_views, n, dim, num_views, start, rows, chunk, num_chunks, anchor_tiles,
@@ -434,4 +439,4 @@ def _staged_backward(grad_loss, anchor, views, tau, symmetric, lse_rows, lse_col
             anchor.stride(0), views.stride(0), views.stride(1), 1.0 / tau,
             (0.5 if symmetric else 1.0) / (num_views * n), EPS=NORM_EPS.value,
             BLOCK_M=grad_cfg.block_m, BLOCK_K=grad_cfg.block_k, BLOCK_DO=grad_cfg.block_do,
-            OPERAND=operand, PRECISION=precision, **grad_cfg.options())
+            OPERAND=operand, PRECISION=precision, **grad_cfg.options(arch))

@@ -90,7 +90,10 @@ class _Config(LaunchConfig):
 # mvcl_fast.tools.report). Class tile: 16 or 32 (the K of the dz GEMM must be a multiple of
 # 16; 64 spills).
 CONFIGS = (
-    # sm_80, sm_86, sm_89 (mma.sync, no warpgroup M to fill): 32-row tiles. At sm_90's 64 x 32
+    # sm_80, sm_86, sm_89 (mma.sync, no warpgroup M to fill): 32-row tiles, launched with
+    # shared.MAX_REGISTERS' cap of 255 (without it ptxas held the forward, the class gradient
+    # and the fp16/bf16 backward to 80-168 registers on sm_86 and sm_89 and spilled up to 32 B,
+    # and the fp16 forward on sm_80 under triton 3.6). At sm_90's 64 x 32
     # ptxas spilled up to 216 B (the fp32 backward at 255 registers, the fp16/bf16 forward, the
     # class sums) under triton 3.9; 8 warps at 64 rows left 4 spilling and at 32 rows capped
     # the forward at 128 registers (236 B); 32-wide D chunks spilled the forward again.
@@ -183,7 +186,8 @@ def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
     """
     views, n, dim = z.shape
     rows = views * n
-    cfg = _config(num_classes, arch=arch_class(z.device))
+    arch = arch_class(z.device)
+    cfg = _config(num_classes, arch=arch)
     out_dtype = z.dtype if mean else torch.float32
     out = torch.empty((num_classes, dim), dtype=out_dtype, device=z.device)
     counts = torch.empty(num_classes, dtype=torch.int64, device=z.device)
@@ -191,7 +195,7 @@ def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
     grid = triton.cdiv(num_classes, cfg.block_n) * triton.cdiv(dim, cfg.block_do)
     args = dict(R=rows, N=n, D=dim, C=num_classes, stride_zv=z.stride(0), stride_zn=z.stride(1),
                 num_splits=splits, MEAN=mean, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n,
-                BLOCK_D=cfg.block_do, MODE=_dot_mode(z.dtype), **cfg.options())
+                BLOCK_D=cfg.block_do, MODE=_dot_mode(z.dtype), **cfg.options(arch))
     if splits == 1:
         _class_sums_kernel[(grid,)](z, y, out, counts, FINAL=True, **args)
         return out, counts
@@ -200,7 +204,7 @@ def class_sums(z: torch.Tensor, y: torch.Tensor, num_classes: int, mean: bool):
     _class_sums_kernel[(grid * splits,)](z, y, part, part_counts, FINAL=False, **args)
     _class_sums_reduce_kernel[(grid,)](part, part_counts, out, counts, num_classes, dim, splits,
                                        MEAN=mean, BLOCK_C=cfg.block_n, BLOCK_D=cfg.block_do,
-                                       **cfg.options())
+                                       **cfg.options(arch))
     return out, counts
 
 
@@ -215,10 +219,11 @@ def batch_prototypes_backward(grad_prototypes: torch.Tensor, y: torch.Tensor,
     grad_prototypes = _unit_stride(grad_prototypes)
     (num_classes, dim), n = grad_prototypes.shape, y.shape[0]
     dz = torch.empty((n, dim), dtype=grad_prototypes.dtype, device=grad_prototypes.device)
-    cfg = _config(num_classes, arch=arch_class(grad_prototypes.device))
+    arch = arch_class(grad_prototypes.device)
+    cfg = _config(num_classes, arch=arch)
     _gather_mean_grad_kernel[(triton.cdiv(n, cfg.block_m), triton.cdiv(dim, cfg.block_do))](
         grad_prototypes, y.contiguous(), counts, dz, n, dim, num_classes,
-        grad_prototypes.stride(0), BLOCK_N=cfg.block_m, BLOCK_D=cfg.block_do, **cfg.options())
+        grad_prototypes.stride(0), BLOCK_N=cfg.block_m, BLOCK_D=cfg.block_do, **cfg.options(arch))
     return dz
 
 
@@ -289,7 +294,8 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
     if not has_counts:
         counts = torch.empty(0, dtype=torch.int64, device=device)
     # The fused forward's own config: its tiles are the plan's (block_m, block_n, block_do).
-    cfg = _config(num_classes, "fused_sums" if fused_sums else "rows", arch_class(device))
+    arch = arch_class(device)
+    cfg = _config(num_classes, "fused_sums" if fused_sums else "rows", arch)
     lse = torch.empty((views, n), dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=z.dtype, device=device)
     loss_out = loss if single else torch.empty(programs, dtype=torch.float32, device=device)
@@ -300,8 +306,8 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
         z, y, s, counts, lse, loss_out, part, rows, n, dim, num_classes, z.stride(0), z.stride(1),
         s.stride(0), 1.0 / tau, 1.0 / rows, per_program, SINGLE=single,
         ONE_TILE=num_classes <= cfg.block_n, FUSED_SUMS=fused_sums, BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_DO=cfg.block_do, **cfg.options(), **flags,
-        **_dot_meta(z.dtype))
+        BLOCK_C=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_DO=cfg.block_do, **cfg.options(arch),
+        **flags, **_dot_meta(z.dtype))
     if single:
         ds = part[0] if need_ds else torch.empty(0, dtype=torch.float32, device=device)
     else:
@@ -310,7 +316,7 @@ def prototype_infonce_forward(z: torch.Tensor, y: torch.Tensor, prototypes: Opti
         _infonce_finalize_kernel[(finalize_programs,)](
             part, programs, s, counts, ds, loss_out, loss, num_classes, dim, s.stride(0),
             BLOCK_C=cfg.block_n, BLOCK_D=cfg.block_do, LOSS_BLOCK=cfg.loss_block,
-            **cfg.options(), **flags)
+            **cfg.options(arch), **flags)
     return loss, lse, s, counts, ds, torch.empty(0, dtype=torch.float32, device=device)
 
 
@@ -324,7 +330,8 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
     has_counts = counts is not None
     if not has_counts:
         counts = torch.empty(0, dtype=torch.int64, device=device)
-    cfg = _config(num_classes, arch=arch_class(device))
+    arch = arch_class(device)
+    cfg = _config(num_classes, arch=arch)
     class_tiles, row_tiles = triton.cdiv(num_classes, cfg.block_n), triton.cdiv(rows, cfg.block_m)
     # One class tile is a step per K chunk of the logits and per D chunk of its norms.
     tile_steps = triton.cdiv(dim, cfg.block_k) + triton.cdiv(dim, cfg.block_do)
@@ -337,7 +344,7 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
         z, y, s, counts, stats, lse_part, rows, n, dim, num_classes, z.stride(0), z.stride(1),
         s.stride(0), 1.0 / tau, tiles_per_chunk, SUMS=sums, HAS_COUNTS=has_counts,
         BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_DO=cfg.block_do,
-        **cfg.options(), **dot)
+        **cfg.options(arch), **dot)
     if need_ds:  # the same (class tile, D chunk) grid as the sums
         splits = _sum_splits(rows, dim, num_classes, device)
     else:  # the loss alone: one program per split, so split the rows as finely as the steps ask
@@ -351,14 +358,14 @@ def _class_split_forward(z, y, s, counts, sums, num_classes, tau, need_ds):
     _infonce_class_grad_kernel[(programs * splits,)](
         z, y, stats, lse_part, lse, loss_part, part, rows, n, dim, num_classes, z.stride(0),
         z.stride(1), 1.0 / tau, 1.0 / rows, chunks, splits, NEED_DS=need_ds, BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_n, BLOCK_DO=cfg.block_do, **cfg.options(), **dot)
+        BLOCK_C=cfg.block_n, BLOCK_DO=cfg.block_do, **cfg.options(arch), **dot)
     # One split: dS is finalised in place in its part (each element read before it is written).
     ds = part[0] if need_ds and splits == 1 else torch.empty(
         (num_classes, dim) if need_ds else 0, dtype=torch.float32, device=device)
     _infonce_finalize_kernel[(1 + (class_tiles if need_ds else 0),)](
         part, splits, s, counts, ds, loss_part, loss, num_classes, dim, s.stride(0),
         SUMS=sums, HAS_COUNTS=has_counts, NEED_DS=need_ds, BLOCK_C=cfg.block_n,
-        BLOCK_D=cfg.block_do, LOSS_BLOCK=cfg.loss_block, **cfg.options())
+        BLOCK_D=cfg.block_do, LOSS_BLOCK=cfg.loss_block, **cfg.options(arch))
     return loss, lse, s, counts, ds, stats
 
 
@@ -375,7 +382,8 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
     views, n, dim = z.shape
     rows, num_classes = views * n, s.shape[0]
     staged = stats.numel() > 0
-    cfg = _config(num_classes, "staged_bwd" if staged else "rows", arch_class(z.device))
+    arch = arch_class(z.device)
+    cfg = _config(num_classes, "staged_bwd" if staged else "rows", arch)
     row_tiles = triton.cdiv(rows, cfg.block_m)
     d_chunks = triton.cdiv(dim, cfg.block_do)
     # A program walks its row tile's logits and then its D chunks of dz; several programs share
@@ -394,5 +402,5 @@ def prototype_infonce_backward(grad_loss: torch.Tensor, z: torch.Tensor, y: torc
         HAS_COUNTS=counts.numel() > 0, THROUGH=through, NEED_DP=need_dp,
         ONE_TILE=num_classes <= cfg.block_n, STAGED=staged, BLOCK_M=cfg.block_m,
         BLOCK_C=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_DO=cfg.block_do, DP_BLOCK=cfg.dp_block,
-        **cfg.options(), **_dot_meta(z.dtype))
+        **cfg.options(arch), **_dot_meta(z.dtype))
     return dz, dp

@@ -48,10 +48,12 @@ class LaunchConfig:
     num_warps: int
     num_stages: int | None
 
-    def options(self) -> dict:
-        """The compile options a launch passes: num_warps, and num_stages unless Triton's."""
+    def options(self, arch: str) -> dict:
+        """The compile options a launch for the arch class `arch` passes: num_warps, num_stages
+        unless Triton's, and maxnreg where MAX_REGISTERS caps the class."""
         stages = {} if self.num_stages is None else {"num_stages": self.num_stages}
-        return {"num_warps": self.num_warps, **stages}
+        cap = {} if MAX_REGISTERS[arch] is None else {"maxnreg": MAX_REGISTERS[arch]}
+        return {"num_warps": self.num_warps, **stages, **cap}
 
 
 def autotune_requested() -> bool:
@@ -83,6 +85,14 @@ def _cuda_sm_count(index: int) -> int:
 # allocation spills some of sm_90's tiles). mvcl_fast.backend.KERNEL_CAPABILITIES lists the
 # capabilities the kernels run on.
 ARCH_CLASSES = ("sm_90", "sm_80")
+
+# The registers per thread ptxas may give a launch of each arch class (Triton's maxnreg, PTX's
+# .maxnreg); None: no cap passed. Uncapped, sm_86's and sm_89's ptxas held 4-warp kernels to
+# 80-168 registers and spilled 11 specialisations each under triton 3.9 (prototype forward and
+# class gradient, multi-view fp32-tf32 gradient at D = 128, DAF backward at head dim 64), and
+# sm_80's 3 under triton 3.6; at 255 none spills on sm_80, sm_86 or sm_89 under either
+# (python -m mvcl_fast.tools.report). sm_90 passes none: its rows are tuned without one.
+MAX_REGISTERS = {"sm_90": None, "sm_80": 255}
 
 
 def arch_class(device: torch.device | None) -> str:

@@ -147,8 +147,11 @@ def card() -> Optional[Card]:
 
 
 def device_name() -> str:
+    """The card with its SM count and compute capability (what sizes the kernels' grids and picks
+    their config rows), or the CPU."""
     if CUDA:
-        return torch.cuda.get_device_name()
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return f"{props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor})"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -11,7 +11,7 @@ import torch
 import triton.language as tl
 
 from mvcl_fast import reference
-from mvcl_fast.backend import triton_interpreter_enabled
+from mvcl_fast.backend import cuda_index, triton_interpreter_enabled
 
 # F.normalize's eps (the reference's), as a constant @triton.jit code reads; launchers pass
 # NORM_EPS.value where a kernel takes it as an argument.
@@ -110,4 +110,4 @@ def sm_count(device: torch.device) -> int:
     """SMs of the GPU a launch on `device` runs on; MODELLED_SM_COUNT off CUDA."""
     if device.type != "cuda":
         return MODELLED_SM_COUNT
-    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+    return _cuda_sm_count(cuda_index(device))

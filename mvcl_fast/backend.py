@@ -49,7 +49,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_CAPABILITIES = frozenset({(8, 0), (8, 6), (8, 9), (9, 0)})
 
 
-def _cuda_index(device: torch.device) -> int:
+def cuda_index(device: torch.device) -> int:
+    """The index of a CUDA device (the current one where the device names none)."""
     return torch.cuda.current_device() if device.index is None else device.index
 
 
@@ -88,8 +89,9 @@ def use_triton(op_name: str, x: torch.Tensor) -> bool:
     if choice == "auto":
         if device.type != "cuda" or not triton_available():
             return False
-        if unsupported_card(_cuda_index(device)) is not None:
-            _warn_reference(_cuda_index(device))
+        index = cuda_index(device)
+        if unsupported_card(index) is not None:
+            _warn_reference(index)
             return False
         return True
     if not triton_available():
@@ -97,7 +99,7 @@ def use_triton(op_name: str, x: torch.Tensor) -> bool:
             f"MVCL_FAST_BACKEND=triton but Triton is not installed, so {op_name} cannot run "
             "its kernels (pip install triton, or unset MVCL_FAST_BACKEND)")
     if device.type == "cuda":
-        reason = unsupported_card(_cuda_index(device))
+        reason = unsupported_card(cuda_index(device))
         if reason is not None:
             raise RuntimeError(f"MVCL_FAST_BACKEND=triton but {op_name} cannot run its kernels: "
                                f"{reason} (unset MVCL_FAST_BACKEND to run the reference there)")

@@ -120,6 +120,64 @@ def test_slot_mean_reads_the_label_slots():
     assert torch.equal(got, torch.stack([hidden[0, 1:3].mean(0), hidden[1, 3:5].mean(0)]))
 
 
+def packed_lstm(lstm, x, lengths):
+    """run_lstm's function as packing computes it: the reference it must equal."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    return pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=x.shape[1])[0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lstm_without_packing_equals_the_packed_lstm_in_float64(seed):
+    """Random lengths (1 and full length among them): outputs, and the gradients of the input
+    and of every weight, equal the packed LSTM's; padded frames are zero."""
+    g = torch.Generator().manual_seed(seed)
+    batch, frames, width, hidden = 6, 11, 5, 4
+    lstm = torch.nn.LSTM(width, hidden, batch_first=True, bidirectional=True).double()
+    lengths = torch.randint(1, frames + 1, (batch,), generator=g)
+    lengths[:2] = torch.tensor([1, frames])
+    x = torch.randn(batch, frames, width, generator=g, dtype=torch.float64)
+    upstream = torch.randn(batch, frames, 2 * hidden, generator=g, dtype=torch.float64)
+    results = []
+    for run in (packed_lstm, model_lib.run_lstm):
+        inputs = x.clone().requires_grad_()
+        lstm.zero_grad()
+        out = run(lstm, inputs, lengths)
+        (out * upstream).sum().backward()
+        results.append((out, inputs.grad, [p.grad.clone() for p in lstm.parameters()]))
+    (want, want_dx, want_dw), (got, got_dx, got_dw) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_dx, want_dx, rtol=1e-12, atol=1e-12)
+    for name, got_p, want_p in zip([n for n, _ in lstm.named_parameters()], got_dw, want_dw):
+        torch.testing.assert_close(got_p, want_p, rtol=1e-12, atol=1e-12, msg=name)
+    padded = torch.arange(frames)[None, :] >= lengths[:, None]
+    assert not got[padded].any()
+
+
+def test_lstm_work_does_not_depend_on_the_lengths():
+    """The same ops on the same shapes whatever the lengths: no per-frame or per-length work."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((str(func), tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    lstm = torch.nn.LSTM(3, 2, batch_first=True, bidirectional=True)
+    traces = []
+    for lengths in (torch.tensor([1, 9, 4]), torch.tensor([9, 9, 9])):
+        lstm.zero_grad(set_to_none=True)
+        with Ops() as mode:
+            model_lib.run_lstm(lstm, torch.randn(3, 9, 3), lengths).sum().backward()
+        traces.append(mode.ops)
+    assert traces[0] == traces[1]
+
+
 def test_parse_modalities():
     assert parse_modalities("audio, text") == ("text", "audio")
     assert parse_modalities("audio,video") == ("video", "audio")
@@ -315,12 +373,22 @@ def test_ema_prototype_bank_update_rule_and_when_the_loss_reads_it():
 
     # the bank is state: a fresh loss that loads it reads it at once, and forgets it on reload
     state = loss_fn.state_dict()
-    assert set(state) == {"prototype_bank", "prototype_seen"}
+    assert set(state) == {"prototype_bank", "prototype_seen", "bank_in_use"} and state["bank_in_use"]
     fresh = MVCLLoss(classes, lambda_mv=0, prototypes="ema", embedding_dim=4)
     fresh.load_state_dict(state)
     assert fresh.bank_ready() and torch.equal(fresh.prototype_bank, expected)
     fresh.load_state_dict(MVCLLoss(classes, prototypes="ema", embedding_dim=4).state_dict())
     assert not fresh.bank_ready()
+
+
+def test_a_deferred_bank_check_reads_the_bank_from_the_next_check_on():
+    """check_bank_every_step=False (the trainer's): forward makes no host sync for the bank; the
+    loss reads it from the first check_bank() after every class was seen."""
+    loss_fn = MVCLLoss(2, lambda_mv=0, prototypes="ema", embedding_dim=4, check_bank_every_step=False)
+    loss_fn.update_prototype_bank(*loss_input(2, [0, 1]))
+    assert not loss_fn.bank_ready() and not loss_fn.bank_in_use
+    loss_fn.check_bank()
+    assert loss_fn.bank_ready() and loss_fn.bank_in_use
 
 
 def test_ema_bank_waits_only_for_the_classes_the_training_data_holds():

@@ -44,7 +44,6 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mvcl_fast.losses import MultiViewInfoNCELoss, PrototypeInfoNCELoss
 from mvcl_fast.ops.daf import daf_attention
@@ -168,21 +167,40 @@ class ModelConfig:
 
 
 # ------------------------------------------------------------------ helpers
-def lengths_to_padding(lengths: Tensor, max_len: int, device) -> Tensor:
-    """[B] valid lengths -> [B, T] bool on device, True where padded.
-
-    The lengths may stay on the CPU, where the LSTM packing reads them (a
-    CUDA copy would cost a device sync there); only the mask moves.
-    """
-    return torch.arange(max_len, device=device)[None, :] >= lengths.to(device)[:, None]
+def lengths_to_padding(lengths: Tensor, max_len: int) -> Tensor:
+    """[B] valid lengths -> [B, T] bool on the lengths' device, True where padded."""
+    return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
 
 
 def run_lstm(lstm: nn.LSTM, x: Tensor, lengths: Tensor) -> Tensor:
-    """A (bi)LSTM over the valid frames only, zeros at padded frames."""
-    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-    out, _ = lstm(packed)
-    out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-    return out
+    """A one-layer bidirectional LSTM over each row's valid frames, zeros at padded frames.
+
+    The function of packing, without it: packed sequences launch a copy per time step in
+    backward, need the lengths on the host (a device sync) and keep cuDNN off its persistent
+    kernels. The forward direction runs over the padded rows (a row's padding comes after its
+    valid frames, so it does not change their outputs); the reverse direction runs forward over
+    each row's valid frames reversed in place (padding still last) and its outputs are put back
+    in order. Two LSTM calls and two gathers whatever the lengths, all on the device.
+    """
+    if lstm.num_layers != 1 or not lstm.bidirectional or lstm.proj_size or not lstm.batch_first:
+        raise ValueError("run_lstm takes a one-layer bidirectional batch_first LSTM without projection")
+    steps = torch.arange(x.shape[1], device=x.device)
+    valid = steps[None, :] < lengths[:, None]                                   # [B, T]
+    # t -> length - 1 - t on the valid frames, t on the padding: its own inverse
+    order = torch.where(valid, lengths[:, None] - 1 - steps, steps)[..., None]
+    weights = lstm._flat_weights
+    half = len(weights) // 2          # [w_ih, w_hh, b_ih, b_hh] of each direction
+    forward = _lstm_direction(lstm, weights[:half], x)
+    reverse = _lstm_direction(lstm, weights[half:], x.gather(1, order.expand_as(x)))
+    reverse = reverse.gather(1, order.expand_as(reverse))
+    return torch.cat([forward, reverse], dim=-1) * valid[..., None]
+
+
+def _lstm_direction(lstm: nn.LSTM, weights: list[Tensor], x: Tensor) -> Tensor:
+    """One direction of lstm over x [B, T, D] from a zero state: nn.LSTM.forward's own call."""
+    state = x.new_zeros(1, x.shape[0], lstm.hidden_size)
+    return torch._VF.lstm(x, (state, state), weights, lstm.bias, 1, 0.0, lstm.training,
+                          False, True)[0]
 
 
 def sinusoidal_positions(length: int, dim: int, device) -> Tensor:
@@ -193,6 +211,25 @@ def sinusoidal_positions(length: int, dim: int, device) -> Tensor:
     table[:, 0::2] = torch.sin(position * freq)
     table[:, 1::2] = torch.cos(position * freq[: dim // 2])
     return table
+
+
+def prepared_attention_mask(encoder: nn.Module, attention_mask: Tensor) -> Tensor:
+    """attention_mask [B, L] (1: a token) as the 4D mask a transformers BERT uses as given.
+
+    From a 2D mask transformers decides whether it may drop the mask by reading it on the
+    host (``padding_mask.all()``: a device sync per encoder call); a prepared 4D mask it passes
+    through unread. SDPA takes it as bool (True: attend), the eager attention as an additive
+    float mask; other attention implementations get the 2D mask.
+    """
+    implementation = getattr(encoder.config, "_attn_implementation", None)
+    keep = attention_mask[:, None, None, :].bool()
+    if implementation == "sdpa":
+        return keep
+    if implementation == "eager":
+        dtype = encoder.dtype
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+            ~keep, torch.finfo(dtype).min)
+    return attention_mask
 
 
 def fused_op_dtype(t: Tensor) -> torch.dtype:
@@ -262,8 +299,8 @@ class VideoStream(nn.Module):
         self.align = CTCAlignment(width, cfg.seq_len, cfg.align_hidden)
 
     def forward(self, frames: Tensor, lengths: Tensor) -> ModalityTokens:
-        lengths = lengths.clamp(1, frames.shape[1])
-        padding = lengths_to_padding(lengths, frames.shape[1], frames.device)
+        lengths = lengths.to(frames.device).clamp(1, frames.shape[1])
+        padding = lengths_to_padding(lengths, frames.shape[1])
         x = self.input(frames)
         x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device)
         x = self.norm(self.encoder(x, src_key_padding_mask=padding))
@@ -285,8 +322,8 @@ class AudioStream(nn.Module):
         self.align = CTCAlignment(width, cfg.seq_len, cfg.align_hidden)
 
     def forward(self, frames: Tensor, lengths: Tensor) -> ModalityTokens:
-        lengths = lengths.clamp(1, frames.shape[1])
-        padding = lengths_to_padding(lengths, frames.shape[1], frames.device)
+        lengths = lengths.to(frames.device).clamp(1, frames.shape[1])
+        padding = lengths_to_padding(lengths, frames.shape[1])
         x = self.norm(self.dropout(run_lstm(self.lstm, self.input(frames), lengths)))
         tokens = self.project(x)
         return ModalityTokens(tokens, padding, self.align(x, tokens, lengths, padding))
@@ -425,7 +462,8 @@ class MVCLDAFPlusPlus(nn.Module):
         # Callers may trim a batch's trailing padding (the encoder then runs on fewer
         # positions); the fusion always sees seq_len positions, the alignment target.
         short = seq_len - input_ids.shape[1]
-        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = prepared_attention_mask(self.text_encoder, attention_mask)
+        text = self.text_encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         text = F.pad(text, (0, 0, 0, short))
         text_padding = F.pad(attention_mask == 0, (0, short), value=True)
         inputs = {"video": (video, video_lengths), "audio": (audio, audio_lengths)}
@@ -449,7 +487,7 @@ class MVCLDAFPlusPlus(nn.Module):
         views["fused"] = slot_mean(fused, label_start, label_len)
         anchor = None
         if anchor_ids is not None:
-            hidden = self.anchor_encoder(input_ids=anchor_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = self.anchor_encoder(input_ids=anchor_ids, attention_mask=mask).last_hidden_state
             anchor = slot_mean(hidden, label_start, label_len)
         return ModelOutput(logits, views, anchor)
 
@@ -481,9 +519,11 @@ class MVCLLoss(nn.Module):
     def __init__(self, num_classes: int, lambda_proto: float = 1.0, lambda_mv: float = 1.0,
                  tau: float = 0.1, group=None, *, prototypes: str = "batch",
                  momentum: float = 0.9, embedding_dim: Optional[int] = None,
-                 bank_classes: Optional[Tensor] = None):
+                 bank_classes: Optional[Tensor] = None, check_bank_every_step: bool = True):
         """prototypes="ema" needs embedding_dim (the views' width). bank_classes: bool [C], the
-        classes the training data holds (default: all); the bank is used once each has been seen."""
+        classes the training data holds (default: all); the bank is used once each has been seen.
+        check_bank_every_step: whether each forward checks that (a host sync until it holds);
+        False: only :meth:`check_bank` does, which a trainer calls when it reads the device."""
         super().__init__()
         if prototypes not in PROTOTYPE_MODES:
             raise ValueError(f"prototypes must be one of {PROTOTYPE_MODES}, got {prototypes!r}")
@@ -508,17 +548,34 @@ class MVCLLoss(nn.Module):
             classes = (torch.ones(num_classes, dtype=torch.bool) if bank_classes is None
                        else torch.as_tensor(bank_classes, dtype=torch.bool))
             self.register_buffer("bank_classes", classes, persistent=False)
-            self._bank_ready = False
-            # a loaded state may have seen fewer classes: look again
-            self.register_load_state_dict_post_hook(_bank_not_ready)
+            # Whether the loss reads the bank: state, since a run checks it only now and then.
+            self.register_buffer("bank_in_use", torch.zeros((), dtype=torch.bool))
+            self._bank_ready: Optional[bool] = False    # bank_in_use on the host; None: unread
+            self.register_load_state_dict_post_hook(_bank_unread)
+        self.check_bank_every_step = check_bank_every_step
 
     def bank_ready(self) -> bool:
-        """Whether every class of bank_classes has been in a batch (so has a bank row). Costs a
-        host sync until it is true, none after: a class once seen stays seen."""
+        """Whether the loss reads the bank: from the check that found every class of bank_classes
+        in a batch (so with a bank row) on. With check_bank_every_step, each call until then
+        checks (a host sync); none after: a class once seen stays seen."""
         if self.prototypes != "ema":
             return False
-        if not self._bank_ready:
-            self._bank_ready = bool(self.prototype_seen[self.bank_classes].all())
+        if self.check_bank_every_step:
+            self.check_bank()
+        return self._bank_in_use()
+
+    def check_bank(self) -> None:
+        """Start reading the bank if every class of bank_classes has been seen (a host sync while
+        it has not; nothing for prototypes="batch")."""
+        if self.prototypes != "ema" or self._bank_in_use():
+            return
+        if bool(self.prototype_seen[self.bank_classes].all()):
+            self.bank_in_use.fill_(True)
+            self._bank_ready = True
+
+    def _bank_in_use(self) -> bool:
+        if self._bank_ready is None:          # a loaded state: its flag is read once
+            self._bank_ready = bool(self.bank_in_use)
         return self._bank_ready
 
     def _prototype_views(self, out: ModelOutput) -> Tensor:
@@ -567,5 +624,5 @@ class MVCLLoss(nn.Module):
         return f"prototypes={self.prototypes}{bank}"
 
 
-def _bank_not_ready(module: MVCLLoss, incompatible_keys) -> None:
-    module._bank_ready = False
+def _bank_unread(module: MVCLLoss, incompatible_keys) -> None:
+    module._bank_ready = None

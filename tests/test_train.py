@@ -226,7 +226,7 @@ def test_ema_prototype_bank_resumes_bitwise_from_a_weights_only_checkpoint(tiny_
     assert loads and all(k.get("weights_only") is True for k in loads)   # last.pt, then best.pt
     full, resumed = last_state(full_dir), last_state(cut_dir)
     assert resumed["global_step"] == full["global_step"] == 3
-    assert set(full["criterion"]) == {"prototype_bank", "prototype_seen"}
+    assert set(full["criterion"]) == {"prototype_bank", "prototype_seen", "bank_in_use"}
     for name, value in full["criterion"].items():
         assert torch.equal(value, resumed["criterion"][name]), f"{name} differs after resume"
     for name, value in full["model"].items():

@@ -29,7 +29,7 @@ from mvcl_fast.intent import runs
 from mvcl_fast.intent.errors import CheckpointError, first_line
 
 # The layout this module writes; a file of another format is refused.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 BEST_CHECKPOINT = "best.pt"
 
 

@@ -290,6 +290,10 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
                      help="torch.compile the fusion layers (the text encoders stay eager); auto: on "
                           "for CUDA, off on CPU, where compiling did not pay for itself")
+    run.add_argument("--log-every", type=number(int, at_least=1), default=50, metavar="N",
+                     help="read the training losses every N steps (%(type)s; default %(default)s): "
+                          "the progress bar's loss and the NaN/Inf check; a reading waits for the "
+                          "device, a step does not")
     run.add_argument("--backend", default="auto", choices=("auto", "reference", "triton"),
                      help="implementation of the fused ops (sets MVCL_FAST_BACKEND): auto = Triton "
                           "kernels on CUDA, PyTorch reference on CPU")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -418,9 +419,28 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+class FullBatches(torch.utils.data.Sampler):
+    """Batches of exactly batch_size indices of sampler's order, the last one completed with
+    the order's first indices (as DistributedSampler pads the split for its ranks): every step
+    of an epoch has the same shapes, and every item is still read each epoch."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, batch_size: int):
+        self.sampler = sampler
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self):
+        order = list(self.sampler)
+        order = list(itertools.islice(itertools.cycle(order), len(self) * self.batch_size))
+        for start in range(0, len(order), self.batch_size):
+            yield order[start:start + self.batch_size]
+
+
 def data_loader(split: MultimodalSplit, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                dist=None, num_workers: int = 0,
-                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+                dist=None, num_workers: int = 0, pin_memory: bool = False,
+                full_batches: bool = False) -> torch.utils.data.DataLoader:
     """Collated batches of split, for training and evaluation.
 
     An explicit generator (reseeded by the trainer each epoch) or the sampler's seed fixes the
@@ -428,14 +448,23 @@ def data_loader(split: MultimodalSplit, batch_size: int, *, shuffle: bool = Fals
     exactly. dist (mvcl_fast.intent.distributed.Distributed, under DDP): each rank reads its
     own 1/R of the split; the sampler pads the split by repeating a few items so every rank has
     as many batches of the same sizes (the all-gathered negatives need equal batches).
+    full_batches (training): every batch holds batch_size items (FullBatches), so a step's
+    shapes never change; the sampler is then the batch sampler's (``loader.batch_sampler.sampler``).
     """
     dataset = MultimodalDataset(split)
     generator = torch.Generator()
     generator.manual_seed(seed)
-    sampler = None
     if dist is not None and dist.enabled:
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        collate_fn=collate, num_workers=num_workers, generator=generator, pin_memory=pin_memory)
+    elif shuffle:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=generator)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    if full_batches:
+        batching = dict(batch_sampler=FullBatches(sampler, batch_size))
+    else:
+        batching = dict(batch_size=batch_size, sampler=sampler)
+    return torch.utils.data.DataLoader(dataset, **batching, collate_fn=collate,
+                                       num_workers=num_workers, generator=generator,
+                                       pin_memory=pin_memory)

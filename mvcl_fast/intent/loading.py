@@ -225,6 +225,9 @@ def model_inputs(tokens: dict, batch: dict, modalities, device: torch.device, *,
                  with_anchor: bool = False, blank: Optional[str] = None) -> dict:
     """The model's keyword arguments for a batch: its label-prompt tokens and its frames.
 
+    Every tensor has the shape the options fix (batch, the model's seq_len, the frame lengths),
+    whatever the batch's real lengths: a training step is one fixed sequence of kernels.
+
     blank: a modality to blank out (evaluation without it): its frames zeroed. Text blanked,
     or a model without text: the encoder reads the label prompt alone, [CLS] [MASK]*label_len
     [SEP], the utterance's word pieces left out (the anchor: [CLS], the label words, [SEP]).
@@ -242,10 +245,6 @@ def model_inputs(tokens: dict, batch: dict, modalities, device: torch.device, *,
         input_ids, attention_mask = input_ids.gather(1, columns), attention_mask.gather(1, columns)
         anchor_ids = None if anchor_ids is None else anchor_ids.gather(1, columns)
         label_start = torch.ones_like(label_start)
-    else:
-        keep = int(attention_mask.sum(dim=1).max())   # the batch's trailing padding is not encoded
-        input_ids, attention_mask = input_ids[:, :keep], attention_mask[:, :keep]
-        anchor_ids = None if anchor_ids is None else anchor_ids[:, :keep]
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "label_start": label_start}
     for name in ("video", "audio"):
         if name in modalities:
@@ -254,7 +253,13 @@ def model_inputs(tokens: dict, batch: dict, modalities, device: torch.device, *,
                            f"{name}_lengths": batch[f"{name}_length"]})
     if anchor_ids is not None:
         inputs["anchor_ids"] = anchor_ids
-    # Lengths stay on the CPU: packing the LSTM sequences reads them there (the model
-    # builds its padding masks on the frames' device).
-    return {k: v if k.endswith("_lengths") else v.to(device, non_blocking=True)
-            for k, v in inputs.items()}
+    return {k: to_device(v, device) for k, v in inputs.items()}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """tensor on device without the host waiting: a copy from pinned host memory queues behind
+    the device's work, one from pageable memory would wait for it (the rows gathered from the
+    token tables are pageable: they are pinned first, a host-side copy)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -52,7 +52,7 @@ from mvcl_fast.intent.trainer import Trainer, TrainingDiverged
 # checkpoint, and refuses a command line that sets any other option to
 # another value (so a resume cannot silently change the experiment).
 RUNTIME_OPTIONS = ("resume", "num_workers", "compile", "backend", "device", "output_dir", "name",
-                   "overwrite", "debug", "cache_dir", "eval_drop_modality")
+                   "overwrite", "debug", "cache_dir", "eval_drop_modality", "log_every")
 # What a text-model folder must hold besides config.json (any one of each).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                    "sentencepiece.bpe.model", "tokenizer.model")

@@ -5,9 +5,11 @@ Every epoch trains on the shuffled training split, evaluates dev, keeps
 the run stops after --epochs or --max-steps, or early after --patience epochs
 without improvement. Ctrl-C or SIGTERM finishes the current step, saves
 ``last.pt`` and stops (a second one aborts, once a checkpoint being written is
-complete); a NaN/Inf loss stops the run naming the step, and so do NaN/Inf
-weights before a checkpoint is written, so ``last.pt`` and ``best.pt`` only ever
-hold finite weights. Under DDP every rank runs this loop: the ranks decide
+complete). A step never waits for the device: its losses are summed there and
+read every --log-every steps, at an epoch's end and before a checkpoint; a
+NaN/Inf loss found then stops the run naming the step, and so do NaN/Inf weights
+before a checkpoint is written, so ``last.pt`` and ``best.pt`` only ever hold
+finite weights. Under DDP every rank runs this loop: the ranks decide
 stops and divergence together, and rank 0 alone writes.
 """
 from __future__ import annotations
@@ -31,7 +33,8 @@ from mvcl_fast.intent.data import data_loader
 from mvcl_fast.intent.distributed import Distributed
 from mvcl_fast.intent.errors import MVCLError
 from mvcl_fast.intent.evaluation import predicted_labels
-from mvcl_fast.intent.loading import PRECISIONS, autocast, autocast_dtype, model_inputs
+from mvcl_fast.intent.loading import PRECISIONS, autocast, autocast_dtype, model_inputs, to_device
+from mvcl_fast.intent.step import LossMeter
 
 # Ctrl-C (SIGINT) and SIGTERM (what schedulers preempting a job send; torchrun forwards the
 # signal it receives to every worker): both finish the step, save last.pt and exit.
@@ -113,6 +116,7 @@ class Trainer:
             self._build()
             if resume_state is not None:
                 checkpoints.restore_last(self, resume_state)
+                self.criterion.bank_ready()    # the restored bank's flag, read before the steps
         except BaseException:
             self.close()     # the folder's lock and the process group go with a failed start
             raise
@@ -144,6 +148,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.progress = checkpoints.Progress()
         self.epoch_sums: dict[str, float] = {}   # this rank's loss sums over the unfinished epoch
+        self.meter: Optional[LossMeter] = None   # the steps' losses since the last reading
+        self.criterion.check_bank_every_step = False    # checked when the meter is read
 
     def log(self, message: str) -> None:
         """Print and append to train.log (rank 0 only: the ranks agree on everything logged)."""
@@ -166,24 +172,16 @@ class Trainer:
     def _loader(self, split: str, batch_size: int, shuffle: bool):
         return data_loader(self.splits[split].split, batch_size, shuffle=shuffle, seed=self.args.seed,
                            dist=self.dist, num_workers=self.args.num_workers,
-                           pin_memory=self.device.type == "cuda")
+                           pin_memory=self.device.type == "cuda", full_batches=split == "train")
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict) -> None:
+        """One optimisation step on batch. It makes no host sync: the losses go to the meter."""
         self.model.train()
-        labels = batch["label"].to(self.device)
+        labels = to_device(batch["label"], self.device)
         with autocast(self.device, self.amp_dtype):
             out = self.train_model(**model_inputs(self.splits["train"].tokens, batch, self.cfg.modalities,
                                                   self.device, with_anchor=self.with_anchor))
             loss, parts = self.criterion(out, labels)
-        # The ranks agree before backward (whose all-reduces they must all join) on whether any
-        # rank's loss diverged.
-        diverged, = self.dist.any(not torch.isfinite(loss).item())
-        if diverged:
-            if torch.isfinite(loss):
-                raise TrainingDiverged("the training loss on another rank is NaN/Inf")
-            where = f" on rank {self.dist.rank}" if self.dist.enabled else ""
-            raise TrainingDiverged(f"the training loss{where} is {loss.item()} ("
-                                   + ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()) + ")")
         self.optimizer.zero_grad(set_to_none=True)
         # The scaler is a pass-through unless --precision fp16 (whose small gradients need it).
         self.scaler.scale(loss).backward()
@@ -195,7 +193,42 @@ class Trainer:
         self.scheduler.step()
         # after backward: the loss read the bank as it was before this step
         self.criterion.update_prototype_bank(out, labels)
-        return {"loss": loss.item(), **{k: v.item() for k, v in parts.items()}}
+        if self.meter is None:
+            self.meter = LossMeter(("loss", *parts), self.device)
+        self.meter.add({"loss": loss, **parts})
+
+    def read_losses(self, bar=None) -> None:
+        """Read the meter (a host sync): add its sums to the epoch's, or stop the run if a step's
+        loss was NaN/Inf, on any rank (the ranks decide together). Then check the ema bank."""
+        if self.meter is None:
+            return
+        reading = self.meter.read()
+        diverged, = self.dist.any(reading.first_bad is not None)
+        if diverged:
+            raise TrainingDiverged(self._divergence(reading))
+        for name, value in reading.sums.items():
+            self.epoch_sums[name] = self.epoch_sums.get(name, 0.0) + value
+        if bar is not None and reading.steps:
+            bar.set_postfix(loss=f"{reading.sums['loss'] / reading.steps:.3f}")
+        self.criterion.check_bank()
+
+    def _divergence(self, reading) -> str:
+        """The message of a NaN/Inf loss: the step (1-based) and its losses."""
+        last = self.progress.global_step
+        if reading.first_bad is None:
+            return (f"stopping at global step {last}: the training loss on another rank is NaN/Inf "
+                    f"(in one of global steps {last - reading.steps + 1} to {last})")
+        step = last - reading.steps + reading.first_bad         # 0-based global step
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        where = f" on rank {self.dist.rank}" if self.dist.enabled else ""
+        losses = reading.bad_losses
+        message = (f"stopping at epoch {epoch + 1}, step {in_epoch + 1} (global step {step + 1}): "
+                   f"the training loss{where} is {losses['loss']} ("
+                   + ", ".join(f"{k} {v:.4g}" for k, v in losses.items() if k != "loss") + ")")
+        if step + 1 < last:
+            message += (f"; found at global step {last} (the losses are read every --log-every "
+                        f"{self.args.log_every} steps and at an epoch's end)")
+        return message
 
     def evaluate(self, split: str, blank: Optional[str] = None) -> tuple[dict, np.ndarray, np.ndarray]:
         """(metrics, labels, predictions) of the whole split; blank: a modality blanked out."""
@@ -227,7 +260,7 @@ class Trainer:
                     return "interrupted"
                 epoch, start = progress.epoch, time.perf_counter()
                 if self.dist.enabled:
-                    self.train_loader.sampler.set_epoch(epoch)
+                    self.train_loader.batch_sampler.sampler.set_epoch(epoch)
                 else:
                     self.train_loader.generator.manual_seed(self.args.seed * 1000 + epoch)
                 batches = itertools.islice(self.train_loader, progress.step_in_epoch, None)
@@ -235,17 +268,11 @@ class Trainer:
                            desc=f"epoch {epoch + 1}/{self.args.epochs}", unit="step",
                            dynamic_ncols=True, leave=False, disable=not self.dist.is_main)
                 for batch in bar:
-                    try:
-                        stats = self.train_step(batch)
-                    except TrainingDiverged as err:
-                        raise TrainingDiverged(
-                            f"stopping at epoch {epoch + 1}, step {progress.step_in_epoch + 1} "
-                            f"(global step {progress.global_step + 1}): {err}") from None
+                    self.train_step(batch)
                     progress.step_in_epoch += 1
                     progress.global_step += 1
-                    for k, v in stats.items():
-                        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
-                    bar.set_postfix(loss=f"{stats['loss']:.3f}")
+                    if progress.global_step % self.args.log_every == 0:
+                        self.read_losses(bar)
                     epoch_done = self._out_of_steps() or progress.step_in_epoch == self.steps_per_epoch
                     # A stop on an epoch's last step still gets the epoch's evaluation and checkpoint.
                     if self._stop_agreed() and not epoch_done:
@@ -253,6 +280,7 @@ class Trainer:
                         progress.elapsed += seconds
                         progress.epoch_train_seconds += seconds
                         bar.close()
+                        self.read_losses()
                         self._check_weights()
                         with self.stops.held():
                             checkpoints.save_last(self)
@@ -269,6 +297,7 @@ class Trainer:
         """Evaluate dev, keep the best model, decide whether to stop, save last.pt.
         train_seconds: the epoch's training time since it (re)started in this process."""
         progress = self.progress
+        self.read_losses()
         self._check_weights()
         steps = max(1, progress.step_in_epoch) * self.dist.world_size
         # every rank's sums: the means are over the steps of all of them

@@ -178,6 +178,35 @@ def test_lstm_work_does_not_depend_on_the_lengths():
     assert traces[0] == traces[1]
 
 
+def test_weights_cast_once_compute_what_autocast_computes(tiny_bert, prompter):
+    """A bf16 autocast step with WeightCast (one cast of every linear weight, through
+    functional_call) gives bitwise the loss and every gradient of plain autocast, which casts
+    each weight where it is used; frozen or unused weights get no gradient either way."""
+    from mvcl_fast.intent.step import WeightCast
+
+    inputs, anchor_ids, labels = batch(prompter)
+    results = []
+    for cast_once in (False, True):
+        model = build(tiny_bert, prompter).train()
+        model.classifier.weight.requires_grad_(False)
+        loss_fn = MVCLLoss(len(LABELS))
+        cast = WeightCast(model, torch.bfloat16)
+        torch.manual_seed(3)     # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kwargs = {**inputs, "anchor_ids": anchor_ids}
+            out = (torch.func.functional_call(model, cast(), (), kwargs) if cast_once
+                   else model(**kwargs))
+            loss = loss_fn(out, labels)[0]
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters()}, cast.names))
+    (want, want_grads, _), (got, got_grads, names) = results
+    assert "classifier.weight" not in names and "text_encoder.encoder.layer.0.attention.self.query.weight" in names
+    assert torch.equal(got, want)
+    for name, grad in want_grads.items():
+        assert (grad is None) == (got_grads[name] is None), name
+        assert grad is None or torch.equal(got_grads[name], grad), name
+
+
 def test_parse_modalities():
     assert parse_modalities("audio, text") == ("text", "audio")
     assert parse_modalities("audio,video") == ("video", "audio")

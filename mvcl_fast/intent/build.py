@@ -125,10 +125,11 @@ def build_model(args: argparse.Namespace, cfg: ModelConfig, text_encoder: nn.Mod
 
 
 def compile_fusion(model: MVCLDAFPlusPlus, mode: str, device: torch.device) -> bool:
-    """--compile: torch.compile the fusion layers (on / off / auto: on for CUDA); whether it did.
+    """--compile: torch.compile the fusion layers (on / step / off / auto: on for CUDA); whether
+    it did (step also captures the whole step: mvcl_fast.intent.step.CapturedStep).
     The fused ops are custom ops with fake impls, so they trace without graph breaks; the
     pretrained encoders stay eager (compiling them costs more than it saves here)."""
-    use = mode == "on" or (mode == "auto" and device.type == "cuda")
+    use = mode in ("on", "step") or (mode == "auto" and device.type == "cuda")
     if use:
         for module in [*model.streams.values(), model.coarse, *model.daf]:
             if module is not None:
@@ -149,9 +150,12 @@ def data_parallel(model: nn.Module, dist, seed: int) -> nn.Module:
     return wrapped
 
 
-def build_optimizer(model: MVCLDAFPlusPlus, args: argparse.Namespace) -> torch.optim.AdamW:
+def build_optimizer(model: MVCLDAFPlusPlus, args: argparse.Namespace,
+                    capturable: bool = False) -> torch.optim.AdamW:
     """AdamW: the pretrained text encoders at --lr, everything trained from scratch at
-    --fusion-lr; weight decay on matrices only (not on biases, norm weights, PReLU slopes)."""
+    --fusion-lr; weight decay on matrices only (not on biases, norm weights, PReLU slopes).
+    capturable: for a step captured as a CUDA graph, the learning rates are device tensors
+    (the schedule updates them in place; a float would be frozen into the graph)."""
     encoder_ids = {id(p) for p in model.encoder_parameters()}
     groups = {}
     for param in model.parameters():
@@ -161,12 +165,13 @@ def build_optimizer(model: MVCLDAFPlusPlus, args: argparse.Namespace) -> torch.o
         decay = param.ndim >= 2
         key = (encoder, decay)
         if key not in groups:
-            groups[key] = {"params": [], "lr": args.lr if encoder else args.fusion_lr,
+            lr = args.lr if encoder else args.fusion_lr
+            groups[key] = {"params": [], "lr": torch.tensor(lr, device=param.device) if capturable else lr,
                            "weight_decay": args.weight_decay if decay else 0.0}
         groups[key]["params"].append(param)
     # The fused AdamW is one kernel per parameter group instead of several passes over
     # every tensor: 6x less optimiser time for the ~50M parameters here (on the CPU too).
-    return torch.optim.AdamW([groups[k] for k in sorted(groups)], fused=True)
+    return torch.optim.AdamW([groups[k] for k in sorted(groups)], fused=True, capturable=capturable)
 
 
 def linear_warmup_decay(step: int, warmup: int, total: int) -> float:

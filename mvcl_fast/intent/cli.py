@@ -287,9 +287,12 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", type=device_name, default="auto",
                      help="auto (cuda if available), cpu, cuda, cuda:1, ... (under torchrun: auto, "
                           "cpu or cuda; each process takes cuda:LOCAL_RANK)")
-    run.add_argument("--compile", default="auto", choices=("on", "off", "auto"),
-                     help="torch.compile the fusion layers (the text encoders stay eager); auto: on "
-                          "for CUDA, off on CPU, where compiling did not pay for itself")
+    run.add_argument("--compile", default="auto", choices=("on", "step", "off", "auto"),
+                     help="on: torch.compile the fusion layers (the text encoders stay eager); "
+                          "step: that, and the whole training step (forward, losses, backward, "
+                          "AdamW) captured once as a CUDA graph and replayed (CUDA, bf16 or fp32, "
+                          "--prototypes batch, one process); auto: on for CUDA, off on CPU, where "
+                          "compiling did not pay for itself")
     run.add_argument("--log-every", type=number(int, at_least=1), default=50, metavar="N",
                      help="read the training losses every N steps (%(type)s; default %(default)s): "
                           "the progress bar's loss and the NaN/Inf check; a reading waits for the "

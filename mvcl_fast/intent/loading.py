@@ -53,9 +53,10 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return PRECISIONS[precision]
 
 
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """The forward passes' autocast region in dtype (None: none, fp32); the weights stay fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def autocast(device: torch.device, dtype: Optional[torch.dtype], cache: bool = True):
+    """The forward passes' autocast region in dtype (None: none, fp32); the weights stay fp32.
+    cache=False: no cast cache (a captured CUDA graph must not keep one across the capture)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=cache)
 
 
 @dataclass

@@ -198,6 +198,10 @@ def run_lstm(lstm: nn.LSTM, x: Tensor, lengths: Tensor) -> Tensor:
 
 def _lstm_direction(lstm: nn.LSTM, weights: list[Tensor], x: Tensor) -> Tensor:
     """One direction of lstm over x [B, T, D] from a zero state: nn.LSTM.forward's own call."""
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
+            torch.get_autocast_dtype("cpu") == torch.float16:
+        with torch.autocast("cpu", enabled=False):     # oneDNN has no fp16 LSTM: fp32 there
+            return _lstm_direction(lstm, weights, x.float())
     state = x.new_zeros(1, x.shape[0], lstm.hidden_size)
     return torch._VF.lstm(x, (state, state), weights, lstm.bias, 1, 0.0, lstm.training,
                           False, True)[0]

@@ -31,10 +31,10 @@ from torch import nn
 from mvcl_fast.intent import build, checkpoints, distributed, runs
 from mvcl_fast.intent.data import data_loader
 from mvcl_fast.intent.distributed import Distributed
-from mvcl_fast.intent.errors import MVCLError
+from mvcl_fast.intent.errors import ConfigError, MVCLError
 from mvcl_fast.intent.evaluation import predicted_labels
 from mvcl_fast.intent.loading import PRECISIONS, autocast, autocast_dtype, model_inputs, to_device
-from mvcl_fast.intent.step import LossMeter
+from mvcl_fast.intent.step import CapturedStep, LossMeter, WeightCast
 
 # Ctrl-C (SIGINT) and SIGTERM (what schedulers preempting a job send; torchrun forwards the
 # signal it receives to every worker): both finish the step, save last.pt and exit.
@@ -141,11 +141,15 @@ class Trainer:
         total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps is not None:
             total_steps = min(total_steps, args.max_steps)
-        self.optimizer = build.build_optimizer(self.model, args)
+        self.optimizer = build.build_optimizer(self.model, args, capturable=args.compile == "step")
         self.scheduler = build.build_schedule(self.optimizer, args.warmup, total_steps)
         self.amp_dtype = autocast_dtype(args.precision, self.device)
+        # Under DDP the wrapper's forward runs the model: autocast casts each weight itself.
+        self.weight_cast = (WeightCast(self.model, self.amp_dtype)
+                            if self.amp_dtype is not None and not self.dist.enabled else None)
         self.precision = next(name for name, dtype in PRECISIONS.items() if dtype == self.amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.captured = self._captured_step() if args.compile == "step" else None
         self.progress = checkpoints.Progress()
         self.epoch_sums: dict[str, float] = {}   # this rank's loss sums over the unfinished epoch
         self.meter: Optional[LossMeter] = None   # the steps' losses since the last reading
@@ -174,13 +178,42 @@ class Trainer:
                            dist=self.dist, num_workers=self.args.num_workers,
                            pin_memory=self.device.type == "cuda", full_batches=split == "train")
 
+    def _captured_step(self) -> CapturedStep:
+        """--compile step: what a CUDA graph of the step cannot hold is refused here."""
+        refused = [(self.device.type != "cuda", "a CUDA device (--device)", "--device cuda"),
+                   (self.amp_dtype == torch.float16, "--precision bf16 or fp32 (fp16's gradient "
+                    "scaler reads the device every step)", "--precision bf16"),
+                   (self.args.prototypes == "ema", "--prototypes batch (the ema bank's use "
+                    "changes the step)", "--prototypes batch"),
+                   (self.dist.enabled, "one process", "a plain python -m mvcl_fast.train")]
+        for failed, needs, fix in refused:
+            if failed:
+                raise ConfigError(f"--compile step captures the training step as a CUDA graph, "
+                                  f"which needs {needs}", f"pass {fix}, or --compile on")
+        return CapturedStep(self.device_step, self.device)
+
     def train_step(self, batch: dict) -> None:
         """One optimisation step on batch. It makes no host sync: the losses go to the meter."""
+        inputs = model_inputs(self.splits["train"].tokens, batch, self.cfg.modalities, self.device,
+                              with_anchor=self.with_anchor)
+        inputs["labels"] = to_device(batch["label"], self.device)
+        if self.captured is None:
+            self.device_step(inputs)
+        else:
+            self.captured(inputs)
+        self.scheduler.step()     # outside the graph: it sets the learning rates in place
+
+    def device_step(self, inputs: dict) -> None:
+        """The step's device work on the model's inputs and "labels": what --compile step captures."""
         self.model.train()
-        labels = to_device(batch["label"], self.device)
-        with autocast(self.device, self.amp_dtype):
-            out = self.train_model(**model_inputs(self.splits["train"].tokens, batch, self.cfg.modalities,
-                                                  self.device, with_anchor=self.with_anchor))
+        labels = inputs["labels"]
+        model_args = {k: v for k, v in inputs.items() if k != "labels"}
+        with autocast(self.device, self.amp_dtype, cache=self.captured is None):
+            if self.weight_cast is None:
+                out = self.train_model(**model_args)
+            else:
+                out = torch.func.functional_call(self.model, self.weight_cast(), (), model_args,
+                                                 strict=False)
             loss, parts = self.criterion(out, labels)
         self.optimizer.zero_grad(set_to_none=True)
         # The scaler is a pass-through unless --precision fp16 (whose small gradients need it).
@@ -190,7 +223,6 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         # after backward: the loss read the bank as it was before this step
         self.criterion.update_prototype_bank(out, labels)
         if self.meter is None:

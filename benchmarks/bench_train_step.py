@@ -1,39 +1,43 @@
-"""One MVCL-DAF++ training step (forward, backward, AdamW) at MIntRec shapes.
+"""One MVCL-DAF++ training step (forward, losses, backward, clipping, AdamW) at MIntRec shapes.
 
-Batch 32; text: 50 positions ([CLS] + 28-45 word pieces + 3 label slots +
-[SEP], the rest padding); video 230 x 256 and audio 480 x 768 frames, each
-clip with a random number of real frames. The text and anchor encoders are
-bert-base sized (transformers.BertConfig() defaults, random init: timing only).
-fp32 weights (AdamW on fp32 master weights); the forward and the loss in fp32 or
-under torch.autocast(bf16), as mvcl_fast.train --precision runs them (bf16 is
-its default on CUDA); CE + prototype InfoNCE
-+ multi-view InfoNCE (lambda 1 : 1 : 1, tau 0.1); AdamW with the trainer's
-two learning rates and weight decay 0.2 on matrices.
+Batch 16 (the headline) and 64; text: [CLS] + 30 word-piece positions + 4 label slots +
+[SEP] (each utterance 18-30 real word pieces, the rest padding); video 230 x 1024 and audio
+480 x 768 frames, each clip with a random number of real frames. The text and anchor
+encoders are bert-base sized (transformers.BertConfig() defaults, random init: timing only).
+fp32 weights; the step is the trainer's own (mvcl_fast.intent.step.TrainingStep): CE +
+prototype InfoNCE + multi-view InfoNCE (1 : 1 : 1, tau 0.1), gradient clipping at 1.0,
+fused AdamW with the trainer's two learning rates and weight decay 0.2 on matrices.
 
-Providers: eager (MVCL_FAST_BACKEND=reference, nothing compiled), fused (the
-Triton ops, nothing compiled) and fused+compile (the Triton ops, and the
-fusion layers compiled as mvcl_fast.train does on CUDA: video/audio streams,
-coarse context and DAF blocks; the encoders stay eager), each in fp32 and
-with " bf16" under autocast: the trainer's CUDA default, bf16 fused+compile,
-against fp32 eager (x_vs_eager) and bf16 eager. On CPU only a tiny smoke
-shape runs, on the eager providers, to keep this file working there (the dry
-run also runs the fused providers there, through the interpreter). Headline
-case: the MIntRec shape.
+Providers:
+- ``eager fp32``: the PyTorch reference ops (MVCL_FAST_BACKEND=reference), fp32, nothing compiled;
+- ``eager``: the same under bf16 autocast, autocast casting each weight where it is used:
+  the baseline of the target;
+- ``fused eager``: bf16, the Triton ops, the weights cast once per step, nothing compiled
+  (``--compile off`` on CUDA);
+- ``fused+compile``: that, with the fusion layers compiled (``--compile on``, the CUDA default);
+- ``fused``: that, with the whole step captured as one CUDA graph and replayed
+  (``--compile step``; mvcl_fast.intent.step.CapturedStep). Target at batch 16: at least 4x
+  the ``eager`` step, within 2x of the floor.
+
+Floors: the AdamW bytes (param, grad and both moments read, param and moments written: 28
+bytes per parameter) over the card's bandwidth, and the step's matmul FLOPs
+(torch.utils.flop_counter) over its bf16 peak; the harness takes the larger. On CPU only a
+tiny smoke shape runs, on the eager providers (the dry run also runs the fused ones through the
+interpreter, ``fused`` without compiling or capturing).
 """
-import contextlib
-
 import pytest
 import torch
 
 from harness import CUDA, DEVICE, EAGER, FUSED, Case, labels, run_case, shape_params, skip_off_gpu
 
-FUSED_COMPILE = "fused+compile"
-BF16 = " bf16"
-PROVIDERS = tuple(p + precision for precision in ("", BF16) for p in (EAGER, FUSED, FUSED_COMPILE))
-NUM_LABELS, LABEL_LEN = 20, 3
+EAGER_FP32, FUSED_EAGER, FUSED_COMPILE = "eager fp32", "fused eager", "fused+compile"
+PROVIDERS = (EAGER_FP32, EAGER, FUSED_EAGER, FUSED_COMPILE, FUSED)
+NUM_LABELS, LABEL_LEN, ADAMW_BYTES_PER_PARAM = 20, 4, 28
+MINTREC = dict(text=(30, 18), video=(230, 1024), audio=(480, 768), bert={})
 SHAPES = {
-    # name: batch, text tokens (max, min), video (frames, dim), audio (frames, dim), BertConfig overrides
-    "mintrec": dict(batch=32, text=(45, 28), video=(230, 256), audio=(480, 768), bert={}),
+    # name: batch, text word pieces (max, min), video (frames, dim), audio (frames, dim), BertConfig overrides
+    "mintrec-b16": dict(batch=16, **MINTREC),
+    "mintrec-b64": dict(batch=64, **MINTREC),
     "cpu-smoke": dict(batch=4, text=(10, 6), video=(20, 16), audio=(30, 24),
                       bert=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 intermediate_size=128, vocab_size=1000)),
@@ -54,18 +58,19 @@ def build_model(shape: dict):
     return model, MVCLLoss(NUM_LABELS, 1.0, 1.0, 0.1), cfg
 
 
-def optimizer_for(model):
-    """AdamW as mvcl_fast.train sets it up: encoders at 2e-5, the rest at 1e-3, decay on matrices."""
-    encoder = {id(p) for p in model.encoder_parameters()}
-    groups = {}
-    for p in model.parameters():
-        key = (id(p) in encoder, p.ndim >= 2)
-        groups.setdefault(key, {"params": [], "lr": 2e-5 if key[0] else 1e-3,
-                                "weight_decay": 0.2 if key[1] else 0.0})["params"].append(p)
-    return torch.optim.AdamW(list(groups.values()))
+def optimizer_for(model, capturable: bool):
+    """The trainer's AdamW (mvcl_fast.intent.build.build_optimizer): encoders at 2e-5, the rest
+    at 1e-3, weight decay 0.2 on matrices; tensor learning rates when the step is captured."""
+    from argparse import Namespace
+
+    from mvcl_fast.intent.build import build_optimizer
+
+    return build_optimizer(model, Namespace(lr=2e-5, fusion_lr=1e-3, weight_decay=0.2),
+                           capturable=capturable)
 
 
-def make_batch(shape: dict, seq_len: int, vocab: int):
+def make_inputs(shape: dict, seq_len: int, vocab: int) -> dict:
+    """The step's inputs on the device: label-prompt tokens padded to seq_len, zero-padded frames."""
     g = torch.Generator().manual_seed(1)
     low = 1000 if vocab > 2000 else 5   # clear of the special tokens
     batch = shape["batch"]
@@ -86,46 +91,59 @@ def make_batch(shape: dict, seq_len: int, vocab: int):
     audio_lengths = torch.randint(audio_frames // 3, audio_frames + 1, (batch,), generator=g)
     video = torch.randn(batch, video_frames, video_dim, generator=g)
     audio = torch.randn(batch, audio_frames, audio_dim, generator=g)
-    video *= (torch.arange(video_frames)[None, :] < video_lengths[:, None])[..., None]   # zero-padded
+    video *= (torch.arange(video_frames)[None, :] < video_lengths[:, None])[..., None]
     audio *= (torch.arange(audio_frames)[None, :] < audio_lengths[:, None])[..., None]
     inputs = dict(input_ids=input_ids, attention_mask=attention_mask, label_start=1 + text_len,
                   video=video, video_lengths=video_lengths, audio=audio, audio_lengths=audio_lengths,
                   anchor_ids=anchor_ids)
-    # The lengths go to the device too: the streams build their padding masks from them.
-    return {k: v.to(DEVICE) for k, v in inputs.items()}
+    return {**{k: v.to(DEVICE) for k, v in inputs.items()}, "labels": labels(batch, NUM_LABELS)}
+
+
+def matmul_flops(step, inputs) -> int:
+    """The FLOPs torch's flop counter finds in one step (matmuls, attention, convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(inputs)
+    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape_name", shape_params(list(SHAPES), str, {"mintrec": "cpu-smoke"},
-                                                    {"mintrec": "train_step MIntRec"}))
+@pytest.mark.parametrize("shape_name", shape_params(list(SHAPES), str, {"mintrec-b16": "cpu-smoke"},
+                                                    {"mintrec-b16": "train_step MIntRec"}))
 def test_train_step(benchmark, monkeypatch, shape_name, provider):
-    kernels, bf16 = provider.removesuffix(BF16), provider.endswith(BF16)
-    skip_off_gpu(kernels, fused=kernels != EAGER, compiles=kernels == FUSED_COMPILE)
+    from mvcl_fast.intent.step import CapturedStep, TrainingStep
+
+    # Off the GPU (the dry run) the fused provider runs neither compiled nor captured.
+    fused, captured = provider not in (EAGER_FP32, EAGER), provider == FUSED and CUDA
+    compiles = provider == FUSED_COMPILE or captured
+    skip_off_gpu(provider, fused=fused, compiles=compiles)
     if CUDA and shape_name == "cpu-smoke":
-        pytest.skip("CPU smoke shape: on CUDA the MIntRec shape is timed")
-    if not CUDA and shape_name == "mintrec":
-        pytest.skip("CUDA only: a bert-base training step at batch 32 takes seconds on CPU")
+        pytest.skip("CPU smoke shape: on CUDA the MIntRec shapes are timed")
+    if not CUDA and shape_name.startswith("mintrec"):
+        pytest.skip("CUDA only: a bert-base training step takes seconds on CPU")
     pytest.importorskip("transformers")
-    monkeypatch.setenv("MVCL_FAST_BACKEND", "reference" if kernels == EAGER else "auto")
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "auto" if fused else "reference")
     shape = SHAPES[shape_name]
     model, criterion, cfg = build_model(shape)
-    if kernels == FUSED_COMPILE:
+    if compiles:
         for module in [*model.streams.values(), model.coarse, *model.daf]:
             module.compile()
-    optimizer = optimizer_for(model)
-    inputs = make_batch(shape, cfg.seq_len, model.text_encoder.config.vocab_size)
-    y = labels(shape["batch"], NUM_LABELS)
-
-    region = (lambda: torch.autocast(DEVICE, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-
-    def loss():
-        with region():
-            return criterion(model(**inputs), y)[0]
-
+    optimizer = optimizer_for(model, capturable=captured)
+    bf16 = provider != EAGER_FP32
+    # The eager baselines let autocast cast each weight where it is used.
+    step = TrainingStep(model, criterion, optimizer, amp_dtype=torch.bfloat16 if bf16 else None,
+                        grad_clip=1.0, cast_weights=fused, cache=not captured)
+    inputs = make_inputs(shape, cfg.seq_len, model.text_encoder.config.vocab_size)
+    flops = matmul_flops(step, inputs) if CUDA else 0
+    params = sum(p.numel() for p in model.parameters())
+    run = CapturedStep(step, torch.device(DEVICE)) if captured else step
     run_case(benchmark, Case(
         op="train_step", shape=f"{shape_name} B={shape['batch']} L={cfg.seq_len} "
                                f"video={shape['video'][0]}x{shape['video'][1]} "
                                f"audio={shape['audio'][0]}x{shape['audio'][1]}",
-        provider=provider, forward=loss, step_inputs=list(model.parameters()),
-        update=optimizer.step, params={"B": shape["batch"], "L": cfg.seq_len},
-        bytes_floor=0, flops_floor=0, x=shape["batch"], x_label="batch", series=shape_name))
+        provider=provider, forward=None, whole_step=lambda: run(inputs),
+        step_inputs=[model.classifier.weight], params={"B": shape["batch"], "L": cfg.seq_len},
+        bytes_floor=ADAMW_BYTES_PER_PARAM * params, flops_floor=flops, x=shape["batch"],
+        x_label="batch", series="mintrec" if shape_name.startswith("mintrec") else shape_name),
+        warmup=CapturedStep.WARMUP_STEPS + 1 if captured else 2)

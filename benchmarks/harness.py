@@ -183,13 +183,15 @@ class Case:
 
     step_inputs: tensors whose .grad is cleared before each round.
     forward: () -> loss scalar or output tensor; grad_out is used for the latter.
-    bytes_floor / flops_floor: both 0 where no floor is computed (the training step).
+    whole_step: instead of forward, backward and update, one call that does all (the training
+    step, which may be a replayed CUDA graph).
+    bytes_floor / flops_floor: both 0 where no floor is computed.
     x / x_label / series: where the case sits on the render plot (e.g. N, "N", "C=20").
     """
     op: str
     shape: str
     provider: str
-    forward: Callable[[], torch.Tensor]
+    forward: Optional[Callable[[], torch.Tensor]]
     step_inputs: list
     params: dict
     bytes_floor: float
@@ -201,6 +203,7 @@ class Case:
     update: Optional[Callable[[], None]] = None   # after the backward, e.g. optimizer.step
     peer: bool = False   # a public peer: if it cannot run here, the case is skipped with the reason
     extra: dict = field(default_factory=dict)
+    whole_step: Optional[Callable[[], None]] = None
 
 
 def sync():
@@ -214,6 +217,10 @@ def _clear_grads(tensors):
 
 
 def _step(case: Case):
+    if case.whole_step is not None:
+        case.whole_step()
+        sync()
+        return
     out = case.forward()
     if case.grad_out is None:
         out.backward()

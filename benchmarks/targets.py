@@ -52,6 +52,14 @@ def targets_for(op: str, providers: dict) -> list[dict]:
             peak = fused.get("peak_mib")
             out.append(_target("< 1 GiB extra peak", None if peak is None else peak < 1024,
                                "no CUDA memory stats" if peak is None else f"{peak:.0f} MiB"))
+    elif op == "train_step" and params.get("B") == 16:
+        r = ratio(providers.get(EAGER), fused)
+        out.append(_target(">= 4x the bf16 eager step", None if r is None else r >= 4.0,
+                           "eager not measured" if r is None else f"{r:.2f}x"))
+        floor = fused.get("floor_ms")
+        frac = None if floor is None else fused["median_ms"] / floor
+        out.append(_target("within 2x of the floor", None if frac is None else frac <= 2.0,
+                           "no floor for this card" if frac is None else f"{frac:.2f}x the floor"))
     elif op == "daf_attention":
         r = ratio(providers.get("sdpa+epilogue"), fused)
         out.append(_target("faster than SDPA + epilogue", None if r is None else r > 1.0,

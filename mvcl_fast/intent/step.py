@@ -1,5 +1,6 @@
 """What a training step keeps on the device so that it never waits for it.
 
+``TrainingStep`` is a step's device work (forward, losses, backward, AdamW).
 ``LossMeter`` sums the step's losses on the device and remembers the first
 step whose loss was NaN/Inf, with its losses; the trainer reads it (one host
 sync) every --log-every steps, at an epoch's end and before a checkpoint.
@@ -12,6 +13,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+
+from mvcl_fast.intent.loading import autocast
 
 
 class LossReading(NamedTuple):
@@ -116,6 +119,60 @@ class _CastTogether(torch.autograd.Function):
         chunks = iter(flat.split([g.numel() for g in present]))
         return (None, *(None if g is None else next(chunks).view(shape)
                         for g, shape in zip(grads, ctx.shapes)))
+
+
+class TrainingStep:
+    """One optimisation step's device work on a batch already on the device: the forward and
+    the losses under autocast, backward, clipping, the optimiser, the loss meter. No host sync,
+    the same kernels for every batch: what ``CapturedStep`` captures. The trainer runs it (the
+    learning-rate schedule and the ema bank's check are the trainer's, between steps); so do
+    the benchmarks.
+
+    inputs: the model's keyword arguments and "labels". train_model: what the forward runs
+    through (a DDP wrapper; default the model). cast_weights: cast the weights once per step
+    (``WeightCast``; not through a wrapper, whose forward calls the model itself). cache:
+    autocast's cast cache (off for a capture).
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                 *, amp_dtype: Optional[torch.dtype], grad_clip: float = 0.0,
+                 scaler: Optional[torch.amp.GradScaler] = None,
+                 train_model: Optional[nn.Module] = None, cast_weights: bool = True,
+                 cache: bool = True):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.train_model = model if train_model is None else train_model
+        self.amp_dtype, self.grad_clip, self.cache = amp_dtype, grad_clip, cache
+        device = next(model.parameters()).device
+        self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+        self.weight_cast = (WeightCast(model, amp_dtype) if cast_weights and amp_dtype is not None
+                            and self.train_model is model else None)
+        self.device = device
+        self.meter: Optional[LossMeter] = None    # made by the first step, from its loss terms
+
+    def __call__(self, inputs: dict[str, Tensor]) -> None:
+        self.model.train()
+        labels = inputs["labels"]
+        model_args = {k: v for k, v in inputs.items() if k != "labels"}
+        with autocast(self.device, self.amp_dtype, cache=self.cache):
+            if self.weight_cast is None:
+                out = self.train_model(**model_args)
+            else:
+                out = torch.func.functional_call(self.model, self.weight_cast(), (), model_args,
+                                                 strict=False)
+            loss, parts = self.criterion(out, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        # The scaler is a pass-through unless fp16 (whose small gradients need it).
+        self.scaler.scale(loss).backward()
+        if self.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)   # clip the true gradients
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        # after backward: the loss read the bank as it was before this step
+        self.criterion.update_prototype_bank(out, labels)
+        if self.meter is None:
+            self.meter = LossMeter(("loss", *parts), self.device)
+        self.meter.add({"loss": loss, **parts})
 
 
 class CapturedStep:

@@ -33,8 +33,8 @@ from mvcl_fast.intent.data import data_loader
 from mvcl_fast.intent.distributed import Distributed
 from mvcl_fast.intent.errors import ConfigError, MVCLError
 from mvcl_fast.intent.evaluation import predicted_labels
-from mvcl_fast.intent.loading import PRECISIONS, autocast, autocast_dtype, model_inputs, to_device
-from mvcl_fast.intent.step import CapturedStep, LossMeter, WeightCast
+from mvcl_fast.intent.loading import PRECISIONS, autocast_dtype, model_inputs, to_device
+from mvcl_fast.intent.step import CapturedStep, TrainingStep
 
 # Ctrl-C (SIGINT) and SIGTERM (what schedulers preempting a job send; torchrun forwards the
 # signal it receives to every worker): both finish the step, save last.pt and exit.
@@ -144,15 +144,17 @@ class Trainer:
         self.optimizer = build.build_optimizer(self.model, args, capturable=args.compile == "step")
         self.scheduler = build.build_schedule(self.optimizer, args.warmup, total_steps)
         self.amp_dtype = autocast_dtype(args.precision, self.device)
-        # Under DDP the wrapper's forward runs the model: autocast casts each weight itself.
-        self.weight_cast = (WeightCast(self.model, self.amp_dtype)
-                            if self.amp_dtype is not None and not self.dist.enabled else None)
         self.precision = next(name for name, dtype in PRECISIONS.items() if dtype == self.amp_dtype)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.captured = self._captured_step() if args.compile == "step" else None
+        capture = args.compile == "step"
+        if capture:
+            self._check_capture()
+        self.step = TrainingStep(self.model, self.criterion, self.optimizer,
+                                 amp_dtype=self.amp_dtype, grad_clip=args.grad_clip,
+                                 scaler=self.scaler, train_model=self.train_model, cache=not capture)
+        self.run_step = CapturedStep(self.step, self.device) if capture else self.step
         self.progress = checkpoints.Progress()
         self.epoch_sums: dict[str, float] = {}   # this rank's loss sums over the unfinished epoch
-        self.meter: Optional[LossMeter] = None   # the steps' losses since the last reading
         self.criterion.check_bank_every_step = False    # checked when the meter is read
 
     def log(self, message: str) -> None:
@@ -178,7 +180,7 @@ class Trainer:
                            dist=self.dist, num_workers=self.args.num_workers,
                            pin_memory=self.device.type == "cuda", full_batches=split == "train")
 
-    def _captured_step(self) -> CapturedStep:
+    def _check_capture(self) -> None:
         """--compile step: what a CUDA graph of the step cannot hold is refused here."""
         refused = [(self.device.type != "cuda", "a CUDA device (--device)", "--device cuda"),
                    (self.amp_dtype == torch.float16, "--precision bf16 or fp32 (fp16's gradient "
@@ -190,51 +192,20 @@ class Trainer:
             if failed:
                 raise ConfigError(f"--compile step captures the training step as a CUDA graph, "
                                   f"which needs {needs}", f"pass {fix}, or --compile on")
-        return CapturedStep(self.device_step, self.device)
 
     def train_step(self, batch: dict) -> None:
         """One optimisation step on batch. It makes no host sync: the losses go to the meter."""
         inputs = model_inputs(self.splits["train"].tokens, batch, self.cfg.modalities, self.device,
                               with_anchor=self.with_anchor)
-        inputs["labels"] = to_device(batch["label"], self.device)
-        if self.captured is None:
-            self.device_step(inputs)
-        else:
-            self.captured(inputs)
-        self.scheduler.step()     # outside the graph: it sets the learning rates in place
-
-    def device_step(self, inputs: dict) -> None:
-        """The step's device work on the model's inputs and "labels": what --compile step captures."""
-        self.model.train()
-        labels = inputs["labels"]
-        model_args = {k: v for k, v in inputs.items() if k != "labels"}
-        with autocast(self.device, self.amp_dtype, cache=self.captured is None):
-            if self.weight_cast is None:
-                out = self.train_model(**model_args)
-            else:
-                out = torch.func.functional_call(self.model, self.weight_cast(), (), model_args,
-                                                 strict=False)
-            loss, parts = self.criterion(out, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        # The scaler is a pass-through unless --precision fp16 (whose small gradients need it).
-        self.scaler.scale(loss).backward()
-        if self.args.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)   # clip the true gradients
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # after backward: the loss read the bank as it was before this step
-        self.criterion.update_prototype_bank(out, labels)
-        if self.meter is None:
-            self.meter = LossMeter(("loss", *parts), self.device)
-        self.meter.add({"loss": loss, **parts})
+        self.run_step({**inputs, "labels": to_device(batch["label"], self.device)})
+        self.scheduler.step()     # outside the step: it sets the learning rates in place
 
     def read_losses(self, bar=None) -> None:
         """Read the meter (a host sync): add its sums to the epoch's, or stop the run if a step's
         loss was NaN/Inf, on any rank (the ranks decide together). Then check the ema bank."""
-        if self.meter is None:
+        if self.step.meter is None:
             return
-        reading = self.meter.read()
+        reading = self.step.meter.read()
         diverged, = self.dist.any(reading.first_bad is not None)
         if diverged:
             raise TrainingDiverged(self._divergence(reading))

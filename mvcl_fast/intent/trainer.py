@@ -26,7 +26,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from mvcl_fast.intent import build, checkpoints, distributed, runs
 from mvcl_fast.intent.data import data_loader
@@ -200,9 +199,11 @@ class Trainer:
         self.run_step({**inputs, "labels": to_device(batch["label"], self.device)})
         self.scheduler.step()     # outside the step: it sets the learning rates in place
 
-    def read_losses(self, bar=None) -> None:
+    def read_losses(self, bar=None, scheduled: bool = True) -> None:
         """Read the meter (a host sync): add its sums to the epoch's, or stop the run if a step's
-        loss was NaN/Inf, on any rank (the ranks decide together). Then check the ema bank."""
+        loss was NaN/Inf, on any rank (the ranks decide together). A scheduled reading (every
+        --log-every steps, an epoch's end: at the same steps in any run, resumed or not) also
+        checks whether the ema bank can be used from the next step."""
         if self.step.meter is None:
             return
         reading = self.step.meter.read()
@@ -213,7 +214,8 @@ class Trainer:
             self.epoch_sums[name] = self.epoch_sums.get(name, 0.0) + value
         if bar is not None and reading.steps:
             bar.set_postfix(loss=f"{reading.sums['loss'] / reading.steps:.3f}")
-        self.criterion.check_bank()
+        if scheduled:
+            self.criterion.check_bank()
 
     def _divergence(self, reading) -> str:
         """The message of a NaN/Inf loss: the step (1-based) and its losses."""
@@ -283,7 +285,7 @@ class Trainer:
                         progress.elapsed += seconds
                         progress.epoch_train_seconds += seconds
                         bar.close()
-                        self.read_losses()
+                        self.read_losses(scheduled=False)
                         self._check_weights()
                         with self.stops.held():
                             checkpoints.save_last(self)

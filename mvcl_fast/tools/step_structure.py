@@ -88,10 +88,12 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__f
 # What runs in these files is the optimizer part.
 _OPTIMIZER_FILES = tuple(_TORCH_DIR + path for path in (
     "optim" + os.sep, os.path.join("nn", "utils", "clip_grad.py"), os.path.join("amp", "grad_scaler.py")))
-# The counter's own frames and the mode machinery's: never a call site.
+# The counter's own frames and the mode machinery's (dynamo's wrapper around every
+# __torch_dispatch__ included): never a call site.
 _COUNTER_FILES = frozenset({os.path.abspath(__file__), os.path.abspath(structure.__file__),
-                            _TORCH_DIR + "overrides.py",
-                            _TORCH_DIR + os.path.join("utils", "_python_dispatch.py")})
+                            *(_TORCH_DIR + path for path in (
+                                "overrides.py", "_compile.py", os.path.join("utils", "_python_dispatch.py"),
+                                os.path.join("_dynamo", "eval_frame.py")))})
 # Outputs of device ops that CUDA leaves on the host: the packed sequences' batch sizes and lengths.
 HOST_OUTPUTS = {"_pack_padded_sequence": 1, "_pad_packed_sequence": 1}
 _TAG = "mvcl_fast.step_part"   # the key of an autograd node's metadata holding its _Tag
@@ -147,7 +149,8 @@ class StepStructure:
         return 1e3 * sum(launch.predicted_seconds for launch in self.launches)
 
     def parts(self) -> dict[str, PartTotals]:
-        """Totals per part, in PARTS order (parts nothing ran in left out)."""
+        """Totals per part, in PARTS order, parts of other names before the optimizer (parts
+        nothing ran in left out)."""
         totals: dict[str, PartTotals] = {}
         for launch in self.launches:
             t = totals.get(launch.part, PartTotals())
@@ -159,7 +162,7 @@ class StepStructure:
             t = totals.get(sync.part, PartTotals())
             totals[sync.part] = replace(t, syncs=t.syncs + 1)
         order = {name: i for i, name in enumerate(PARTS)}
-        return dict(sorted(totals.items(), key=lambda item: order.get(item[0], len(order))))
+        return dict(sorted(totals.items(), key=lambda item: order.get(item[0], order[OPTIMIZER] - 0.5)))
 
     def table(self, markdown: bool = False) -> str:
         """Launches (forward + backward), syncs, GFLOP, MB and predicted ms per part, then the

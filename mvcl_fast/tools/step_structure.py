@@ -25,9 +25,9 @@ is recorded:
   shapes, captured through Triton's interpreter without running them (``TRITON_INTERPRET=1``
   must be set before Triton is imported, as for ``count_structure``), and the aten ops their
   launchers run on the host side; the reference computes their values, since the interpreter
-  takes minutes per DAF call at MIntRec shapes. Their FLOPs are the reference's matrix FLOPs,
-  their bytes their inputs and outputs (each op's own floor: ``count_structure`` measures the
-  kernels' traffic).
+  takes minutes per DAF call at MIntRec shapes. Their FLOPs are the GEMMs their kernels run
+  (FUSED_OP_GEMMS), their bytes their inputs and outputs (each op's own floor:
+  ``count_structure`` measures the kernels' traffic).
 - **Host and device "as on CUDA"**: ``host_tensors`` (the DataLoader batch, token tables) and
   every tensor computed only from host tensors, or made by a factory given no device, live on
   the host: their ops launch nothing and reading them syncs nothing. A host tensor copied to
@@ -62,7 +62,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils.weak import WeakIdKeyDictionary
@@ -87,12 +87,14 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + os.sep
 # What runs in these files is the optimizer part.
 _OPTIMIZER_FILES = tuple(_TORCH_DIR + path for path in (
-    "optim" + os.sep, os.path.join("nn", "utils", "clip_grad.py"), os.path.join("amp", "grad_scaler.py")))
+    "optim" + os.sep, os.path.join("nn", "utils", "clip_grad.py"),
+    os.path.join("amp", "grad_scaler.py")))
 # The counter's own frames and the mode machinery's (dynamo's wrapper around every
 # __torch_dispatch__ included): never a call site.
 _COUNTER_FILES = frozenset({os.path.abspath(__file__), os.path.abspath(structure.__file__),
                             *(_TORCH_DIR + path for path in (
-                                "overrides.py", "_compile.py", os.path.join("utils", "_python_dispatch.py"),
+                                "overrides.py", "_compile.py",
+                                os.path.join("utils", "_python_dispatch.py"),
                                 os.path.join("_dynamo", "eval_frame.py")))})
 # Outputs of device ops that CUDA leaves on the host: the packed sequences' batch sizes and lengths.
 HOST_OUTPUTS = {"_pack_padded_sequence": 1, "_pad_packed_sequence": 1}
@@ -178,6 +180,7 @@ class StepStructure:
         if markdown:
             lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
             lines += ["| " + " | ".join(row) + " |" for row in rows]
+            lines.append("")   # a table ends at a blank line
         else:
             widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
             lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
@@ -277,7 +280,8 @@ def _written(func, args, kwargs, out) -> list[Tensor]:
     outputs = _tensors(out)
     if outputs:
         return outputs
-    mutated = [a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    mutated = [a.name for a in func._schema.arguments
+               if a.alias_info is not None and a.alias_info.is_write]
     named = dict(zip((a.name for a in func._schema.arguments), args), **kwargs)
     return _tensors([named[name] for name in mutated if name in named])
 
@@ -321,7 +325,7 @@ FUSED_OP_GEMMS = {"daf_attention": (2, 0), "daf_attention_backward": (5, 1)}
 
 
 def _fused_op_flops(func, args) -> int:
-    gemms, q_index = FUSED_OP_GEMMS.get(func._schema.name.split("::")[-1], (0, 0))
+    gemms, q_index = FUSED_OP_GEMMS.get(aten_name(func), (0, 0))
     if not gemms:
         return 0
     (batch, len_q, dim), len_k = args[q_index].shape, args[q_index + 1].shape[1]
@@ -392,11 +396,11 @@ def _outside_dispatch():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
 
 
-class _StepCounter(structure._Recorder):
+class _StepCounter(TorchDispatchMode):
     """The aten ops: launches, syncs, host tensors, backward attribution."""
 
     def __init__(self, parts: Mapping[str, Sequence[nn.Module]], host_tensors: Iterable[Tensor]):
-        super().__init__(structure.Structure())
+        super().__init__()
         self.result = StepStructure()
         self.parts = {name: list(modules) for name, modules in parts.items()}
         self.host = WeakIdKeyDictionary()
@@ -415,10 +419,6 @@ class _StepCounter(structure._Recorder):
                          key=lambda item: -item[0])
         for _, name, module in by_size:
             self.param_parts.update((id(p), name) for p in module.parameters())
-
-    @property
-    def quiet(self) -> bool:
-        return self.in_triton or self.silent
 
     @contextlib.contextmanager
     def unseen(self):
@@ -484,8 +484,6 @@ class _StepCounter(structure._Recorder):
     # -------------------------------------------------------------- aten ops
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.in_triton:
-            return func(*args, **kwargs)
         if func.namespace in CUSTOM_NAMESPACES:
             return self.fused_op(func, args, kwargs)
         node = torch._C._current_autograd_node()
@@ -548,7 +546,7 @@ class _StepCounter(structure._Recorder):
 
     # -------------------------------------------------------------- fused library calls
     def fused_call(self, name, original, flop_formula, launches, args, kwargs):
-        if self.quiet or torch._C._current_autograd_node() is not None or (
+        if self.silent or torch._C._current_autograd_node() is not None or (
                 launches is not None and not launches(args, kwargs)):
             return original(*args, **kwargs)
         part, _ = self.where()
@@ -564,7 +562,8 @@ class _StepCounter(structure._Recorder):
 
     @contextlib.contextmanager
     def fused_calls(self):
-        saved = [(owner, attribute, vars(owner).get(attribute)) for owner, attribute, _, _ in FUSED_CALLS]
+        saved = [(owner, attribute, vars(owner).get(attribute))
+                 for owner, attribute, _, _ in FUSED_CALLS]
         for owner, attribute, flop_formula, launches in FUSED_CALLS:
             original = getattr(owner, attribute)
 
@@ -610,7 +609,7 @@ class _HostAndNodes(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         counter = self.counter
-        if counter.quiet:
+        if counter.silent:
             return func(*args, **kwargs)
         if func in (Tensor.to, Tensor.cuda, Tensor.cpu):
             return self.move(func, args, kwargs)
@@ -635,9 +634,11 @@ class _HostAndNodes(TorchFunctionMode):
         if func is Tensor.cpu:
             to_host, non_blocking = True, False
         elif func is Tensor.cuda:
-            to_host, non_blocking = False, kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+            to_host = False
+            non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
         else:
-            target = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device, Tensor))), None))
+            target = kwargs.get("device", next(
+                (a for a in args[1:] if isinstance(a, (str, torch.device, Tensor))), None))
             to_host = (None if target is None else counter.is_host(target) if isinstance(target, Tensor)
                        else isinstance(target, str) and torch.device(target).type == "cpu")
             non_blocking = torch._C._nn._parse_to(*args[1:], **kwargs)[2]

@@ -4,13 +4,14 @@ mvcl_fast.tools.step_structure counts a real Trainer's train_step at batch 16 an
 (benchmarks/step_trainer.py: text 30 word pieces + the label slots, video 230 x 1024, audio
 480 x 768) with bert-base text encoders (random init), bf16 autocast, fused AdamW, gradient
 clipping and the fused ops, after one uncounted step (AdamW's state then exists, as in every
-later step). extra_info holds the launches, host syncs (with their file:line), FLOPs, bytes and
-the predicted roofline time per part, the step's totals, and whether a second batch of other
-lengths runs the same launches on the same shapes. The timed part is the counting run itself
-(CPU time, meaningless for speed). CPU only, the fused ops' launches captured through Triton's
-interpreter; minutes on a 2-core CPU.
+later step). extra_info holds the launches, host syncs (with their file:line), FLOPs, bytes,
+the predicted roofline time and the most launched ops per part, the step's totals, and whether
+a second batch of other lengths runs the same launches on the same shapes. The timed part is
+the counting run itself (CPU time, meaningless for speed). CPU only, the fused ops' launches
+captured through Triton's interpreter; minutes on a 2-core CPU.
 """
 import os
+from collections import Counter
 
 import pytest
 
@@ -50,6 +51,8 @@ def test_train_step_structure(benchmark, tmp_path):
         static_shapes=difference is None, first_shape_difference=difference,
         parts={name: dict(launches=t.launches, forward=t.forward, backward=t.backward,
                           syncs=t.syncs, flops=t.flops, bytes=t.bytes,
-                          predicted_ms=1e3 * t.predicted_seconds)
+                          predicted_ms=1e3 * t.predicted_seconds,
+                          most_launched=Counter(launch.name for launch in step.launches
+                                                if launch.part == name).most_common(5))
                for name, t in step.parts().items()},
         sync_sites=[str(sync) for sync in step.syncs], step_table=step.table(markdown=True))

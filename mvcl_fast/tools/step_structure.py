@@ -616,11 +616,11 @@ class _HostAndNodes(TorchFunctionMode):
         if func in (Tensor.tolist, Tensor.numpy) and not counter.is_host(args[0]):
             counter.sync(f"Tensor.{func.__name__}")
         on_host = kwargs.get("device") is None and not _tensors((args, kwargs))
-        counter.making_on_host = on_host
+        outer, counter.making_on_host = counter.making_on_host, on_host
         try:
             out = func(*args, **kwargs)
         finally:
-            counter.making_on_host = False
+            counter.making_on_host = outer
         if on_host:
             counter.mark_host(out)
         counter.tag(out)
@@ -639,7 +639,8 @@ class _HostAndNodes(TorchFunctionMode):
         else:
             target = kwargs.get("device", next(
                 (a for a in args[1:] if isinstance(a, (str, torch.device, Tensor))), None))
-            to_host = (None if target is None else counter.is_host(target) if isinstance(target, Tensor)
+            to_host = (None if target is None
+                       else counter.is_host(target) if isinstance(target, Tensor)
                        else isinstance(target, str) and torch.device(target).type == "cpu")
             non_blocking = torch._C._nn._parse_to(*args[1:], **kwargs)[2]
         out = func(*args, **kwargs)

@@ -10,6 +10,7 @@ step at MIntRec shapes) are xfail until the trainer meets them (issue #24).
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import sys
 from pathlib import Path
 
@@ -189,24 +190,27 @@ def test_every_part_of_the_step_is_counted(tiny_trainer):
         assert parts[part].forward and parts[part].backward, part
     assert parts["optimizer"].backward == 0
     names = {(launch.part, launch.name, launch.backward) for launch in step.launches}
-    # One LSTM call per alignment module and one in the audio stream, each way.
-    assert [l.part for l in step.launches if l.name == "lstm" and not l.backward] == \
-        ["audio", "alignment", "alignment"] or \
-        sorted(l.part for l in step.launches if l.name == "lstm" and not l.backward) == \
-        ["alignment", "alignment", "audio"]
+    # The LSTMs: two alignment modules and the audio stream's, each call one launch each way
+    # (one call per LSTM, or one per direction).
+    lstm = Counter((launch.part, launch.backward) for launch in step.launches
+                   if launch.name == "lstm")
+    assert lstm["audio", False] >= 1 and lstm["alignment", False] == 2 * lstm["audio", False]
+    assert all(lstm[part, True] == lstm[part, False] for part in ("audio", "alignment"))
     # The fused ops' Triton launches, captured where they run.
     assert {("DAF", "_daf_fwd_kernel", False), ("DAF", "_daf_bwd_kernel", True)} <= names
-    assert any(part == "losses" and name.startswith("_") for part, name, _ in names)
+    assert {backward for part, name, backward in names
+            if part == "losses" and name.endswith("_kernel")} == {False, True}
     assert ("optimizer", "_fused_adamw_", False) in names
     assert parts["text encoder"].flops > 0 and step.predicted_ms > 0
 
 
-def test_the_trainers_known_syncs_are_found(tiny_trainer):
+def test_each_sync_of_the_trainer_is_named_by_its_caller(tiny_trainer):
+    """A sync inside torch (the LSTM packing's copies) is reported where the model called it."""
     _, step, _ = tiny_trainer
-    sites = {sync.site.split(":")[0] for sync in step.syncs}
-    assert {"mvcl_fast/intent/trainer.py", "mvcl_fast/intent/model.py"} <= sites, step.table()
-    transformers_checks = [s for s in step.syncs if s.site.startswith("transformers/")]
-    assert {s.part for s in transformers_checks} <= {"text encoder", "anchor encoder"}
+    for sync in step.syncs:
+        path, line = sync.site.rsplit(":", 1)
+        assert not path.startswith("torch/") and int(line) > 0, sync
+        assert sync.part in PARTS and (not sync.via or sync.via.startswith("torch/")), sync
 
 
 @pytest.mark.xfail(strict=True, reason="issue #24: today's step syncs 16 times (the loss checks, "

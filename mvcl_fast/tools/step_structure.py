@@ -232,7 +232,8 @@ def count_step(step: Callable[[], object], *, parts: Mapping[str, Sequence[nn.Mo
 
 def count_train_step(trainer, batch: dict) -> StepStructure:
     """One ``trainer.train_step(batch)`` of a mvcl_fast.intent Trainer, counted: the batch and the
-    training split's token tables are the host tensors."""
+    training split's token tables are the host tensors. Count a step after the first, which
+    also creates AdamW's state (zero-fills the later steps do not launch)."""
     tokens = trainer.splits["train"].tokens
     host = [t for t in (*batch.values(), *tokens.values()) if isinstance(t, Tensor)]
     return count_step(lambda: trainer.train_step(batch),

@@ -155,6 +155,35 @@ def test_roofline_and_table():
     assert "linear" in text and "predicted" in text and markdown.startswith("| part |")
 
 
+def test_the_fused_ops_captured_launches_are_those_the_interpreter_runs(monkeypatch):
+    """count_step captures the fused ops' Triton launches without running them (the reference
+    computes their values); count_structure runs the kernels through the interpreter: the same
+    launches, at small shapes where the interpreter is quick."""
+    import mvcl_fast
+    from mvcl_fast.tools.structure import count_structure
+
+    q, gate, residual = (torch.randn(2, 16, 32).bfloat16().requires_grad_() for _ in range(3))
+    k, v = (torch.randn(2, 24, 32).bfloat16().requires_grad_() for _ in range(2))
+    mask = torch.arange(24)[None] >= torch.tensor([24, 18])[:, None]
+    views, anchor = torch.randn(2, 8, 32).bfloat16().requires_grad_(), torch.randn(8, 32).bfloat16()
+    labels = torch.randint(0, 5, (8,))
+
+    def step():
+        out = mvcl_fast.daf_attention(q, k, v, gate, residual, 4, mask, validate=False)
+        loss = (out.float().sum() + mvcl_fast.prototype_infonce(views, labels, 5, validate=False)
+                + mvcl_fast.multiview_infonce(anchor, views, 0.1, validate=False))
+        torch.autograd.grad(loss, [q, k, v, gate, residual, views])
+
+    captured = count_step(step, parts={})
+    monkeypatch.setenv("MVCL_FAST_BACKEND", "triton")
+    run = count_structure(step)
+    triton = [launch.name for launch in captured.launches if launch.name.endswith("_kernel")]
+    assert triton == [kernel.name for kernel in run.kernels]
+    assert sorted(launch.name for launch in captured.launches if launch.name not in triton) == \
+        sorted(run.aten)
+    assert captured.syncs == [] and run.syncs == []
+
+
 # ------------------------------------------------------------------ a real trainer
 @pytest.fixture(scope="module")
 def tiny_trainer(tmp_path_factory):

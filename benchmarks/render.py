@@ -9,7 +9,8 @@ baselines; --png plots, per op, the speed-up of each provider over eager and
 over torch.compile against the batch size (or key length); --doc replaces
 the text between the `<!-- bench:start -->` and `<!-- bench:end -->` markers of
 that file with the table, and, for the counts of benchmarks/bench_structure.py,
-the text between the structure markers with their table; several JSON files (one per suite) are merged, and
+the text between the structure markers with their table (for benchmarks/bench_step_structure.py's
+training step, the step markers); several JSON files (one per suite) are merged, and
 --merged writes the merge. Ratios are recomputed here from the medians of the
 same JSON, so any pytest-benchmark output of these suites renders. A .jsonl
 input is the file benchmarks/conftest.py's --results-jsonl streams (one case a
@@ -26,7 +27,7 @@ from collections import defaultdict
 
 from targets import targets_for
 
-MARKERS = ("bench", "structure")  # <!-- NAME:start --> ... <!-- NAME:end --> in a --doc file
+MARKERS = ("bench", "structure", "step")  # <!-- NAME:start --> ... <!-- NAME:end --> in a --doc file
 OP_ORDER = ("prototype_infonce", "batch_prototypes", "multiview_infonce", "daf_attention", "train_step")
 PROVIDER_ORDER = ("fused", "eager", "compile")
 
@@ -186,6 +187,23 @@ def structure_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_step(bench: dict) -> bool:
+    """A case of benchmarks/bench_step_structure.py: a training step's counts per part."""
+    return "step_table" in bench.get("extra_info", {})
+
+
+def step_markdown(data: dict) -> str:
+    """The training steps of benchmarks/bench_step_structure.py: each one's table per part."""
+    blocks = []
+    for bench in filter(is_step, data.get("benchmarks", [])):
+        c = bench["extra_info"]
+        static = ("yes" if c["static_shapes"]
+                  else f"no (first difference: {c['first_shape_difference']})")
+        blocks.append(f"`{c['step']}`, counted on {c['device']}\n\n{c['step_table']}\n\n"
+                      f"Same launches and shapes for a second batch of other lengths: {static}\n")
+    return "\n".join(blocks)
+
+
 def plot(data: dict, path: str):
     import matplotlib
 
@@ -244,18 +262,21 @@ def main(argv=None) -> int:
     parser.add_argument("--merged", help="write the inputs merged into one JSON here")
     parser.add_argument("--md", help="write the markdown table here (default: print it)")
     parser.add_argument("--png", help="write the speed-up plot here")
-    parser.add_argument("--doc", help="replace the tables between the bench (and structure) markers "
-                                      "of this markdown file")
+    parser.add_argument("--doc", help="replace the tables between the bench (structure, step) "
+                                      "markers of this markdown file")
     args = parser.parse_args(argv)
     data = load(args.json)
     if args.merged:
         with open(args.merged, "w") as f:
             json.dump(data, f)
     structure = any(map(is_structure, data["benchmarks"]))
+    step = any(map(is_step, data["benchmarks"]))
     timed = bool(rows_of(data))
-    tables = {"bench": markdown(data)} if timed or not structure else {}
+    tables = {"bench": markdown(data)} if timed or not (structure or step) else {}
     if structure:
         tables["structure"] = structure_markdown(data)
+    if step:
+        tables["step"] = step_markdown(data)
     table = "\n".join(tables.values())
     if args.md:
         with open(args.md, "w") as f:

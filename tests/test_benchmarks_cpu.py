@@ -107,6 +107,24 @@ def test_render_structure_counts_into_their_markers(tmp_path):
         "| 5 (4 + 1) | 0 | 2.06x | 74, 0 |\n<!-- structure:end -->\nb\n")
 
 
+def test_render_the_training_step_into_its_markers(tmp_path):
+    counts = dict(step="train_step B=16", device="cpu x2", launches=3, syncs=1, predicted_ms=0.1,
+                  static_shapes=False, first_shape_difference="launch 0: a vs b",
+                  step_table="| part | launches |\n| --- | ---: |\n| DAF | 3 |")
+    path = tmp_path / "step.json"
+    path.write_text(json.dumps({"benchmarks": [{"name": "s", "stats": {"median": 1.0},
+                                                "extra_info": counts}]}))
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("a\n<!-- bench:start -->\nkept\n<!-- bench:end -->\n<!-- step:start -->\nold\n"
+                   "<!-- step:end -->\nb\n")
+    assert render.main([str(path), "--doc", str(doc), "--md", str(tmp_path / "s.md")]) == 0
+    assert doc.read_text() == (
+        "a\n<!-- bench:start -->\nkept\n<!-- bench:end -->\n<!-- step:start -->\n"
+        "`train_step B=16`, counted on cpu x2\n\n| part | launches |\n| --- | ---: |\n| DAF | 3 |\n\n"
+        "Same launches and shapes for a second batch of other lengths: no (first difference: "
+        "launch 0: a vs b)\n<!-- step:end -->\nb\n")
+
+
 def test_targets_from_one_run(monkeypatch):
     info = lambda ms, **kw: {"median_ms": ms, **kw}  # noqa: E731
     monkeypatch.setattr(harness, "RESULTS", {

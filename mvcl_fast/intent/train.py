@@ -106,16 +106,20 @@ def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def check_text_model(text_model: Optional[str]):
-    """The text model's config, once it is known to be a BERT-family encoder checkpoint.
+    """The text model's config, once it is known to be a BERT-family encoder checkpoint: a
+    folder, or a hub id in the local Hugging Face cache or downloaded into it (unless the user
+    set HF_HUB_OFFLINE=1).
 
     Checked before anything is loaded: transformers' own errors for these cases
-    name no option (a missing folder reads "Repo id must be in the form ...", an
-    empty one asks to install sentencepiece) and it loads a GPT-2 without a word.
+    name no option (an empty folder asks to install sentencepiece, an id that is
+    not cached while offline names no way to get it) and it loads a GPT-2
+    without a word.
     """
+    from huggingface_hub import is_offline_mode
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    from mvcl_fast.intent.model import default_text_model
+    from mvcl_fast.intent.model import default_text_model, hub_revision
 
     try:
         text_model = text_model or default_text_model()
@@ -123,7 +127,7 @@ def check_text_model(text_model: Optional[str]):
         raise ConfigError(str(err)) from None
     option = f"--text-model {text_model}"
     hint = ("pass the folder of a BERT-family encoder checkpoint (config.json, model.safetensors "
-            "or pytorch_model.bin, tokenizer files), as save_pretrained writes it")
+            "or pytorch_model.bin, tokenizer files), as save_pretrained writes it, or a hub id")
     folder = Path(text_model).expanduser()
     if folder.is_dir():
         missing = [what for what, names in (("config.json", ("config.json",)),
@@ -132,12 +136,26 @@ def check_text_model(text_model: Optional[str]):
                    if not any((folder / name).is_file() for name in names)]
         if missing:
             raise ConfigError(f"{option}: the folder has no {' and no '.join(missing)}", hint)
+    # A hub id is NAME or ORG/NAME; anything else was meant as a folder.
+    hub_id = text_model.count("/") <= 1 and not text_model.startswith((".", "~", "/"))
+    if not folder.is_dir() and not hub_id:
+        raise ConfigError(f"{option}: no such folder", hint)
     try:
-        config = AutoConfig.from_pretrained(text_model, local_files_only=True)
+        revision = hub_revision(text_model)
     except (OSError, ValueError) as err:
-        if not folder.is_dir():
+        if is_offline_mode():
             raise ConfigError(f"{option}: no such folder, and no model of that name in the local "
-                              "Hugging Face cache (downloads are off)", hint) from None
+                              "Hugging Face cache (HF_HUB_OFFLINE=1: downloads are off)",
+                              f"download it once where the hub is reachable (hf download "
+                              f"{text_model}), unset HF_HUB_OFFLINE to let the trainer download "
+                              "it, or pass a folder") from None
+        raise ConfigError(f"{option}: no such folder, and the Hugging Face hub has no such model "
+                          f"or cannot be reached ({first_line(err)})",
+                          "check the name (NAME or ORG/NAME, as on huggingface.co) and the "
+                          "network, or pass a folder") from None
+    try:
+        config = AutoConfig.from_pretrained(text_model, revision=revision)
+    except (OSError, ValueError) as err:
         raise ConfigError(f"{option}: config.json cannot be read ({first_line(err)})", hint) from None
     # A masked-LM encoder (the label prompt fills [MASK] slots), not an encoder-decoder.
     if (config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

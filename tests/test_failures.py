@@ -196,6 +196,8 @@ CASES = [
          lambda c: c.train_argv(c.tmp / "o", "--eval-batch-size", BIG), 2, "--eval-batch-size"),
     Case("train: --video-len 1e8", T, lambda c: c.train_argv(c.tmp / "o", "--video-len", "100000000"),
          2, "--video-len"),
+    Case("train: an unknown --preset", T, lambda c: c.train_argv(c.tmp / "o", "--preset", "bert"),
+         2, "argument --preset: invalid choice: 'bert'"),
     Case("predict: --output, not --output-dir", P,
          lambda c: [str(c.run), "--data-dir", c.data_dir, "--output", str(c.tmp / "pred.tsv")],
          2, "unrecognized arguments: --output"),

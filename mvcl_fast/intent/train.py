@@ -40,11 +40,12 @@ from typing import Optional
 
 from mvcl_fast.intent import distributed, runs
 from mvcl_fast.intent.checkpoints import BEST_CHECKPOINT, LAST_FIELDS, check_fields, load_checkpoint
-from mvcl_fast.intent.cli import (check_dropped_modalities, check_saved_options, check_train_options,
-                                  run_command, train_parser)
+from mvcl_fast.intent.cli import (LATER_OPTIONS, check_dropped_modalities, check_saved_options,
+                                  check_train_options, run_command, train_parser)
 from mvcl_fast.intent.errors import (CheckpointError, ConfigError, DiskError, Interrupted,
                                      MVCLError, first_line)
 from mvcl_fast.intent.evaluation import final_report
+from mvcl_fast.intent.presets import apply_preset
 from mvcl_fast.intent.trainer import Trainer, TrainingDiverged
 
 # Options that only change how a run executes, not what it computes: a
@@ -79,7 +80,7 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                   argv: list[str]) -> dict:
+                   given: set[str]) -> dict:
     """The resumed run's state; args becomes the run's options (its own, plus this command
     line's run options)."""
     path = runs.resume_checkpoint(args.resume, args.output_dir, args.name)
@@ -91,8 +92,8 @@ def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     check_fields(state, path, LAST_FIELDS,
                  f"--resume reads the {runs.LAST_CHECKPOINT} of a mvcl_fast.train run, unchanged")
     check_saved_options(state["args"], path)
-    saved = state["args"]
-    changed = [key for key in sorted(given_options(parser, argv) - set(RUNTIME_OPTIONS))
+    saved = {**dict.fromkeys(LATER_OPTIONS), **state["args"]}
+    changed = [key for key in sorted(given - set(RUNTIME_OPTIONS))
                if getattr(args, key) != saved[key]]
     if changed:
         parser.error(f"--resume {path.parent}: "
@@ -170,10 +171,13 @@ def resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                  argv: Optional[list[str]]) -> Optional[dict]:
     """Complete args into the run's options, all checked before anything is loaded (usage errors
     exit 2 through parser.error); return the state to resume (None for a new run)."""
+    given = given_options(parser, sys.argv[1:] if argv is None else argv)
+    if args.resume is None:    # a resumed run takes its options, its preset's too, from last.pt
+        apply_preset(args, given)
     check_train_options(parser, args)
     state = None
     if args.resume is not None:
-        state = resume_options(parser, args, sys.argv[1:] if argv is None else argv)
+        state = resume_options(parser, args, given)
     elif args.output_dir is None:
         args.output_dir = str(runs.default_output_dir(args.name))
     apply_dataset_defaults(args)
@@ -276,7 +280,8 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
                     + ("; the run had finished: its result again" if progress.finished else ""))
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     momentum = f" (momentum {args.prototype_momentum})" if args.prototypes == "ema" else ""
-    trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "
+    preset = f" | preset {args.preset}" if args.preset else ""
+    trainer.log(f"run: {args.output_dir}{preset} | device {trainer.device}{processes} | modalities {args.modalities} | "
                 f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} "
                 f"prototypes {args.prototypes}{momentum} | "
                 f"precision {trainer.precision} | compile {'on' if trainer.compiled else 'off'} | "

@@ -1,6 +1,6 @@
 """--text-model as a hub id: taken from the local Hugging Face cache (the tests run with
 HF_HUB_OFFLINE=1 and never download), its snapshot's commit recorded in the checkpoint and the
-same snapshot loaded by load_model and predict after the cache's main has moved on. (A hub
+same snapshot loaded by load_model, predict and --resume after the cache's main has moved on. (A hub
 id that is not cached is a case of test_failures.py.)
 
 The cache is a fake one in a temporary folder: models--ORG--NAME/snapshots/<commit>/ holding a
@@ -66,7 +66,8 @@ def test_a_cached_hub_id_trains_and_predict_loads_the_recorded_snapshot(tiny_set
     assert loaded.model.text_encoder.config.hidden_size == 32
     assert predict_lib.main([str(run), "--data-dir", data_dir, "--output-dir",
                              str(tmp_path / "pred")]) == 0
-    capsys.readouterr()
+    assert train_lib.main(["--resume", str(run)]) == 0     # the run's snapshot, not main's
+    assert "the run had finished" in capsys.readouterr().out
 
     # the recorded snapshot gone: one line saying how to get it back
     shutil.rmtree(hub_cache / f"models--{HUB_ID.replace('/', '--')}" / "snapshots" / FIRST)

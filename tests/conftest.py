@@ -9,7 +9,11 @@ import shutil
 import sys
 import tempfile
 
-import torch
+# Tests never download: a text model is a folder or an id in a test's own Hugging Face cache.
+# Set before transformers / huggingface_hub are imported, which read it once.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):

@@ -270,7 +270,7 @@ def _gpt2_folder(folder):
 
 
 @pytest.mark.parametrize("case,message", [
-    ("missing", "no such folder, and no model of that name in the local Hugging Face cache"),
+    ("missing", "no such folder"),
     ("empty", "the folder has no config.json and no tokenizer files and no weights"),
     ("config only", "the folder has no tokenizer files and no weights"),
     ("gpt2", "a 'gpt2' model is not an encoder-only BERT-family model"),

@@ -108,6 +108,13 @@ def _fill_disk_at(name: str, monkeypatch) -> None:
     monkeypatch.setattr(runs.tempfile, "mkstemp", mkstemp)
 
 
+def _empty_hub_cache(ctx) -> None:
+    """A Hugging Face cache of the test's own, empty (the suite runs with HF_HUB_OFFLINE=1)."""
+    import huggingface_hub.constants
+
+    ctx.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(ctx.tmp / "hub"))
+
+
 def _no_cuda(ctx):
     ctx.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
@@ -189,6 +196,8 @@ CASES = [
          lambda c: c.train_argv(c.tmp / "o", "--eval-batch-size", BIG), 2, "--eval-batch-size"),
     Case("train: --video-len 1e8", T, lambda c: c.train_argv(c.tmp / "o", "--video-len", "100000000"),
          2, "--video-len"),
+    Case("train: an unknown --preset", T, lambda c: c.train_argv(c.tmp / "o", "--preset", "bert"),
+         2, "argument --preset: invalid choice: 'bert'"),
     Case("predict: --output, not --output-dir", P,
          lambda c: [str(c.run), "--data-dir", c.data_dir, "--output", str(c.tmp / "pred.tsv")],
          2, "unrecognized arguments: --output"),
@@ -212,6 +221,10 @@ CASES = [
     Case("predict: --device cuda without CUDA", P,
          lambda c: _no_cuda(c) or [str(c.run), "--data-dir", c.data_dir, "--device", "cuda"],
          1, "--device cuda", "--device cpu"),
+    # ------------------------------------------------------------- text model (1)
+    Case("train: a hub id not in the cache, downloads off", T,
+         lambda c: _empty_hub_cache(c) or c.train_argv(c.tmp / "o", "--text-model", "org/absent"),
+         1, "--text-model org/absent: no such folder", "hf download org/absent"),
     # ------------------------------------------------------------------- data (1)
     Case("train: no data folder", T,
          lambda c: c.train_argv(c.tmp / "o", "--data-dir", str(c.tmp / "none")), 1, "none"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from mvcl_fast.intent.data import SPLITS, MultimodalSplit, load_split
 from mvcl_fast.intent.errors import ConfigError, DataError, reraised_as
 from mvcl_fast.intent.loading import UNWRITABLE_DATA_HINT
 from mvcl_fast.intent.model import (LabelPrompter, ModelConfig, MVCLDAFPlusPlus, MVCLLoss,
-                                    default_text_model, load_text_encoder)
+                                    default_text_model, hub_revision, load_text_encoder)
 
 
 @dataclass
@@ -74,17 +74,19 @@ def read_splits(args: argparse.Namespace, dist, log: Callable[[str], None]) -> d
 
 
 def encode_splits(args: argparse.Namespace, splits: dict[str, MultimodalSplit],
-                  log: Callable[[str], None], started: float):
+                  log: Callable[[str], None], started: float, revision: Optional[str] = None):
     """(the splits with their label-prompt tokens, the model's ModelConfig, the text encoder):
     the text encoder of --text-model, its tokenizer run once over every split. The utterances
     keep at most --max-text-tokens word pieces (capped at the longest training text); feature
-    widths come from the data. started: when reading the data began (for the log)."""
+    widths come from the data. started: when reading the data began (for the log). revision: the
+    hub snapshot of a hub id to load (default: the one main names now)."""
     train = splits["train"]
     label_names = list(train.label_names)
     text_model = args.text_model or default_text_model()
     with reraised_as(ConfigError, f"--text-model {text_model}: ",
-                     "pass the folder of a BERT-family encoder checkpoint"):
-        tokenizer, text_encoder = load_text_encoder(text_model)
+                     "pass the folder of a BERT-family encoder checkpoint, or a hub id"):
+        revision = revision or hub_revision(text_model)   # recorded: predict loads the same
+        tokenizer, text_encoder = load_text_encoder(text_model, revision)
         probe = LabelPrompter(tokenizer, label_names, args.max_text_tokens)
     max_text_tokens = max(1, min(args.max_text_tokens, probe.longest_text(train.texts)))
     prompter = LabelPrompter(tokenizer, label_names, max_text_tokens)
@@ -97,7 +99,8 @@ def encode_splits(args: argparse.Namespace, splits: dict[str, MultimodalSplit],
     cfg = ModelConfig(
         num_labels=len(label_names), label_len=prompter.label_len,
         max_text_tokens=max_text_tokens, video_dim=train.video.dim,
-        audio_dim=train.audio.dim, text_model=text_model, modalities=args.modalities,
+        audio_dim=train.audio.dim, text_model=text_model, text_revision=revision,
+        modalities=args.modalities,
         video_width=args.video_width, video_layers=args.video_layers,
         audio_width=args.audio_width, fusion_heads=args.fusion_heads, dropout=args.dropout)
     return encoded, cfg, text_encoder

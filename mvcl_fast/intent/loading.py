@@ -90,12 +90,13 @@ def dataset_of(label_names: list[str], path: Path) -> str:
 
 MODEL_CONFIG_HINT = "pass best.pt or last.pt of a mvcl_fast.train run, unchanged"
 # ModelConfig's field annotations, as the types a checkpoint's plain values come back as
-_CONFIG_TYPES = {"int": int, "float": (int, float), "str": str, "tuple[str, ...]": (list, tuple)}
+_CONFIG_TYPES = {"int": int, "float": (int, float), "str": str, "Optional[str]": (str, type(None)),
+                 "tuple[str, ...]": (list, tuple)}
 
 
 def model_config(saved: dict, path: Path, text_model: Optional[str] = None):
     """The ModelConfig a checkpoint's field 'model_config' holds, every field known and of its
-    type; text_model (if given) in place of the recorded one."""
+    type; text_model (if given) in place of the recorded one (and of its recorded revision)."""
     from dataclasses import MISSING, fields
 
     from mvcl_fast.intent.model import ModelConfig
@@ -116,7 +117,8 @@ def model_config(saved: dict, path: Path, text_model: Optional[str] = None):
             raise CheckpointError(f"{path}: field 'model_config': {name!r} is {value!r}, not "
                                   f"of type {f.type}", MODEL_CONFIG_HINT)
     try:
-        return ModelConfig(**{**saved, **({"text_model": text_model} if text_model else {})})
+        given = {"text_model": text_model, "text_revision": None} if text_model else {}
+        return ModelConfig(**{**saved, **given})
     except (TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{path}: field 'model_config' ({first_line(err)})",
                               MODEL_CONFIG_HINT) from None
@@ -127,7 +129,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """The trained model of a run folder (its best.pt) or of a checkpoint file, ready to predict.
 
     text_model: the encoder folder when the one recorded in the checkpoint has moved; its
-    weights' shapes and vocabulary must be the checkpoint's.
+    weights' shapes and vocabulary must be the checkpoint's. A hub id is loaded at the commit
+    the checkpoint records, so that the weights are the run's even after the hub moved on.
     """
     from mvcl_fast.intent.model import MVCLDAFPlusPlus, load_text_encoder
 
@@ -144,10 +147,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     check_saved_options(state["args"], path)
     cfg = model_config(state["model_config"], path, text_model)
     try:
-        tokenizer, encoder = load_text_encoder(cfg.text_model)
+        tokenizer, encoder = load_text_encoder(cfg.text_model, cfg.text_revision)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"text model {cfg.text_model} of {path} cannot be loaded ({first_line(err)})",
-                          "pass its current folder with --text-model") from None
+        at = f" at revision {cfg.text_revision}" if cfg.text_revision else ""
+        fetch = (f"get that revision (hf download {cfg.text_model} --revision "
+                 f"{cfg.text_revision}), or " if cfg.text_revision else "")
+        raise ConfigError(f"text model {cfg.text_model}{at} of {path} cannot be loaded "
+                          f"({first_line(err)})", f"{fetch}pass its current folder with "
+                                                  "--text-model") from None
     try:
         model = MVCLDAFPlusPlus(cfg, encoder)
     except (RuntimeError, ValueError) as err:

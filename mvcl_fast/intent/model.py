@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
@@ -74,14 +73,28 @@ def parse_modalities(spec: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(m for m in MODALITIES if m in names)
 
 
-def load_text_encoder(path: str):
-    """(tokenizer, encoder) from a local HF checkpoint folder or an already-cached name."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def load_text_encoder(path: str, revision: Optional[str] = None):
+    """(tokenizer, encoder) from a local HF checkpoint folder, or a hub id (revision: its commit,
+    branch or tag; default main) from the local Hugging Face cache or downloaded into it, unless
+    the user set HF_HUB_OFFLINE=1."""
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    encoder = AutoModel.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    encoder = AutoModel.from_pretrained(path, revision=revision)
     return tokenizer, encoder
+
+
+def hub_revision(name: str) -> Optional[str]:
+    """The commit hash of the hub snapshot that the text model name (a hub id) resolves to now,
+    its config.json fetched into the local cache unless it is there or downloads are off; None
+    for a local folder. What a checkpoint records, so that the run's weights are the ones loaded
+    again. OSError / ValueError if it cannot."""
+    if Path(name).expanduser().is_dir():
+        return None
+    from transformers.utils import cached_file
+
+    config = Path(cached_file(name, "config.json"))
+    return config.parent.name      # <cache>/models--org--name/snapshots/<commit hash>/config.json
 
 
 # ----------------------------------------------------------------- tokenising
@@ -145,6 +158,7 @@ class ModelConfig:
     video_dim: int
     audio_dim: int
     text_model: str = field(default_factory=default_text_model)
+    text_revision: Optional[str] = None   # the hub snapshot's commit of a hub id (None: a folder)
     modalities: tuple[str, ...] = MODALITIES
     video_width: int = 128      # video Transformer width (features projected down first)
     video_layers: int = 2
@@ -429,7 +443,7 @@ class MVCLDAFPlusPlus(nn.Module):
         super().__init__()
         self.cfg = cfg
         if text_encoder is None:
-            _, text_encoder = load_text_encoder(cfg.text_model)
+            _, text_encoder = load_text_encoder(cfg.text_model, cfg.text_revision)
         width = text_encoder.config.hidden_size
         pooler = getattr(text_encoder, "pooler", None)
         self.pooler = nn.Sequential(nn.Linear(width, width), nn.Tanh())

@@ -40,11 +40,12 @@ from typing import Optional
 
 from mvcl_fast.intent import distributed, runs
 from mvcl_fast.intent.checkpoints import BEST_CHECKPOINT, LAST_FIELDS, check_fields, load_checkpoint
-from mvcl_fast.intent.cli import (check_dropped_modalities, check_saved_options, check_train_options,
-                                  run_command, train_parser)
+from mvcl_fast.intent.cli import (LATER_OPTIONS, check_dropped_modalities, check_saved_options,
+                                  check_train_options, run_command, train_parser)
 from mvcl_fast.intent.errors import (CheckpointError, ConfigError, DiskError, Interrupted,
                                      MVCLError, first_line)
 from mvcl_fast.intent.evaluation import final_report
+from mvcl_fast.intent.presets import apply_preset
 from mvcl_fast.intent.trainer import Trainer, TrainingDiverged
 
 # Options that only change how a run executes, not what it computes: a
@@ -79,7 +80,7 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 
 def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                   argv: list[str]) -> dict:
+                   given: set[str]) -> dict:
     """The resumed run's state; args becomes the run's options (its own, plus this command
     line's run options)."""
     path = runs.resume_checkpoint(args.resume, args.output_dir, args.name)
@@ -91,8 +92,8 @@ def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     check_fields(state, path, LAST_FIELDS,
                  f"--resume reads the {runs.LAST_CHECKPOINT} of a mvcl_fast.train run, unchanged")
     check_saved_options(state["args"], path)
-    saved = state["args"]
-    changed = [key for key in sorted(given_options(parser, argv) - set(RUNTIME_OPTIONS))
+    saved = {**dict.fromkeys(LATER_OPTIONS), **state["args"]}
+    changed = [key for key in sorted(given - set(RUNTIME_OPTIONS))
                if getattr(args, key) != saved[key]]
     if changed:
         parser.error(f"--resume {path.parent}: "
@@ -106,16 +107,20 @@ def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def check_text_model(text_model: Optional[str]):
-    """The text model's config, once it is known to be a BERT-family encoder checkpoint.
+    """The text model's config, once it is known to be a BERT-family encoder checkpoint: a
+    folder, or a hub id in the local Hugging Face cache or downloaded into it (unless the user
+    set HF_HUB_OFFLINE=1).
 
     Checked before anything is loaded: transformers' own errors for these cases
-    name no option (a missing folder reads "Repo id must be in the form ...", an
-    empty one asks to install sentencepiece) and it loads a GPT-2 without a word.
+    name no option (an empty folder asks to install sentencepiece, an id that is
+    not cached while offline names no way to get it) and it loads a GPT-2
+    without a word.
     """
+    from huggingface_hub import is_offline_mode
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-    from mvcl_fast.intent.model import default_text_model
+    from mvcl_fast.intent.model import default_text_model, hub_revision
 
     try:
         text_model = text_model or default_text_model()
@@ -123,7 +128,7 @@ def check_text_model(text_model: Optional[str]):
         raise ConfigError(str(err)) from None
     option = f"--text-model {text_model}"
     hint = ("pass the folder of a BERT-family encoder checkpoint (config.json, model.safetensors "
-            "or pytorch_model.bin, tokenizer files), as save_pretrained writes it")
+            "or pytorch_model.bin, tokenizer files), as save_pretrained writes it, or a hub id")
     folder = Path(text_model).expanduser()
     if folder.is_dir():
         missing = [what for what, names in (("config.json", ("config.json",)),
@@ -132,12 +137,26 @@ def check_text_model(text_model: Optional[str]):
                    if not any((folder / name).is_file() for name in names)]
         if missing:
             raise ConfigError(f"{option}: the folder has no {' and no '.join(missing)}", hint)
+    # A hub id is NAME or ORG/NAME; anything else was meant as a folder.
+    hub_id = text_model.count("/") <= 1 and not text_model.startswith((".", "~", "/"))
+    if not folder.is_dir() and not hub_id:
+        raise ConfigError(f"{option}: no such folder", hint)
     try:
-        config = AutoConfig.from_pretrained(text_model, local_files_only=True)
+        revision = hub_revision(text_model)
     except (OSError, ValueError) as err:
-        if not folder.is_dir():
+        if is_offline_mode():
             raise ConfigError(f"{option}: no such folder, and no model of that name in the local "
-                              "Hugging Face cache (downloads are off)", hint) from None
+                              "Hugging Face cache (HF_HUB_OFFLINE=1: downloads are off)",
+                              f"download it once where the hub is reachable (hf download "
+                              f"{text_model}), unset HF_HUB_OFFLINE to let the trainer download "
+                              "it, or pass a folder") from None
+        raise ConfigError(f"{option}: no such folder, and the Hugging Face hub has no such model "
+                          f"or cannot be reached ({first_line(err)})",
+                          "check the name (NAME or ORG/NAME, as on huggingface.co) and the "
+                          "network, or pass a folder") from None
+    try:
+        config = AutoConfig.from_pretrained(text_model, revision=revision)
+    except (OSError, ValueError) as err:
         raise ConfigError(f"{option}: config.json cannot be read ({first_line(err)})", hint) from None
     # A masked-LM encoder (the label prompt fills [MASK] slots), not an encoder-decoder.
     if (config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -152,10 +171,13 @@ def resolve_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
                  argv: Optional[list[str]]) -> Optional[dict]:
     """Complete args into the run's options, all checked before anything is loaded (usage errors
     exit 2 through parser.error); return the state to resume (None for a new run)."""
+    given = given_options(parser, sys.argv[1:] if argv is None else argv)
+    if args.resume is None:    # a resumed run takes its options, its preset's too, from last.pt
+        apply_preset(args, given)
     check_train_options(parser, args)
     state = None
     if args.resume is not None:
-        state = resume_options(parser, args, sys.argv[1:] if argv is None else argv)
+        state = resume_options(parser, args, given)
     elif args.output_dir is None:
         args.output_dir = str(runs.default_output_dir(args.name))
     apply_dataset_defaults(args)
@@ -258,7 +280,8 @@ def run(trainer: Trainer, resumed: bool, started: float) -> int:
                     + ("; the run had finished: its result again" if progress.finished else ""))
     processes = f" x {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
     momentum = f" (momentum {args.prototype_momentum})" if args.prototypes == "ema" else ""
-    trainer.log(f"run: {args.output_dir} | device {trainer.device}{processes} | modalities {args.modalities} | "
+    preset = f" | preset {args.preset}" if args.preset else ""
+    trainer.log(f"run: {args.output_dir}{preset} | device {trainer.device}{processes} | modalities {args.modalities} | "
                 f"lambda_proto {args.lambda_proto} lambda_mv {args.lambda_mv} tau {args.tau} "
                 f"prototypes {args.prototypes}{momentum} | "
                 f"precision {trainer.precision} | compile {'on' if trainer.compiled else 'off'} | "

@@ -112,7 +112,7 @@ class Trainer:
                                                    overwrite=args.overwrite)
             if self.folder is not None:
                 self.log_file = self.folder.open_log()
-            self._build()
+            self._build(resume_state)
             if resume_state is not None:
                 checkpoints.restore_last(self, resume_state)
                 self.criterion.bank_ready()    # the restored bank's flag, read before the steps
@@ -120,7 +120,7 @@ class Trainer:
             self.close()     # the folder's lock and the process group go with a failed start
             raise
 
-    def _build(self) -> None:
+    def _build(self, resume_state: Optional[dict]) -> None:
         args = self.args
         checkpoints.seed_everything(args.seed)   # the same on every rank: identical initial weights
         build.ensure_data_dir(args, self.dist, self.log)
@@ -128,7 +128,10 @@ class Trainer:
         raw = build.read_splits(args, self.dist, self.log)
         self.label_names = list(raw["train"].label_names)
         self.train_label_counts = build.label_counts(raw["train"])
-        self.splits, self.cfg, text_encoder = build.encode_splits(args, raw, self.log, started)
+        # a resumed run keeps the hub snapshot it started with, whatever main is now
+        revision = resume_state["model_config"].get("text_revision") if resume_state else None
+        self.splits, self.cfg, text_encoder = build.encode_splits(args, raw, self.log, started,
+                                                                  revision)
         self.model, self.criterion = build.build_model(args, self.cfg, text_encoder, self.device,
                                                        self.dist.group, self.train_label_counts)
         self.with_anchor = args.lambda_mv != 0

@@ -80,10 +80,3 @@ def test_a_preset_run_records_its_preset_and_a_resume_keeps_it(tiny_setup, tmp_p
     run_options = {k: v for k, v in vars(args).items() if k not in train_lib.RUNTIME_OPTIONS}
     assert run_options.items() <= state["args"].items()
     assert (args.preset, args.tau, args.epochs) == ("tcl-map-mintrec", 0.5, 2)
-
-
-def test_a_checkpoint_from_before_presets_is_read_as_without_one(tmp_path):
-    """Checkpoints written before --preset existed hold no 'preset': they are no preset's run."""
-    saved = vars(cli.train_parser().parse_args([]))
-    del saved["preset"]
-    cli.check_saved_options(saved, tmp_path / "best.pt")

@@ -341,18 +341,13 @@ def check_train_options(parser: argparse.ArgumentParser, args: argparse.Namespac
             parser.error("--seeds runs in one process: under torchrun start one run per seed (--seed)")
 
 
-# Options added after checkpoints of this format were first written: absent, they were at
-# their default (None), as check_saved_options and resume_options take them.
-LATER_OPTIONS = ("preset",)
-
-
 def check_saved_options(saved: dict, path: Path) -> None:
     """The trainer's options a checkpoint records (its field 'args'): every option of
     train_parser, each with a value its own check accepts (what --resume, predict and analyze
     read them with), or a CheckpointError naming the file and the option."""
     hint = "pass a checkpoint that mvcl_fast.train wrote, unchanged"
     for action in train_parser()._actions:
-        if action.dest == "help" or (action.dest in LATER_OPTIONS and action.dest not in saved):
+        if action.dest == "help":
             continue
         if action.dest not in saved:
             raise CheckpointError(f"{path}: field 'args' has no option {action.dest!r}", hint)

@@ -40,7 +40,7 @@ from typing import Optional
 
 from mvcl_fast.intent import distributed, runs
 from mvcl_fast.intent.checkpoints import BEST_CHECKPOINT, LAST_FIELDS, check_fields, load_checkpoint
-from mvcl_fast.intent.cli import (LATER_OPTIONS, check_dropped_modalities, check_saved_options,
+from mvcl_fast.intent.cli import (check_dropped_modalities, check_saved_options,
                                   check_train_options, run_command, train_parser)
 from mvcl_fast.intent.errors import (CheckpointError, ConfigError, DiskError, Interrupted,
                                      MVCLError, first_line)
@@ -92,7 +92,7 @@ def resume_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     check_fields(state, path, LAST_FIELDS,
                  f"--resume reads the {runs.LAST_CHECKPOINT} of a mvcl_fast.train run, unchanged")
     check_saved_options(state["args"], path)
-    saved = {**dict.fromkeys(LATER_OPTIONS), **state["args"]}
+    saved = state["args"]
     changed = [key for key in sorted(given - set(RUNTIME_OPTIONS))
                if getattr(args, key) != saved[key]]
     if changed:

@@ -127,7 +127,7 @@ def test_trains_on_a_mintrec2_release_with_named_features(tiny_setup, tmp_path, 
         lines = ["Dialogue_id\tUtterance_id\tText\tLabel\tStart\tEnd\tSeason\tSpeaker"]
         for u in range(n):
             key = f"dia{split}_utt{u}"
-            lines.append(f"{split}\t{u}\t\"Really?\" said {u}.\t{labels[u % 31]}\t0\t1\tS1\tAmy")
+            lines.append(f"{split}\t{u}\t\"Really?\" said {u}.\t{labels[u % len(labels)]}\t0\t1\tS1\tAmy")
             video[key] = rng.standard_normal((3, 1, 1024)).astype(np.float32)
             audio[key] = rng.standard_normal((5, 768)).astype(np.float32)
         (root / "in-scope").mkdir(parents=True, exist_ok=True)

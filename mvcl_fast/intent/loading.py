@@ -78,11 +78,18 @@ class LoadedModel:
 
 def dataset_of(label_names: list[str], path: Path) -> str:
     """The data set whose intent list the checkpoint's is."""
-    from mvcl_fast.intent.data import DATASETS
+    from mvcl_fast.intent.data import DATASETS, OOS_LABEL
 
     for name, info in DATASETS.items():
         if list(info.labels) == list(label_names):
             return name
+        if info.oos_folder and list(label_names) == [*info.labels, OOS_LABEL]:
+            # Refused rather than cut down to 30 logits: its softmax was trained over 31 classes.
+            raise CheckpointError(f"{path}: a {name} model with a logit for {OOS_LABEL} besides its "
+                                  f"{info.num_labels} intents, written before the in-scope task "
+                                  f"became {info.num_labels}-way",
+                                  f"train it again (--dataset {name}; --open-intent for the "
+                                  "open-intent protocol)")
     raise CheckpointError(f"{path}: its {len(label_names)} intents are not those of any known data "
                           f"set ({', '.join(DATASETS)})", "pass a checkpoint that mvcl_fast.train wrote")
 

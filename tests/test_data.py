@@ -699,6 +699,24 @@ def test_synthetic_is_deterministic(tmp_path):
     assert {"train.tsv", "video_feats.pkl", "audio_feats.pkl"} <= differ
 
 
+def test_synthetic_mintrec2_release_is_deterministic_with_both_parts(tmp_path):
+    tree = lambda root: {str(p.relative_to(root)): p.read_bytes()  # noqa: E731
+                         for p in sorted(root.rglob("*")) if p.is_file() and ".mvcl-cache" not in p.parts}
+    a = synthetic.write_synthetic_mintrec2(tmp_path / "a", seed=3, **synthetic.TINY2)
+    b = synthetic.write_synthetic_mintrec2(tmp_path / "b", seed=3, **synthetic.TINY2)
+    c = synthetic.write_synthetic_mintrec2(tmp_path / "c", seed=4, **synthetic.TINY2)
+    assert tree(a) == tree(b) and tree(a)["in-scope/train.tsv"] != tree(c)["in-scope/train.tsv"]
+    assert {f"{part}/{name}" for part in ("in-scope", "out-of-scope/MIntRec2.0-OOD")
+            for name in ("train.tsv", "dev.tsv", "test.tsv", "synthetic.json",
+                         "video_data/swin_roi_binary.pkl", "audio_data/wavlm_feats_binary.pkl")} < set(tree(a))
+    in_scope = load_split(a, "mintrec2", "train")
+    oos = load_split(a, "mintrec2", "test", out_of_scope=True)
+    assert len(in_scope) == 60 and set(in_scope.labels.tolist()) == set(range(30))
+    assert len(oos) == 10 and oos.labels.tolist() == [30] * 10
+    assert not set(in_scope.keys) & set(oos.keys)    # keys unique across the two pickles
+    assert in_scope.video.shape[1:] == (8, synthetic.VIDEO_DIM)
+
+
 def test_synthetic_loads_in_the_mintrec_layout(tmp_path):
     tiny = dict(synthetic.TINY, n_train=200)
     folder = synthetic.write_synthetic_mintrec(tmp_path / "syn", seed=0, **tiny)

@@ -39,8 +39,8 @@ DATA_HINT = "check --data-dir against the layouts in docs/data.md"
 
 
 def ensure_data_dir(args: argparse.Namespace, dist, log: Callable[[str], None]) -> None:
-    """Without --data-dir, the synthetic set (args.data_dir is set to it): rank 0 writes it once,
-    the other ranks then read it."""
+    """Without --data-dir, the synthetic set of --dataset (args.data_dir is set to it): rank 0
+    writes it once, the other ranks then read it."""
     from mvcl_fast.intent import synthetic
 
     if args.data_dir is not None:
@@ -48,10 +48,11 @@ def ensure_data_dir(args: argparse.Namespace, dist, log: Callable[[str], None]) 
     with reraised_as(DataError, "", DATA_HINT):
         if not dist.is_main:
             dist.barrier()
-        args.data_dir = str(synthetic.ensure_synthetic(synthetic.DEFAULT_CACHE))
+        args.data_dir = str(synthetic.ensure_synthetic(synthetic.DEFAULT_CACHE, args.dataset))
         if dist.is_main:
             dist.barrier()
-    log(f"data: synthetic MIntRec-format set in {args.data_dir}")
+    layout = "MIntRec2.0 (in-scope and out-of-scope)" if args.dataset == "mintrec2" else "MIntRec"
+    log(f"data: synthetic {layout}-format set in {args.data_dir} (a test bed, not a benchmark)")
 
 
 def read_splits(args: argparse.Namespace, dist, log: Callable[[str], None]) -> dict[str, MultimodalSplit]:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mvcl_fast.intent import build, checkpoints, distributed, runs
+from mvcl_fast.intent import build, checkpoints, distributed, open_intent, runs
 from mvcl_fast.intent.data import data_loader
 from mvcl_fast.intent.distributed import Distributed
 from mvcl_fast.intent.errors import MVCLError
@@ -129,6 +129,7 @@ class Trainer:
         self.model, self.criterion = build.build_model(args, self.cfg, text_encoder, self.device,
                                                        self.dist.group, self.train_label_counts)
         self.with_anchor = args.lambda_mv != 0
+        self.outlier_exposure = open_intent.OutlierExposure(self) if args.open_intent else None
         self.compiled = build.compile_fusion(self.model, args.compile, self.device)
         # Training runs through the DDP wrapper; evaluation and checkpoints use the bare model.
         self.train_model = build.data_parallel(self.model, self.dist, args.seed)
@@ -175,6 +176,9 @@ class Trainer:
             out = self.train_model(**model_inputs(self.splits["train"].tokens, batch, self.cfg.modalities,
                                                   self.device, with_anchor=self.with_anchor))
             loss, parts = self.criterion(out, labels)
+            if self.outlier_exposure is not None:   # --open-intent: OOS rows, a forward of their own
+                loss, parts = self.outlier_exposure(self.train_model, loss, parts,
+                                                    self.progress.global_step)
         # The ranks agree before backward (whose all-reduces they must all join) on whether any
         # rank's loss diverged.
         diverged, = self.dist.any(not torch.isfinite(loss).item())

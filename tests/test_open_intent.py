@@ -147,20 +147,6 @@ def run_argv(release, out_dir, *extra):
             "--fusion-heads", "4", "--compile", "off", *extra]
 
 
-def test_in_scope_mintrec2_is_30_way(release, tmp_path, capsys):
-    out_dir = tmp_path / "in-scope"
-    assert train_lib.main(run_argv(release, out_dir)) == 0
-    assert "open intent" not in capsys.readouterr().out
-    metrics = json.loads((out_dir / "metrics.json").read_text())
-    assert metrics["labels"] == list(LABELS) and metrics["model_config"]["num_labels"] == 30
-    assert list(metrics["test_per_class"]) == list(LABELS)
-    assert sum(g["classes"] for g in metrics["test_groups"].values()) == 30
-    assert "UNK" not in sum(metrics["test_group_intents"].values(), [])
-    assert np.shape(metrics["confusion_matrix"]) == (30, 30) and "test_open" not in metrics
-    loaded = load_model(out_dir)
-    assert loaded.model.classifier.out_features == 30 and loaded.doc_thresholds is None
-
-
 @pytest.fixture(scope="module")
 def open_run(release, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("open")
@@ -178,7 +164,11 @@ def test_open_intent_run_reports_the_benchmarks_figures(open_run, capsys):
         assert set(figures) == {key for key, _ in open_intent.OPEN_COLUMNS} | {"utterances"}
         assert all(0 <= figures[key] <= 100 for key, _ in open_intent.OPEN_COLUMNS)
     assert list(metrics["doc_thresholds"]) == list(LABELS)
-    assert list(metrics["test_per_class"]) == list(LABELS)    # in-scope figures stay 30-way
+    # the model and the in-scope figures stay 30-way (tests/test_train.py: without --open-intent)
+    assert load_model(open_run).model.classifier.out_features == 30
+    assert metrics["labels"] == list(LABELS) and list(metrics["test_per_class"]) == list(LABELS)
+    assert sum(g["classes"] for g in metrics["test_groups"].values()) == 30
+    assert np.shape(metrics["confusion_matrix"]) == (30, 30)
     best = torch.load(open_run / "best.pt", map_location="cpu", weights_only=True)
     thresholds = best["open_intent"]["thresholds"]
     assert len(thresholds) == 30 and all(0.5 <= t <= 1 for t in thresholds)
@@ -223,6 +213,13 @@ def test_predict_labels_unk_with_the_runs_thresholds(open_run, release, tmp_path
     assert got["open"] == {k: v for k, v in reported["test_open"].items() if k != "utterances"}
     acc = 100 * sum(r["predicted"] == r["true"] for r in rows) / len(rows)
     assert round(acc, 2) == got["open"]["acc"]
+    # new clips (--input, labels not read): the same thresholds, the same labels
+    clips = f"{data_dir}/out-of-scope/MIntRec2.0-OOD/test.tsv"
+    assert predict_lib.main([str(open_run), "--input", clips, "--output-dir", str(tmp_path / "new")]) == 0
+    with open(tmp_path / "new" / "predictions.tsv", newline="", encoding="utf-8") as file:
+        new = list(csv.DictReader(file, delimiter="\t"))
+    assert [r["predicted"] for r in new] == [r["predicted"] for r in rows[20:]]
+    assert {r["true"] for r in new} == {""}
 
 
 @pytest.mark.parametrize("extra,message", [

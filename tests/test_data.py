@@ -106,7 +106,7 @@ MINTREC2_HEADER = ["Dialogue_id", "Utterance_id", "Text", "Label", "Start_timest
                    "End_timestamp", "Season", "Speaker"]
 MINTREC2_ROWS = [
     ["12", "0", "What do you think about it?", "Asking for opinions", "0:00:01", "0:00:03", "S1", "Ross"],
-    ["12", "1", "No idea.", "UNK", "0:00:03", "0:00:04", "S1", "Rachel"],
+    ["12", "1", "No idea.", "Doubt", "0:00:03", "0:00:04", "S1", "Rachel"],
     ["7", "3", "Watch out!", "Warn", "0:01:00", "0:01:02", "S2", "Amy"],
 ]
 MINTREC2_KEYS = ["dia12_utt0", "dia12_utt1", "dia7_utt3"]
@@ -129,9 +129,9 @@ def test_loads_mintrec2_release(tmp_path):
     root, video, audio = mintrec2_release(tmp_path / "MIntRec2.0")
     s = load_split(root, "MIntRec2.0", "test")
     info = DATASETS["mintrec2"]
-    assert len(info.labels) == 31 and info.labels[-1] == "UNK"
-    assert s.keys == MINTREC2_KEYS
-    assert [info.labels[i] for i in s.labels] == ["Asking for opinions", "UNK", "Warn"]
+    assert len(info.labels) == 30 and "UNK" not in info.labels   # the in-scope task is 30-way
+    assert s.keys == MINTREC2_KEYS and not s.out_of_scope
+    assert [info.labels[i] for i in s.labels] == ["Asking for opinions", "Doubt", "Warn"]
     assert s.video.shape == (3, 180, V) and s.audio.shape == (3, 400, A)
     assert s.video_lengths.tolist() == [4, 180, 1]
     assert s.audio_lengths.tolist() == [400, 3, 2]
@@ -146,6 +146,37 @@ def test_loads_mintrec2_release(tmp_path):
     header2 = ["dialogue id", "UTTERANCE ID", "text", "label"]
     write_folder(tmp_path / "lower", header2, {"dev": [r[:4] for r in MINTREC2_ROWS]}, video, audio)
     assert load_split(tmp_path / "lower", "mintrec2", "dev", video_len=3, audio_len=3).keys == MINTREC2_KEYS
+
+
+def test_mintrec2_out_of_scope_part_loads_as_class_30_and_in_scope_refuses_unk(tmp_path):
+    """out-of-scope/MIntRec2.0-OOD/ beside in-scope/ (thuiar/MIntRec2.0 data/single_turn/base.py):
+    its own pickles, every row UNK = class 30; found from the release root or from in-scope/."""
+    root, video, audio = mintrec2_release(tmp_path / "MIntRec2.0")
+    oos_rows = [[*r[:3], "UNK", *r[4:]] for r in MINTREC2_ROWS]
+    write_folder(root / "out-of-scope" / "MIntRec2.0-OOD", MINTREC2_HEADER, {"train": oos_rows},
+                 video, audio, video_name="video_data/swin_roi_binary.pkl",
+                 audio_name="audio_data/wavlm_feats_binary.pkl")
+    for folder in (root, root / "in-scope"):
+        s = load_split(folder, "mintrec2", "train", out_of_scope=True, video_len=3, audio_len=3)
+        assert s.out_of_scope and s.keys == MINTREC2_KEYS and s.labels.tolist() == [30, 30, 30]
+        assert s.label_names == DATASETS["mintrec2"].labels
+    # An intent in the out-of-scope part, UNK in the in-scope part: refused, naming file and line.
+    write_folder(root / "out-of-scope" / "MIntRec2.0-OOD", MINTREC2_HEADER, {"dev": MINTREC2_ROWS},
+                 video, audio, video_name="video_data/swin_roi_binary.pkl",
+                 audio_name="audio_data/wavlm_feats_binary.pkl")
+    with pytest.raises(ValueError, match=r"MIntRec2.0-OOD/dev.tsv, line 2: label 'Asking for "
+                                         r"opinions' in an out-of-scope file.*labelled UNK"):
+        load_split(root, "mintrec2", "dev", out_of_scope=True, video_len=3, audio_len=3)
+    write_folder(root / "in-scope", MINTREC2_HEADER, {"dev": oos_rows}, video, audio,
+                 video_name="video_data/swin_roi_binary.pkl",
+                 audio_name="audio_data/wavlm_feats_binary.pkl")
+    with pytest.raises(ValueError, match=r"in-scope/dev.tsv, line 2: label UNK \(out of scope\) in "
+                                         r"an in-scope file; the in-scope task of mintrec2 is 30-way"):
+        load_split(root, "mintrec2", "dev", video_len=3, audio_len=3)
+    with pytest.raises(FileNotFoundError, match=r"no out-of-scope folder.*MIntRec2.0-OOD"):
+        load_split(root / "in-scope" / "video_data", "mintrec2", "test", out_of_scope=True)
+    with pytest.raises(ValueError, match="the open-intent protocol is MIntRec2.0's"):
+        load_split(root, "mintrec", "test", out_of_scope=True)
 
 
 def test_columns_by_position_when_the_header_does_not_name_them(tmp_path):
@@ -666,6 +697,24 @@ def test_synthetic_is_deterministic(tmp_path):
     assert folder_bytes(a) == folder_bytes(b)
     differ = {k for k, v in folder_bytes(c).items() if folder_bytes(a)[k] != v}
     assert {"train.tsv", "video_feats.pkl", "audio_feats.pkl"} <= differ
+
+
+def test_synthetic_mintrec2_release_is_deterministic_with_both_parts(tmp_path):
+    tree = lambda root: {str(p.relative_to(root)): p.read_bytes()  # noqa: E731
+                         for p in sorted(root.rglob("*")) if p.is_file() and ".mvcl-cache" not in p.parts}
+    a = synthetic.write_synthetic_mintrec2(tmp_path / "a", seed=3, **synthetic.TINY2)
+    b = synthetic.write_synthetic_mintrec2(tmp_path / "b", seed=3, **synthetic.TINY2)
+    c = synthetic.write_synthetic_mintrec2(tmp_path / "c", seed=4, **synthetic.TINY2)
+    assert tree(a) == tree(b) and tree(a)["in-scope/train.tsv"] != tree(c)["in-scope/train.tsv"]
+    assert {f"{part}/{name}" for part in ("in-scope", "out-of-scope/MIntRec2.0-OOD")
+            for name in ("train.tsv", "dev.tsv", "test.tsv", "synthetic.json",
+                         "video_data/swin_roi_binary.pkl", "audio_data/wavlm_feats_binary.pkl")} < set(tree(a))
+    in_scope = load_split(a, "mintrec2", "train")
+    oos = load_split(a, "mintrec2", "test", out_of_scope=True)
+    assert len(in_scope) == 60 and set(in_scope.labels.tolist()) == set(range(30))
+    assert len(oos) == 10 and oos.labels.tolist() == [30] * 10
+    assert not set(in_scope.keys) & set(oos.keys)    # keys unique across the two pickles
+    assert in_scope.video.shape[1:] == (8, synthetic.VIDEO_DIM)
 
 
 def test_synthetic_loads_in_the_mintrec_layout(tmp_path):

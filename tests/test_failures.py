@@ -174,6 +174,17 @@ def _shrink_a_weight(state):
     state["model"][name] = state["model"][name][:-1]
 
 
+def _mintrec2_with_unk(state):
+    """What a mintrec2 run wrote while the in-scope task had a 31st label, UNK."""
+    from mvcl_fast.intent.data import DATASETS
+
+    state["label_names"] = [*DATASETS["mintrec2"].labels, "UNK"]
+    state["model_config"]["num_labels"] = 31
+    for name in ("classifier.weight", "classifier.bias"):
+        weight = state["model"][name]
+        state["model"][name] = torch.cat([weight, weight[:31 - len(weight)]])
+
+
 @dataclass
 class Case:
     id: str
@@ -201,6 +212,10 @@ CASES = [
     Case("predict: --output, not --output-dir", P,
          lambda c: [str(c.run), "--data-dir", c.data_dir, "--output", str(c.tmp / "pred.tsv")],
          2, "unrecognized arguments: --output"),
+    Case("train: --open-intent on MIntRec", T, lambda c: c.train_argv(c.tmp / "o", "--open-intent"),
+         2, "--open-intent: the open-intent protocol is MIntRec2.0's"),
+    Case("train: --ood-weight without --open-intent", T,
+         lambda c: c.train_argv(c.tmp / "o", "--ood-weight", "2"), 2, "--ood-weight"),
     Case("predict: an unknown option", P,
          lambda c: [str(c.run), "--data-dir", c.data_dir, "--no-such-option"], 2, "--no-such-option"),
     Case("predict: --batch-size 10**20", P,
@@ -263,6 +278,13 @@ CASES = [
     Case("predict: a checkpoint without label_names", P,
          lambda c: [str(c.crafted_run("labels", "best.pt", _drop("label_names"))),
                     "--data-dir", c.data_dir], 1, "'label_names'"),
+    Case("predict: a MIntRec2.0 checkpoint with the former UNK logit", P,
+         lambda c: [str(c.crafted_run("unk-logit", "best.pt", _mintrec2_with_unk)),
+                    "--data-dir", c.data_dir], 1, "a logit for UNK besides its 30 intents",
+         "train it again"),
+    Case("predict: a best.pt with DOC thresholds of another length", P,
+         lambda c: [str(c.crafted_run("doc", "best.pt", _set("open_intent", {"thresholds": [0.6]}))),
+                    "--data-dir", c.data_dir], 1, "'open_intent'"),
     Case("analyze: a best.pt with a payload", A,
          lambda c: c.prototypes_argv(c.crafted_run("payload", "best.pt", _set("model", Payload()))),
          1, "posix.system"),

@@ -127,7 +127,7 @@ def test_trains_on_a_mintrec2_release_with_named_features(tiny_setup, tmp_path, 
         lines = ["Dialogue_id\tUtterance_id\tText\tLabel\tStart\tEnd\tSeason\tSpeaker"]
         for u in range(n):
             key = f"dia{split}_utt{u}"
-            lines.append(f"{split}\t{u}\t\"Really?\" said {u}.\t{labels[u % 31]}\t0\t1\tS1\tAmy")
+            lines.append(f"{split}\t{u}\t\"Really?\" said {u}.\t{labels[u % len(labels)]}\t0\t1\tS1\tAmy")
             video[key] = rng.standard_normal((3, 1, 1024)).astype(np.float32)
             audio[key] = rng.standard_normal((5, 768)).astype(np.float32)
         (root / "in-scope").mkdir(parents=True, exist_ok=True)
@@ -147,6 +147,11 @@ def test_trains_on_a_mintrec2_release_with_named_features(tiny_setup, tmp_path, 
     assert "converted once into the cache" in printed and "dev acc" in printed
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["args"]["select_metric"] == "acc" and metrics["args"]["max_text_tokens"] == 76
+    # in scope: 30 intents, no UNK logit, class or group member; no open-intent figures
+    assert metrics["labels"] == list(labels) and len(labels) == 30 and "UNK" not in labels
+    assert metrics["model_config"]["num_labels"] == 30 and list(metrics["test_per_class"]) == list(labels)
+    assert sorted(sum(metrics["test_group_intents"].values(), [])) == sorted(labels)
+    assert "test_open" not in metrics and "open intent" not in printed
     assert metrics["model_config"]["video_dim"] == 1024 and metrics["model_config"]["audio_dim"] == 768
     assert not list(root.rglob("*.npy"))     # the cache went to --cache-dir
 

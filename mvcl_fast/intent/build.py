@@ -39,8 +39,8 @@ DATA_HINT = "check --data-dir against the layouts in docs/data.md"
 
 
 def ensure_data_dir(args: argparse.Namespace, dist, log: Callable[[str], None]) -> None:
-    """Without --data-dir, the synthetic set (args.data_dir is set to it): rank 0 writes it once,
-    the other ranks then read it."""
+    """Without --data-dir, the synthetic set of --dataset (args.data_dir is set to it): rank 0
+    writes it once, the other ranks then read it."""
     from mvcl_fast.intent import synthetic
 
     if args.data_dir is not None:
@@ -48,23 +48,30 @@ def ensure_data_dir(args: argparse.Namespace, dist, log: Callable[[str], None]) 
     with reraised_as(DataError, "", DATA_HINT):
         if not dist.is_main:
             dist.barrier()
-        args.data_dir = str(synthetic.ensure_synthetic(synthetic.DEFAULT_CACHE))
+        args.data_dir = str(synthetic.ensure_synthetic(synthetic.DEFAULT_CACHE, args.dataset))
         if dist.is_main:
             dist.barrier()
-    log(f"data: synthetic MIntRec-format set in {args.data_dir}")
+    layout = "MIntRec2.0 (in-scope and out-of-scope)" if args.dataset == "mintrec2" else "MIntRec"
+    log(f"data: synthetic {layout}-format set in {args.data_dir} (a test bed, not a benchmark)")
 
 
 def read_splits(args: argparse.Namespace, dist, log: Callable[[str], None]) -> dict[str, MultimodalSplit]:
-    """The train, dev and test splits of --data-dir. Collective under DDP: rank 0 converts the
-    feature pickles once, the other ranks then map them."""
+    """The train, dev and test splits of --data-dir (--open-intent: and the release's
+    out-of-scope splits, named oos_train, oos_dev, oos_test). Collective under DDP: rank 0
+    converts the feature pickles once, the other ranks then map them."""
+    from mvcl_fast.intent.open_intent import OOS_PREFIX
+
+    parts = [("", False), *([(OOS_PREFIX, True)] if args.open_intent else [])]
     with reraised_as(DataError, "", DATA_HINT, UNWRITABLE_DATA_HINT):
         if not dist.is_main:
             dist.barrier()
         try:
-            splits = {name: load_split(args.data_dir, args.dataset, name, video_len=args.video_len,
-                                       audio_len=args.audio_len, video_feats_path=args.video_feats,
-                                       audio_feats_path=args.audio_feats, cache_dir=args.cache_dir)
-                      for name in SPLITS}
+            splits = {prefix + name: load_split(args.data_dir, args.dataset, name,
+                                                video_len=args.video_len, audio_len=args.audio_len,
+                                                video_feats_path=args.video_feats,
+                                                audio_feats_path=args.audio_feats,
+                                                cache_dir=args.cache_dir, out_of_scope=oos)
+                      for prefix, oos in parts for name in SPLITS}
         finally:   # also on an error: the others then meet it themselves instead of waiting
             if dist.is_main:
                 dist.barrier()
@@ -90,7 +97,9 @@ def encode_splits(args: argparse.Namespace, splits: dict[str, MultimodalSplit],
         probe = LabelPrompter(tokenizer, label_names, args.max_text_tokens)
     max_text_tokens = max(1, min(args.max_text_tokens, probe.longest_text(train.texts)))
     prompter = LabelPrompter(tokenizer, label_names, max_text_tokens)
-    encoded = {name: EncodedSplit(split, prompter.encode(split.texts, split.labels))
+    # Out-of-scope rows have no label words for the anchor view (the multi-view term never sees them).
+    encoded = {name: EncodedSplit(split, prompter.encode(split.texts,
+                                                         None if split.out_of_scope else split.labels))
                for name, split in splits.items()}
     log(f"data: {', '.join(f'{k} {len(v)}' for k, v in encoded.items())} utterances, "
         f"{len(label_names)} intents, text {prompter.seq_len} tokens "

@@ -49,6 +49,7 @@ from mvcl_fast.intent.errors import (CheckpointError, Interrupted, MVCLError, di
                                      is_disk_full, print_error)
 from mvcl_fast.intent.loading import PRECISIONS, quiet_transformers
 from mvcl_fast.intent.metrics import METRIC_COLUMNS
+from mvcl_fast.intent.open_intent import OE_WEIGHT
 from mvcl_fast.intent.options import (MAX_BATCH_SIZE, MAX_LAYERS, MAX_SAMPLED_BATCHES, MAX_WIDTH,
                                       PROTOTYPE_DISTANCE, CommandParser, HelpFormatter, device_name,
                                       modality_set, number, per_dataset, png_path, run_folder,
@@ -74,6 +75,10 @@ examples:
   # MIntRec2.0 as released (in-scope/ with video_data/swin_roi_binary.pkl ...); the
   # feature cache in a writable folder when the data folder is read-only
   python -m mvcl_fast.train --dataset mintrec2 --data-dir data/MIntRec2.0 --cache-dir /tmp/mvcl
+
+  # MIntRec2.0's open-intent protocol: also out-of-scope/MIntRec2.0-OOD/ (outlier
+  # exposure, DOC thresholds; 31-way ACC, F1-known, F1-open, AUROC, ... on dev and test)
+  python -m mvcl_fast.train --dataset mintrec2 --data-dir data/MIntRec2.0 --open-intent
 
   # ablations: text only, text + audio, no text (the label prompt without the words);
   # without the prototype or the multi-view loss
@@ -232,6 +237,21 @@ def train_parser() -> argparse.ArgumentParser:
     loss.add_argument("--prototype-momentum", type=number(float, at_least=0, below=1), default=0.9,
                       help="momentum m of the --prototypes ema bank, %(type)s")
 
+    opened = p.add_argument_group("open intent (MIntRec2.0)")
+    opened.add_argument("--open-intent", action="store_true",
+                        help="the benchmark's open-intent protocol (--dataset mintrec2): also read "
+                             "the release's out-of-scope/MIntRec2.0-OOD/ splits; train with an "
+                             "outlier-exposure term on its training rows (a batch of --batch-size "
+                             "per step, pushed towards the uniform distribution; the in-scope "
+                             "losses never see them), fit DOC thresholds per intent on the "
+                             "training split after training (kept in best.pt), and report on dev "
+                             "and test (in-scope + out-of-scope rows) 31-way accuracy, F1-known, "
+                             "F1-open, F1, AUROC, AUPR-In/Out and FPR95 besides the in-scope "
+                             "figures")
+    opened.add_argument("--ood-weight", type=number(float, at_least=0), default=None,
+                        help="weight of the outlier-exposure term of --open-intent, %(type)s "
+                             f"(default: {OE_WEIGHT:g}, the benchmark's)")
+
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=number(int, at_least=1), default=8,
                      help="maximum number of epochs, %(type)s")
@@ -325,6 +345,15 @@ def check_train_options(parser: argparse.ArgumentParser, args: argparse.Namespac
     if args.prototypes == "ema" and args.lambda_proto == 0:
         parser.error("--prototypes ema keeps a bank for the prototype InfoNCE term, which "
                      "--lambda-proto 0 turns off: pass one of them")
+    if args.open_intent and args.dataset != "mintrec2":
+        parser.error(f"--open-intent: the open-intent protocol is MIntRec2.0's (its "
+                     f"out-of-scope/MIntRec2.0-OOD/ utterances), not {args.dataset}'s: pass "
+                     "--dataset mintrec2")
+    if args.ood_weight is not None and not args.open_intent:
+        parser.error("--ood-weight weighs the outlier-exposure term of --open-intent: pass "
+                     "--open-intent too, or drop --ood-weight")
+    if args.open_intent and args.ood_weight is None:
+        args.ood_weight = OE_WEIGHT
     if args.name is not None and args.output_dir is not None:
         parser.error(f"--name picks the folder {runs.RUNS_ROOT}/NAME and --output-dir any folder: "
                      "pass one of them")

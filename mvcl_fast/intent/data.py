@@ -12,7 +12,10 @@ MIntRec2.0. The layouts that load (one code path):
 - MIntRec2.0 single turn as released: ``in-scope/{train,dev,test}.tsv``,
   ``in-scope/video_data/swin_roi_binary.pkl``,
   ``in-scope/audio_data/wavlm_feats_binary.pkl`` (the folder given may be the
-  release root or ``in-scope`` itself).
+  release root or ``in-scope`` itself); 30 intents, no UNK. Its out-of-scope part,
+  ``out-of-scope/MIntRec2.0-OOD/`` in the same layout with every row labelled
+  UNK, is read only for the open-intent protocol (``out_of_scope=True``; class id
+  30, as thuiar/MIntRec2.0's ``data/single_turn/base.py`` maps it).
 - Any other file names through ``video_feats_path`` / ``audio_feats_path``.
 
 Feature widths come from the data. The TSVs are read without quote
@@ -26,8 +29,8 @@ and an item's frames are read when it is asked for.
 
 ``load_split`` reads a split of a data folder; ``load_tsv`` any one TSV in the
 layout, also new clips without labels (``labelled=False``, for
-``mvcl_fast.predict --input``). The synthetic data set (mvcl_fast.intent.synthetic)
-is written in the MIntRec layout and goes through this same code path.
+``mvcl_fast.predict --input``). The synthetic data sets (mvcl_fast.intent.synthetic)
+are written in the MIntRec and MIntRec2.0 layouts and go through this same code path.
 """
 from __future__ import annotations
 
@@ -87,6 +90,7 @@ class DatasetInfo:
     video_files: tuple[str, ...]   # feature pickles tried in order, relative to the TSVs
     audio_files: tuple[str, ...]
     release_subfolder: str | None = None   # where the release keeps the TSVs, if not at the top
+    oos_folder: str | None = None          # the release's out-of-scope part (open intent)
     text_column: str = "text"
     label_column: str = "label"
 
@@ -109,8 +113,9 @@ MINTREC_LABELS = (
 )
 
 # The 30 in-scope intents in the order of thuiar/MIntRec2.0
-# (data/single_turn/__init__.py, benchmarks['MIntRec2.0']['intent_labels']);
-# out-of-scope utterances carry the label UNK, the last id.
+# (data/single_turn/__init__.py, benchmarks['MIntRec2.0']['intent_labels']). The in-scope task
+# is 30-way: out-of-scope utterances (label UNK) are only read by the open-intent protocol
+# (mvcl_fast.intent.open_intent), where they are class 30, as the benchmark's ood_label_id.
 MINTREC2_LABELS = (
     "Acknowledge", "Advise", "Agree", "Apologise", "Arrange",
     "Ask for help", "Asking for opinions", "Care", "Comfort", "Complain",
@@ -118,8 +123,12 @@ MINTREC2_LABELS = (
     "Flaunt", "Greet", "Inform", "Introduce", "Invite",
     "Joke", "Leave", "Oppose", "Plan", "Praise",
     "Prevent", "Refuse", "Taunt", "Thank", "Warn",
-    "UNK",
 )
+# The label of out-of-scope utterances (benchmarks['MIntRec2.0']['ood_data']['MIntRec2.0-OOD']),
+# and where the release keeps them: out-of-scope/MIntRec2.0-OOD/ beside in-scope/, in the same
+# layout (thuiar/MIntRec2.0 data/single_turn/base.py, prepare_data).
+OOS_LABEL = "UNK"
+MINTREC2_OOS_FOLDER = "out-of-scope/MIntRec2.0-OOD"
 
 DATASETS: dict[str, DatasetInfo] = {
     "mintrec": DatasetInfo(
@@ -139,7 +148,7 @@ DATASETS: dict[str, DatasetInfo] = {
                                                      "video_feats.pkl")),
         audio_files=_beside_and_under("audio_data", ("wavlm_feats_binary.pkl", "wavlm_feats.pkl",
                                                      "audio_feats.pkl")),
-        release_subfolder="in-scope",
+        release_subfolder="in-scope", oos_folder=MINTREC2_OOS_FOLDER,
     ),
 }
 
@@ -235,6 +244,7 @@ class MultimodalSplit:
     keys: list[str]
     label_names: tuple[str, ...]
     notes: list[str] = field(default_factory=list)   # what the loader decided, for the log
+    out_of_scope: bool = False    # the release's out-of-scope rows: every label len(label_names)
 
     @property
     def video_lengths(self) -> torch.Tensor:   # int64 [N], real frames (>= 1)
@@ -255,6 +265,24 @@ def _tsv_folder(data_dir: Path, info: DatasetInfo, split: str) -> Path:
         if (inner / f"{split}.tsv").is_file():
             return inner
     return data_dir
+
+
+def out_of_scope_folder(data_dir: Path, info: DatasetInfo) -> Path:
+    """The release's out-of-scope folder (MIntRec2.0: out-of-scope/MIntRec2.0-OOD/, its own
+    TSVs and video_data/, audio_data/ pickles) for data_dir, the release root or its in-scope/."""
+    if info.oos_folder is None:
+        raise ValueError(f"{info.name} has no out-of-scope part: the open-intent protocol is "
+                         "MIntRec2.0's (--dataset mintrec2)")
+    candidates = [data_dir / info.oos_folder]
+    if info.release_subfolder and data_dir.name == info.release_subfolder:
+        candidates.append(data_dir.parent / info.oos_folder)
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"{data_dir}: no out-of-scope folder (looked for "
+                            f"{', '.join(map(str, candidates))}); the open-intent protocol reads "
+                            f"the release's {info.oos_folder}/{{train,dev,test}}.tsv and its "
+                            "video_data/, audio_data/ pickles")
 
 
 def _find_file(folder: Path, given, candidates: tuple[str, ...], what: str) -> Path:
@@ -303,9 +331,11 @@ def load_split(data_dir: str | os.PathLike, dataset: str = "mintrec", split: str
                video_len: int | None = None, audio_len: int | None = None,
                video_feats_path: str | os.PathLike | None = None,
                audio_feats_path: str | os.PathLike | None = None,
-               cache_dir: str | os.PathLike | None = None) -> MultimodalSplit:
+               cache_dir: str | os.PathLike | None = None,
+               out_of_scope: bool = False) -> MultimodalSplit:
     """Read ``<data_dir>/<split>.tsv`` (or ``<data_dir>/in-scope/<split>.tsv`` for
-    a MIntRec2.0 release) and its video/audio features.
+    a MIntRec2.0 release) and its video/audio features; out_of_scope=True: the release's
+    out-of-scope split instead (:func:`out_of_scope_folder`), every row class num_labels.
 
     ``video_len`` / ``audio_len`` default to the lengths recorded by the
     synthetic writer (``synthetic.json``) when the folder has one, else to the
@@ -318,18 +348,43 @@ def load_split(data_dir: str | os.PathLike, dataset: str = "mintrec", split: str
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data folder {data_dir} does not exist")
-    folder = _tsv_folder(data_dir, info, split)
+    folder = out_of_scope_folder(data_dir, info) if out_of_scope else _tsv_folder(data_dir, info, split)
     tsv = folder / f"{split}.tsv"
     if not tsv.is_file():
         inner = f" (or {info.release_subfolder}/)" if info.release_subfolder else ""
         raise FileNotFoundError(f"{tsv} does not exist (a {info.name} folder{inner} holds "
                                 f"{', '.join(s + '.tsv' for s in SPLITS)} and the feature pickles)")
-    return load_tsv(tsv, info.name, video_len=video_len, audio_len=audio_len,
-                    video_feats_path=video_feats_path, audio_feats_path=audio_feats_path,
-                    cache_dir=cache_dir)
+    return load_tsv(tsv, info.name, out_of_scope=out_of_scope, video_len=video_len,
+                    audio_len=audio_len, video_feats_path=video_feats_path,
+                    audio_feats_path=audio_feats_path, cache_dir=cache_dir)
+
+
+def _label_id(info: DatasetInfo, by_name: dict[str, int], name: str, tsv: Path, line: int,
+              out_of_scope: bool) -> int:
+    """The class id of a row's label: an intent's index; OOS_LABEL (out_of_scope files only,
+    where every row carries it) is num_labels, as the benchmark's ood_label_id."""
+    oos = info.oos_folder is not None and _normalise_label(name) == _normalise_label(OOS_LABEL)
+    if out_of_scope and not oos:
+        raise ValueError(f"{tsv}, line {line}: label {_shown.repr(name)} in an out-of-scope file; "
+                         f"every row of {info.oos_folder}/ is labelled {OOS_LABEL}")
+    if oos:
+        if not out_of_scope:
+            # The release's in-scope files hold none (the benchmark's label map would fail on
+            # one): an UNK row here is another layout, not a 31st class.
+            raise ValueError(f"{tsv}, line {line}: label {OOS_LABEL} (out of scope) in an "
+                             f"in-scope file; the in-scope task of {info.name} is "
+                             f"{info.num_labels}-way, and out-of-scope utterances belong in the "
+                             f"release's {info.oos_folder}/, which --open-intent reads")
+        return info.num_labels
+    label = by_name.get(_normalise_label(name))
+    if label is None:
+        raise ValueError(f"{tsv}, line {line}: unknown {info.name} label {_shown.repr(name)}; "
+                         f"valid labels: {', '.join(info.labels)}")
+    return label
 
 
 def load_tsv(tsv: str | os.PathLike, dataset: str = "mintrec", *, labelled: bool = True,
+             out_of_scope: bool = False,
              video_len: int | None = None, audio_len: int | None = None,
              video_feats_path: str | os.PathLike | None = None,
              audio_feats_path: str | os.PathLike | None = None,
@@ -338,7 +393,9 @@ def load_tsv(tsv: str | os.PathLike, dataset: str = "mintrec", *, labelled: bool
     split; the folder of the TSV stands for the data folder (feature pickles, synthetic.json).
 
     labelled=False: new clips to label; the label column is not read (it may be absent or
-    empty) and every label is UNLABELLED.
+    empty) and every label is UNLABELLED. out_of_scope=True: a file of the release's
+    out-of-scope part, every row labelled OOS_LABEL (class id num_labels); elsewhere that
+    label is refused.
     """
     info = dataset_info(dataset)
     tsv = Path(tsv)
@@ -360,11 +417,8 @@ def load_tsv(tsv: str | os.PathLike, dataset: str = "mintrec", *, labelled: bool
     rows, notes = _read_rows(tsv, info, labelled)
     texts, labels, keys, lines = [], [], [], []
     for line, row in rows:
-        label = by_name.get(_normalise_label(row[info.label_column])) if labelled else UNLABELLED
-        if label is None:
-            raise ValueError(f"{tsv}, line {line}: unknown {info.name} label "
-                             f"{_shown.repr(row[info.label_column])}; valid labels: "
-                             f"{', '.join(info.labels)}")
+        label = (_label_id(info, by_name, row[info.label_column], tsv, line, out_of_scope)
+                 if labelled else UNLABELLED)
         texts.append(row[info.text_column])
         labels.append(label)
         keys.append(info.key(row))
@@ -379,7 +433,7 @@ def load_tsv(tsv: str | os.PathLike, dataset: str = "mintrec", *, labelled: bool
         modalities[what] = Frames(store, _rows_of(store, keys, lines, tsv), max_len)
     return MultimodalSplit(texts=texts, labels=torch.tensor(labels, dtype=torch.int64),
                            video=modalities["video"], audio=modalities["audio"], keys=keys,
-                           label_names=info.labels, notes=notes)
+                           label_names=info.labels, notes=notes, out_of_scope=out_of_scope)
 
 
 class MultimodalDataset(torch.utils.data.Dataset):

@@ -55,29 +55,38 @@ def loaded_model_outputs(loaded: LoadedModel, split: MultimodalSplit, device: to
         yield out
 
 
-def predicted_labels(model: torch.nn.Module, tokens: dict, loader, modalities, device: torch.device,
-                     amp_dtype: Optional[torch.dtype], dist, blank: Optional[str] = None) -> np.ndarray:
-    """The model's predictions over the whole split of loader, in file order: under DDP each rank
-    runs its shard and the predictions are gathered from every rank."""
-    index, preds = [], []
+def split_logits(model: torch.nn.Module, tokens: dict, loader, modalities, device: torch.device,
+                 amp_dtype: Optional[torch.dtype], dist, blank: Optional[str] = None) -> torch.Tensor:
+    """The model's logits [N, num_labels] (fp32, CPU) over the whole split of loader, in file
+    order: under DDP each rank runs its shard and the logits are gathered from every rank."""
+    index, logits = [], []
     for rows, out in model_outputs(model, tokens, loader, modalities, device, amp_dtype, blank=blank):
-        preds.append(out.logits.argmax(dim=-1).cpu())
+        logits.append(out.logits.float().cpu())
         index.append(rows)
-    shards = dist.gather((torch.cat(index), torch.cat(preds)))
+    shards = dist.gather((torch.cat(index), torch.cat(logits)))
     # The unshuffled sampler deals the split (padded with its first items) to the ranks in
     # turn: interleaving the shards restores file order, and the padding comes last.
     n = len(loader.dataset)
-    index, pred = (torch.stack([shard[k] for shard in shards], dim=1).reshape(-1)[:n]
-                   for k in (0, 1))
+    index, logits = (torch.stack([shard[k] for shard in shards], dim=1).flatten(0, 1)[:n]
+                     for k in (0, 1))
     if not torch.equal(index, torch.arange(n)):
         raise RuntimeError("predictions came back out of order from the ranks")
-    return pred.numpy()
+    return logits
+
+
+def predicted_labels(model: torch.nn.Module, tokens: dict, loader, modalities, device: torch.device,
+                     amp_dtype: Optional[torch.dtype], dist, blank: Optional[str] = None) -> np.ndarray:
+    """The model's predictions (the argmax of :func:`split_logits`) over the whole split."""
+    return split_logits(model, tokens, loader, modalities, device, amp_dtype, dist,
+                        blank).argmax(dim=-1).numpy()
 
 
 def final_report(trainer, started: float) -> dict:
     """The best dev epoch's model of a mvcl_fast.intent.trainer.Trainer, loaded as predict loads
-    it, on dev and test (and test without each --eval-drop-modality): metrics.json,
+    it, on dev and test (and test without each --eval-drop-modality; --open-intent: the
+    open-intent protocol's figures too, mvcl_fast.intent.open_intent.report): metrics.json,
     confusion_matrix.png and the log's tables (rank 0 writes them)."""
+    from mvcl_fast.intent import open_intent
     from mvcl_fast.intent.metrics import (GROUP_COLUMNS, breakdown, confusion_matrix, format_table,
                                           save_confusion_png)
 
@@ -86,12 +95,14 @@ def final_report(trainer, started: float) -> dict:
     dev, _, _ = trainer.evaluate("dev")
     test, y_true, y_pred = trainer.evaluate("test")
     without = {m: trainer.evaluate("test", blank=m)[0] for m in args.eval_drop_modality}
+    opened = open_intent.report(trainer) if args.open_intent else {}
     cm = confusion_matrix(y_true, y_pred, trainer.cfg.num_labels)
     results = {
         "test": test, "dev": dev,
         **{f"test_without_{m}": metrics for m, metrics in without.items()},
         **{f"test_{k}": v for k, v in breakdown(y_true, y_pred, trainer.label_names,
                                                 trainer.train_label_counts).items()},
+        **opened,
         "best_epoch": progress.best_epoch, "epochs_run": progress.epoch,
         "steps": progress.global_step, "train_seconds": round(progress.elapsed, 1),
         "process_seconds": round(time.perf_counter() - started, 1),
@@ -112,7 +123,14 @@ def final_report(trainer, started: float) -> dict:
     trainer.folder.replace("metrics.json",
                            lambda file: file.write((json.dumps(results, indent=1) + "\n").encode()))
     rows = {"test": test, **{f"test without {m}": metrics for m, metrics in without.items()}}
-    trainer.log(f"\ntest ({len(trainer.splits['test'])} utterances, best dev epoch "
+    if opened:
+        trainer.log("\nopen intent (in-scope and out-of-scope utterances; UNK by the DOC thresholds "
+                    "fitted on the training split):\n"
+                    + format_table({f"{name} ({opened[f'{name}_open']['utterances']} utterances)":
+                                    opened[f"{name}_open"] for name in ("dev", "test")},
+                                   open_intent.OPEN_COLUMNS))
+    scope = " in-scope" if opened else ""
+    trainer.log(f"\ntest ({len(trainer.splits['test'])}{scope} utterances, best dev epoch "
                 f"{progress.best_epoch}, dev {args.select_metric} {progress.best_score:.2f}; "
                 f"{progress.elapsed:.0f}s of training):\n"
                 + format_table(rows)

@@ -71,6 +71,7 @@ class LoadedModel:
     train_label_counts: list[int]     # training utterances per intent (head / middle / tail;
                                       # empty for last.pt, which does not record them)
     run_options: dict                 # the trainer's options of the run
+    doc_thresholds: Optional[list[float]] = None   # --open-intent: per intent (open_intent.doc_predict)
 
     @property
     def config(self):
@@ -79,11 +80,18 @@ class LoadedModel:
 
 def dataset_of(label_names: list[str], path: Path) -> str:
     """The data set whose intent list the checkpoint's is."""
-    from mvcl_fast.intent.data import DATASETS
+    from mvcl_fast.intent.data import DATASETS, OOS_LABEL
 
     for name, info in DATASETS.items():
         if list(info.labels) == list(label_names):
             return name
+        if info.oos_folder and list(label_names) == [*info.labels, OOS_LABEL]:
+            # Refused rather than cut down to 30 logits: its softmax was trained over 31 classes.
+            raise CheckpointError(f"{path}: a {name} model with a logit for {OOS_LABEL} besides its "
+                                  f"{info.num_labels} intents, written before the in-scope task "
+                                  f"became {info.num_labels}-way",
+                                  f"train it again (--dataset {name}; --open-intent for the "
+                                  "open-intent protocol)")
     raise CheckpointError(f"{path}: its {len(label_names)} intents are not those of any known data "
                           f"set ({', '.join(DATASETS)})", "pass a checkpoint that mvcl_fast.train wrote")
 
@@ -133,6 +141,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     the checkpoint records, so that the weights are the run's even after the hub moved on.
     """
     from mvcl_fast.intent.model import MVCLDAFPlusPlus, load_text_encoder
+    from mvcl_fast.intent.open_intent import saved_thresholds
 
     path = Path(path)
     if path.is_dir():
@@ -177,13 +186,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return LoadedModel(model=model.to(device).eval(), checkpoint=path, label_names=label_names,
                        tokenizer=tokenizer, dataset=dataset_of(label_names, path),
                        train_label_counts=list(state.get("train_label_counts", [])),
-                       run_options=dict(state["args"]))
+                       run_options=dict(state["args"]),
+                       doc_thresholds=saved_thresholds(state, path, label_names))
 
 
 def read_split(loaded: LoadedModel, data_dir: str | Path, split: str, *, dataset: Optional[str] = None,
                video_len: Optional[int] = None, audio_len: Optional[int] = None,
                video_feats: Optional[str] = None, audio_feats: Optional[str] = None,
-               cache_dir: Optional[str] = None):
+               cache_dir: Optional[str] = None, out_of_scope: bool = False):
     """One split of data_dir (a mvcl_fast.intent.data.MultimodalSplit) for the loaded model: the folder
     must hold the model's data set (dataset, if given, too) with the feature widths it was
     trained on. The other arguments are mvcl_fast.intent.data.load_split's."""
@@ -191,7 +201,8 @@ def read_split(loaded: LoadedModel, data_dir: str | Path, split: str, *, dataset
 
     return _model_data(loaded, f"--data-dir {data_dir}", "a folder", dataset, lambda: load_split(
         data_dir, loaded.dataset, split, video_len=video_len, audio_len=audio_len,
-        video_feats_path=video_feats, audio_feats_path=audio_feats, cache_dir=cache_dir))
+        video_feats_path=video_feats, audio_feats_path=audio_feats, cache_dir=cache_dir,
+        out_of_scope=out_of_scope))
 
 
 def read_clips(loaded: LoadedModel, tsv: str | Path, *, dataset: Optional[str] = None,

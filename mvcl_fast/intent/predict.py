@@ -12,6 +12,13 @@ it also writes ``prediction_metrics.json`` (the benchmark metrics, per
 intent, and head / middle / tail by the run's training frequencies) and
 prints the tables. A checkpoint of another data set, label set or text model
 is refused with one line and a hint (exit 1); bad options exit 2.
+
+A model trained with --open-intent (its best.pt holds DOC thresholds) labels a
+clip UNK where DOC rejects its argmax intent (mvcl_fast.intent.open_intent);
+the probability column stays the softmax probability of the argmax intent.
+With --data-dir it labels the split's out-of-scope rows too (the release's
+out-of-scope/MIntRec2.0-OOD/SPLIT.tsv, after the in-scope rows) and reports the
+open-intent figures beside the in-scope ones (the in-scope rows by argmax).
 """
 from __future__ import annotations
 
@@ -25,10 +32,11 @@ from typing import Optional
 import torch
 
 from mvcl_fast.intent import distributed, runs
-from mvcl_fast.intent.data import UNLABELLED
+from mvcl_fast.intent.data import OOS_LABEL, UNLABELLED
 from mvcl_fast.intent.cli import check_predict_options, predict_parser, run_command
 from mvcl_fast.intent.evaluation import loaded_model_outputs
 from mvcl_fast.intent.loading import load_model, read_clips, read_split
+from mvcl_fast.intent.open_intent import OPEN_COLUMNS, doc_predict, evaluate_open
 
 PREDICTIONS = "predictions.tsv"
 PREDICTION_METRICS = "prediction_metrics.json"
@@ -49,23 +57,35 @@ def predict(args: argparse.Namespace) -> Optional[dict]:
 
     device = distributed.from_env(args.device).device
     loaded = load_model(args.checkpoint, device, args.text_model)
+    thresholds = loaded.doc_thresholds
     features = dict(dataset=args.dataset, video_feats=args.video_feats, audio_feats=args.audio_feats,
                     cache_dir=args.cache_dir)
+    oos = None
     if args.input is None:
         split = read_split(loaded, args.data_dir, args.split, **features)
+        if thresholds is not None:
+            oos = read_split(loaded, args.data_dir, args.split, out_of_scope=True, **features)
     else:
         split = read_clips(loaded, args.input, **features)
-    probabilities = [out.logits.float().softmax(dim=-1).cpu()
-                     for out in loaded_model_outputs(loaded, split, device, args.batch_size,
-                                                     args.precision)]
-    confidence, predicted = torch.cat(probabilities).max(dim=-1)
 
-    names = loaded.label_names
+    def logits_of(data) -> torch.Tensor:
+        return torch.cat([out.logits.float().cpu() for out in loaded_model_outputs(
+            loaded, data, device, args.batch_size, args.precision)])
+
+    logits = logits_of(split)
+    oos_logits = logits_of(oos) if oos is not None else logits[:0]
+    everything = torch.cat([logits, oos_logits])
+    confidence, predicted = everything.softmax(dim=-1).max(dim=-1)
+    names = [*loaded.label_names, OOS_LABEL]   # UNK: class len(label_names)
+    labelled = predicted.numpy() if thresholds is None else doc_predict(everything, thresholds)[0]
+
     table = io.StringIO()
     writer = csv.writer(table, delimiter="\t", lineterminator="\n")
     writer.writerow(["key", "text", "predicted", "probability", "true"])
-    for key, text, p, c, t in zip(split.keys, split.texts, predicted.tolist(), confidence.tolist(),
-                                  split.labels.tolist()):
+    parts = [split] if oos is None else [split, oos]
+    for key, text, p, c, t in zip([k for s in parts for k in s.keys], [x for s in parts for x in s.texts],
+                                  labelled.tolist(), confidence.tolist(),
+                                  torch.cat([s.labels for s in parts]).tolist()):
         writer.writerow([key, text, names[p], f"{c:.4f}", "" if t == UNLABELLED else names[t]])
     folder = output_folder(args)
     runs.make_output_folder(folder, "--output-dir")
@@ -79,11 +99,16 @@ def predict(args: argparse.Namespace) -> Optional[dict]:
               f"predictions in {folder / PREDICTIONS}")
         return None
 
+    names = loaded.label_names
+    in_scope = predicted[:len(split)]   # by argmax, as the benchmark's in-scope figures
     metrics = {"split": args.split, "data_dir": str(args.data_dir), "checkpoint": str(args.checkpoint),
                "dataset": loaded.dataset, "utterances": len(split),
-               "metrics": classification_metrics(split.labels, predicted, len(names))}
+               "metrics": classification_metrics(split.labels, in_scope, len(names))}
     if loaded.train_label_counts:
-        metrics.update(breakdown(split.labels, predicted, names, loaded.train_label_counts))
+        metrics.update(breakdown(split.labels, in_scope, names, loaded.train_label_counts))
+    if oos is not None:
+        metrics["out_of_scope_utterances"] = len(oos)
+        metrics["open"] = evaluate_open(logits, split.labels, oos_logits, thresholds)[0]
     runs.replace_file(folder, PREDICTION_METRICS,
                       lambda file: file.write((json.dumps(metrics, indent=1) + "\n").encode()))
     print(f"{args.split}: {len(split)} utterances of {args.data_dir}, {model}\n"
@@ -91,6 +116,9 @@ def predict(args: argparse.Namespace) -> Optional[dict]:
     if "groups" in metrics:
         print("\nby training frequency (intents in thirds):\n"
               + format_table(metrics["groups"], GROUP_COLUMNS))
+    if "open" in metrics:
+        print(f"\nopen intent ({len(split)} in-scope and {len(oos)} out-of-scope utterances; UNK by "
+              "the run's DOC thresholds):\n" + format_table({args.split: metrics["open"]}, OPEN_COLUMNS))
     print(f"\npredictions in {folder / PREDICTIONS}")
     return metrics
 

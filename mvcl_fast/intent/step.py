@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mvcl_fast.intent.loading import autocast
+from mvcl_fast.intent.open_intent import OOS_PREFIX, outlier_exposure_loss
 
 
 class LossReading(NamedTuple):
@@ -128,7 +129,9 @@ class TrainingStep:
     learning-rate schedule and the ema bank's check are the trainer's, between steps); so do
     the benchmarks.
 
-    inputs: the model's keyword arguments and "labels". train_model: what the forward runs
+    inputs: the model's keyword arguments and "labels"; with ood_weight (--open-intent) also
+    the out-of-scope rows' model arguments, prefixed "oos_", whose outlier-exposure loss (the
+    part "oe") is added with that weight. train_model: what the forward runs
     through (a DDP wrapper; default the model). cast_weights: cast the weights once per step
     (``WeightCast``; not through a wrapper, whose forward calls the model itself). cache:
     autocast's cast cache (off for a capture).
@@ -138,10 +141,11 @@ class TrainingStep:
                  *, amp_dtype: Optional[torch.dtype], grad_clip: float = 0.0,
                  scaler: Optional[torch.amp.GradScaler] = None,
                  train_model: Optional[nn.Module] = None, cast_weights: bool = True,
-                 cache: bool = True):
+                 cache: bool = True, ood_weight: float = 0.0):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.train_model = model if train_model is None else train_model
         self.amp_dtype, self.grad_clip, self.cache = amp_dtype, grad_clip, cache
+        self.ood_weight = ood_weight
         device = next(model.parameters()).device
         self.scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
         self.weight_cast = (WeightCast(model, amp_dtype) if cast_weights and amp_dtype is not None
@@ -152,14 +156,21 @@ class TrainingStep:
     def __call__(self, inputs: dict[str, Tensor]) -> None:
         self.model.train()
         labels = inputs["labels"]
-        model_args = {k: v for k, v in inputs.items() if k != "labels"}
+        model_args = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith(OOS_PREFIX)}
         with autocast(self.device, self.amp_dtype, cache=self.cache):
             if self.weight_cast is None:
-                out = self.train_model(**model_args)
+                forward = self.train_model
             else:
-                out = torch.func.functional_call(self.model, self.weight_cast(), (), model_args,
-                                                 strict=False)
+                weights = self.weight_cast()     # once for both forwards
+
+                def forward(**kwargs):
+                    return torch.func.functional_call(self.model, weights, (), kwargs, strict=False)
+            out = forward(**model_args)
             loss, parts = self.criterion(out, labels)
+            if self.ood_weight:
+                oos = {k[len(OOS_PREFIX):]: v for k, v in inputs.items() if k.startswith(OOS_PREFIX)}
+                parts["oe"] = outlier_exposure_loss(forward(**oos).logits)
+                loss = loss + self.ood_weight * parts["oe"]
         self.optimizer.zero_grad(set_to_none=True)
         # The scaler is a pass-through unless fp16 (whose small gradients need it).
         self.scaler.scale(loss).backward()

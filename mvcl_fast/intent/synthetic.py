@@ -29,6 +29,13 @@ cap it), video alone 69-74%, audio alone 71-74%, video+audio 87-89%,
 text+video+audio 91-93%. (How MVCL-DAF++ itself, with a fine-tuned text
 encoder, scores on it is measured by the trainer, not here.)
 
+``write_synthetic_mintrec2(out_dir, seed=0)`` writes the same kind of set in
+the MIntRec2.0 release layout (``in-scope/`` with the 30 intents, keys
+``dia{d}_utt{u}``, ``video_data/swin_roi_binary.pkl`` and
+``audio_data/wavlm_feats_binary.pkl``; ``out-of-scope/MIntRec2.0-OOD/`` with
+utterances labelled UNK: off-topic talk whose informative frames lie along
+directions of their own), for the open-intent protocol's tests and demos.
+
 Same seed and arguments -> the same bytes (numpy's PCG64 streams, pickle
 protocol 4, fixed key order).
 """
@@ -46,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mvcl_fast.intent.data import DATASETS, SYNTHETIC_META
+from mvcl_fast.intent.data import DATASETS, MINTREC2_OOS_FOLDER, OOS_LABEL, SYNTHETIC_META
 
 FORMAT_VERSION = 1
 # where the trainer writes the set when no --data-dir is given (relative to the working folder)
@@ -62,6 +69,10 @@ DEFAULTS = dict(
 )
 # A tiny version for tests (writes in well under a second).
 TINY = dict(n_train=60, n_dev=20, n_test=20, video_len=8, audio_len=12)
+# The MIntRec2.0 layout's out-of-scope part (write_synthetic_mintrec2): utterances per split,
+# about the release's share (5,736 OOS beside 9,304 in-scope utterances).
+MINTREC2_DEFAULTS = dict(n_oos_train=600, n_oos_dev=150, n_oos_test=250)
+TINY2 = dict(TINY, n_oos_train=24, n_oos_dev=10, n_oos_test=10)
 
 # Feature signal (see the module docstring): the share of utterances in which a
 # modality carries the intent, the per-frame signal along the class direction
@@ -343,6 +354,83 @@ AMBIGUOUS = [
 ]
 AMBIGUOUS_PER_INTENT = 10
 
+# The MIntRec2.0 intents MIntRec lacks (the other 20 share MIntRec's templates).
+TEMPLATES2 = {
+    "Acknowledge": [
+        "Okay, got it, {name}.", "Right, I hear you.", "Alright, noted, I'll keep that in mind.",
+        "I see what you mean about {thing}.", "Yes, I understand.", "Fair enough, thanks for telling me.",
+    ],
+    "Asking for opinions": [
+        "What do you think about {thing}, {name}?", "Do you like how {place} looks now?",
+        "Should we {task} first or later?", "Be honest, is this a good idea?",
+        "Which one would you pick?", "How do you feel about working {time}?",
+    ],
+    "Confirm": [
+        "So we're meeting in {place} {time}, right?", "Just to be sure, you said {thing}?",
+        "Yes, that's correct.", "Did you already {task}?", "You mean the one in {place}?",
+        "So it's settled, then?",
+    ],
+    "Doubt": [
+        "Are you sure that's going to work?", "I don't know, {name}, that sounds off.",
+        "Really? I'm not convinced.", "I doubt {thing} will be ready {time}.",
+        "That can't be right, can it?", "Hmm, I'm not so sure about that.",
+    ],
+    "Emphasize": [
+        "I really mean it, {name}, this is important.", "Listen, we have to {task} {time}.",
+        "I'm telling you, {thing} is the problem.", "This is the most important part, trust me.",
+        "No, I mean it, absolutely nobody goes into {place}.", "I cannot stress this enough.",
+    ],
+    "Explain": [
+        "The reason {thing} broke is that nobody checked it.",
+        "It's because the truck came late, so we couldn't {task}.",
+        "Let me explain how {thing} works.", "I was late because the bus broke down.",
+        "See, the manager changed the schedule, that's why.",
+        "The problem is that {place} is too small.",
+    ],
+    "Invite": [
+        "Do you want to grab {food} with us {time}?", "Come to my party {time}, {name}!",
+        "You should join us in {place} after work.", "Would you like to come over for dinner?",
+        "We're going bowling {time}, want to come?", "Why don't you sit with us?",
+    ],
+    "Plan": [
+        "Tomorrow we'll {task} first and then clean {place}.",
+        "Let's plan to meet in {place} {time}.", "Here's the plan: I {task}, you handle {thing}.",
+        "Next week I'm going to ask for a raise.", "We should figure out the schedule for {time}.",
+        "First we finish {thing}, then we leave.",
+    ],
+    "Refuse": [
+        "No, I'm not going to {task}.", "Sorry, I can't help you {time}.",
+        "No way, I won't do it.", "I'd rather not, {name}.", "Absolutely not, forget it.",
+        "I'm not lending you {thing} again.",
+    ],
+    "Warn": [
+        "Watch out, the floor in {place} is slippery!", "Careful, {thing} is about to fall.",
+        "If you do that again, you're fired.", "Don't touch that, it's hot!",
+        "Be careful, the manager is in a bad mood {time}.", "Look out behind you!",
+    ],
+}
+
+# Out-of-scope utterances of the MIntRec2.0 layout: talk with none of the 30 intents.
+OOS_TEMPLATES = [
+    "My cousin collects old stamps from {place}.", "The weather channel said it might snow {time}.",
+    "I read somewhere that octopuses have three hearts.", "There was a documentary about bees on last night.",
+    "My neighbor's dog barks at the mailman every day.", "The train was packed this morning.",
+    "I once saw a movie about a talking car.", "My grandmother grew up on a farm.",
+    "Some people put pineapple on {food}.", "The radio was playing old songs all day.",
+    "There's a new bakery near {place}.", "I've been watching a show about space.",
+]
+OOS_DIRECTIONS = 3   # feature directions of the out-of-scope clips (none an intent's)
+MINTREC2_HEADER = ["dialogue_id", "utterance_id", "text", "label", "start", "end", "season",
+                   "speaker"]
+SPEAKERS = ("Amy", "Jonah", "Glenn", "Dina", "Cheyenne", "Garrett", "Sandra", "Mateo")
+# An assumed head-to-tail order of the 30 intents for the long tail (not the release's counts).
+MINTREC2_FREQUENCY_ORDER = (
+    "Inform", "Explain", "Acknowledge", "Doubt", "Agree", "Confirm", "Complain",
+    "Asking for opinions", "Emphasize", "Oppose", "Praise", "Criticize", "Refuse", "Advise",
+    "Apologise", "Taunt", "Thank", "Ask for help", "Joke", "Arrange", "Plan", "Care", "Invite",
+    "Greet", "Comfort", "Leave", "Warn", "Introduce", "Prevent", "Flaunt",
+)
+
 # MIntRec-like frequency order (head first) used for the long tail.
 FREQUENCY_ORDER = (
     "Inform", "Complain", "Praise", "Agree", "Apologise", "Thank", "Advise", "Arrange",
@@ -352,11 +440,11 @@ FREQUENCY_ORDER = (
 ZIPF_EXPONENT = 0.8
 
 
-def class_shares(long_tail: bool) -> np.ndarray:
-    """Share of each label (in LABELS order)."""
+def class_shares(long_tail: bool, labels=LABELS, order=FREQUENCY_ORDER) -> np.ndarray:
+    """Share of each label (in labels' order); long_tail: Zipf-like by its rank in order."""
     if not long_tail:
-        return np.full(len(LABELS), 1.0 / len(LABELS))
-    rank = np.array([FREQUENCY_ORDER.index(name) for name in LABELS])
+        return np.full(len(labels), 1.0 / len(labels))
+    rank = np.array([order.index(name) for name in labels])
     w = (rank + 1.0) ** -ZIPF_EXPONENT
     return w / w.sum()
 
@@ -401,6 +489,50 @@ def _unit_directions(rng, n: int, dim: int) -> np.ndarray:
     return (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32)
 
 
+def _utterance(rng, templates: list[str], replies) -> str:
+    """A templated utterance, or (replies: the intent's ambiguous reply ids) an ambiguous reply."""
+    if replies is not None:
+        return AMBIGUOUS[replies[rng.integers(AMBIGUOUS_PER_INTENT)]]
+    return _fill(templates[rng.integers(len(templates))], rng)
+
+
+def _clip_frames(rng, direction: np.ndarray, max_len: int, clip: int) -> np.ndarray:
+    """One clip's frames of a modality, its signal (if informative) along direction."""
+    dim = direction.shape[0]
+    # Mostly shorter than the padded length; 1 in 10 longer (truncated on load).
+    if rng.random() < 0.1:
+        n_frames = int(rng.integers(max_len + 1, max_len + max(2, max_len // 4) + 1))
+    else:
+        n_frames = int(rng.integers(max(1, max_len // 4), max_len + 1))
+    stored = n_frames
+    if n_frames < max_len and rng.random() < 0.2:
+        stored = max_len
+    informative = rng.random() < INFORMATIVE
+    amplitude = float(rng.uniform(*AMPLITUDE)) if informative else 0.0
+    nuisance = (rng.standard_normal(dim, dtype=np.float32) * NUISANCE).astype(np.float32)
+    x = _frames(rng, n_frames, stored, direction, amplitude, nuisance)
+    # Both real pickle layouts occur: (T, D) and (T, 1, D).
+    return x[:, None, :] if clip % 3 == 0 else x
+
+
+def _write_tsv(path: Path, header: list[str], rows: list[tuple]) -> None:
+    buf = io.StringIO()
+    # Written as the loader reads it: no quoting (a tab in a text would be an error).
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE,
+                        quotechar=None)
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(buf.getvalue(), encoding="utf-8")
+
+
+def _write_pickles(folder: Path, *named_feats: tuple[str, dict]) -> None:
+    for name, feats in named_feats:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        with open(folder / name, "wb") as f:
+            pickle.dump(feats, f, protocol=4)
+
+
 def write_synthetic_mintrec(out_dir: str | os.PathLike, *, seed: int = DEFAULTS["seed"],
                             n_train: int = DEFAULTS["n_train"], n_dev: int = DEFAULTS["n_dev"],
                             n_test: int = DEFAULTS["n_test"],
@@ -438,46 +570,17 @@ def write_synthetic_mintrec(out_dir: str | os.PathLike, *, seed: int = DEFAULTS[
         rows = []
         for i, label in enumerate(labels):
             name = LABELS[label]
-            if ambiguous[i]:
-                text = AMBIGUOUS[replies[label][rng.integers(AMBIGUOUS_PER_INTENT)]]
-            else:
-                templates = TEMPLATES[name]
-                text = _fill(templates[rng.integers(len(templates))], rng)
+            text = _utterance(rng, TEMPLATES[name], replies[label] if ambiguous[i] else None)
             clip += 1
             season, episode = 1 + clip % 6, 1 + (clip // 6) % 22
             key_parts = (f"S{season:02d}", f"E{episode:02d}", str(clip))
             key = "_".join(key_parts)
             rows.append((*key_parts, text, name))
+            video_feats[key] = _clip_frames(rng, video_dirs[label], video_len, clip)
+            audio_feats[key] = _clip_frames(rng, audio_dirs[label], audio_len, clip)
+        _write_tsv(out / f"{split}.tsv", ["season", "episode", "clip", "text", "label"], rows)
 
-            for feats, dirs, max_len in ((video_feats, video_dirs, video_len),
-                                         (audio_feats, audio_dirs, audio_len)):
-                dim = dirs.shape[1]
-                # Mostly shorter than the padded length; 1 in 10 longer (truncated on load).
-                if rng.random() < 0.1:
-                    n_frames = int(rng.integers(max_len + 1, max_len + max(2, max_len // 4) + 1))
-                else:
-                    n_frames = int(rng.integers(max(1, max_len // 4), max_len + 1))
-                stored = n_frames
-                if n_frames < max_len and rng.random() < 0.2:
-                    stored = max_len
-                informative = rng.random() < INFORMATIVE
-                amplitude = float(rng.uniform(*AMPLITUDE)) if informative else 0.0
-                nuisance = (rng.standard_normal(dim, dtype=np.float32) * NUISANCE).astype(np.float32)
-                x = _frames(rng, n_frames, stored, dirs[label], amplitude, nuisance)
-                # Both real pickle layouts occur: (T, D) and (T, 1, D).
-                feats[key] = x[:, None, :] if clip % 3 == 0 else x
-
-        buf = io.StringIO()
-        # Written as the loader reads it: no quoting (a tab in a text would be an error).
-        writer = csv.writer(buf, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_NONE,
-                            quotechar=None)
-        writer.writerow(["season", "episode", "clip", "text", "label"])
-        writer.writerows(rows)
-        (out / f"{split}.tsv").write_text(buf.getvalue(), encoding="utf-8")
-
-    for name, feats in (("video_feats.pkl", video_feats), ("audio_feats.pkl", audio_feats)):
-        with open(out / name, "wb") as f:
-            pickle.dump(feats, f, protocol=4)
+    _write_pickles(out, ("video_feats.pkl", video_feats), ("audio_feats.pkl", audio_feats))
     meta = dict(format_version=FORMAT_VERSION, seed=seed, n_train=n_train, n_dev=n_dev,
                 n_test=n_test, video_len=video_len, audio_len=audio_len,
                 ambiguous_fraction=ambiguous_fraction, long_tail=long_tail)
@@ -485,27 +588,109 @@ def write_synthetic_mintrec(out_dir: str | os.PathLike, *, seed: int = DEFAULTS[
     return out
 
 
-def ensure_synthetic(cache_dir: str | os.PathLike, **kw) -> Path:
-    """The synthetic set for these arguments, written once into ``cache_dir``.
+def write_synthetic_mintrec2(out_dir: str | os.PathLike, *, seed: int = DEFAULTS["seed"],
+                             n_train: int = DEFAULTS["n_train"], n_dev: int = DEFAULTS["n_dev"],
+                             n_test: int = DEFAULTS["n_test"],
+                             n_oos_train: int = MINTREC2_DEFAULTS["n_oos_train"],
+                             n_oos_dev: int = MINTREC2_DEFAULTS["n_oos_dev"],
+                             n_oos_test: int = MINTREC2_DEFAULTS["n_oos_test"],
+                             video_len: int = DEFAULTS["video_len"],
+                             audio_len: int = DEFAULTS["audio_len"],
+                             ambiguous_fraction: float = DEFAULTS["ambiguous_fraction"],
+                             long_tail: bool = DEFAULTS["long_tail"]) -> Path:
+    """Write a synthetic set in the MIntRec2.0 release layout into ``out_dir``: ``in-scope/``
+    (30 intents) and ``out-of-scope/MIntRec2.0-OOD/`` (label UNK), each with its TSVs, its
+    ``video_data/swin_roi_binary.pkl``, ``audio_data/wavlm_feats_binary.pkl`` and
+    synthetic.json. Out-of-scope clips are off-topic talk (their own templates, and the
+    ambiguous replies at the same share) whose informative frames lie along directions of
+    their own, so the features tell them apart from every intent. Not a benchmark: a
+    test bed for the open-intent protocol's code."""
+    counts = dict(n_train=n_train, n_dev=n_dev, n_test=n_test, n_oos_train=n_oos_train,
+                  n_oos_dev=n_oos_dev, n_oos_test=n_oos_test, video_len=video_len,
+                  audio_len=audio_len)
+    for name, v in counts.items():
+        if int(v) < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if not 0.0 <= ambiguous_fraction <= 1.0:
+        raise ValueError(f"ambiguous_fraction must be in [0, 1], got {ambiguous_fraction}")
+    out = Path(out_dir)
+    labels = DATASETS["mintrec2"].labels
+    templates = [{**TEMPLATES, **TEMPLATES2}[name] for name in labels] + [OOS_TEMPLATES]
+    structure = np.random.default_rng([seed, 0])
+    # Rows 0-29 the intents', 30.. the out-of-scope clips' directions.
+    video_dirs = _unit_directions(structure, len(labels) + OOS_DIRECTIONS, VIDEO_DIM)
+    audio_dirs = _unit_directions(structure, len(labels) + OOS_DIRECTIONS, AUDIO_DIM)
+    replies = [structure.choice(len(AMBIGUOUS), AMBIGUOUS_PER_INTENT, replace=False)
+               for _ in range(len(labels) + 1)]
+    shares = class_shares(long_tail, labels, MINTREC2_FREQUENCY_ORDER)
+    meta = dict(format_version=FORMAT_VERSION, dataset="mintrec2", seed=seed,
+                ambiguous_fraction=ambiguous_fraction, long_tail=long_tail, **counts)
+    clip = 0
+    for part, folder in enumerate(("in-scope", MINTREC2_OOS_FOLDER)):
+        video_feats: dict[str, np.ndarray] = {}
+        audio_feats: dict[str, np.ndarray] = {}
+        for split_id, split in enumerate(("train", "dev", "test")):
+            n = counts[("n_oos_" if part else "n_") + split]
+            rng = np.random.default_rng([seed, 1 + split_id + 3 * part])
+            if part:   # UNK: one of the out-of-scope directions per clip
+                ids = np.full(n, len(labels))
+                directions = len(labels) + rng.integers(OOS_DIRECTIONS, size=n)
+            else:
+                ids = np.repeat(np.arange(len(labels)), _split_counts(n, shares))
+                rng.shuffle(ids)
+                directions = ids
+            ambiguous = np.zeros(n, dtype=bool)
+            ambiguous[rng.permutation(n)[:int(round(ambiguous_fraction * n))]] = True
+            rows = []
+            for i, (label, direction) in enumerate(zip(ids, directions)):
+                text = _utterance(rng, templates[label], replies[label] if ambiguous[i] else None)
+                dialogue, utterance = divmod(clip, 5)
+                clip += 1
+                key = f"dia{dialogue}_utt{utterance}"
+                rows.append((dialogue, utterance, text, OOS_LABEL if part else labels[label],
+                             f"0:00:{utterance:02d}", f"0:00:{utterance + 1:02d}",
+                             f"S{1 + dialogue % 4}", SPEAKERS[dialogue % len(SPEAKERS)]))
+                video_feats[key] = _clip_frames(rng, video_dirs[direction], video_len, clip)
+                audio_feats[key] = _clip_frames(rng, audio_dirs[direction], audio_len, clip)
+            _write_tsv(out / folder / f"{split}.tsv", MINTREC2_HEADER, rows)
+        _write_pickles(out / folder, ("video_data/swin_roi_binary.pkl", video_feats),
+                       ("audio_data/wavlm_feats_binary.pkl", audio_feats))
+        # The loader reads the frame lengths from the synthetic.json beside the TSVs.
+        (out / folder / SYNTHETIC_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    (out / SYNTHETIC_META).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def ensure_synthetic(cache_dir: str | os.PathLike, dataset: str = "mintrec", **kw) -> Path:
+    """The synthetic set of dataset (mintrec: write_synthetic_mintrec; mintrec2:
+    write_synthetic_mintrec2) for these arguments, written once into ``cache_dir``.
 
     The folder name is a hash of the full argument set; it is written in a
     temporary folder and renamed into place, so a crashed or concurrent write
     never leaves a half-written set where a later run would use it.
     """
-    unknown = set(kw) - set(DEFAULTS)
+    if dataset not in ("mintrec", "mintrec2"):
+        raise ValueError(f"no synthetic set of dataset {dataset!r}; known: mintrec, mintrec2")
+    defaults = DEFAULTS if dataset == "mintrec" else {**DEFAULTS, **MINTREC2_DEFAULTS}
+    unknown = set(kw) - set(defaults)
     if unknown:
         raise TypeError(f"unknown synthetic data argument(s) {sorted(unknown)}; "
-                        f"known: {sorted(DEFAULTS)}")
-    params = {**DEFAULTS, **kw, "format_version": FORMAT_VERSION}
+                        f"known: {sorted(defaults)}")
+    # mintrec's hash keeps its earlier argument set (its cached sets stay valid)
+    params = {**defaults, **kw, "format_version": FORMAT_VERSION,
+              **({"dataset": dataset} if dataset != "mintrec" else {})}
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     cache = Path(cache_dir)
-    target = cache / f"synthetic-mintrec-{digest}"
+    target = cache / f"synthetic-{dataset}-{digest}"
     if (target / SYNTHETIC_META).is_file():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-synthetic-", dir=cache))
     try:
-        write_synthetic_mintrec(tmp, **kw)
+        if dataset == "mintrec":
+            write_synthetic_mintrec(tmp, **kw)
+        else:
+            write_synthetic_mintrec2(tmp, **kw)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -520,16 +705,28 @@ def ensure_synthetic(cache_dir: str | os.PathLike, **kw) -> Path:
 def main(argv=None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Write the synthetic MIntRec-layout data set.")
+    parser = argparse.ArgumentParser(description="Write the synthetic MIntRec-layout data set "
+                                                 "(--dataset mintrec2: the MIntRec2.0 release "
+                                                 "layout, in-scope and out-of-scope).")
     parser.add_argument("out_dir")
-    for name, value in DEFAULTS.items():
+    parser.add_argument("--dataset", choices=("mintrec", "mintrec2"), default="mintrec")
+    for name, value in {**DEFAULTS, **MINTREC2_DEFAULTS}.items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=None if name in MINTREC2_DEFAULTS
+                                else value, help="mintrec2 only" if name in MINTREC2_DEFAULTS else None)
     args = vars(parser.parse_args(argv))
-    out = write_synthetic_mintrec(args.pop("out_dir"), **args)
+    dataset, out_dir = args.pop("dataset"), args.pop("out_dir")
+    oos = {k: args.pop(k) for k in MINTREC2_DEFAULTS}
+    if dataset == "mintrec":
+        if any(v is not None for v in oos.values()):
+            parser.error("--n-oos-train/--n-oos-dev/--n-oos-test: the out-of-scope part is "
+                         "MIntRec2.0's (--dataset mintrec2)")
+        out = write_synthetic_mintrec(out_dir, **args)
+    else:
+        out = write_synthetic_mintrec2(out_dir, **args, **{k: v for k, v in oos.items() if v is not None})
     print(out)
 
 

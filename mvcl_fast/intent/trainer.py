@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mvcl_fast.intent import build, checkpoints, distributed, runs
+from mvcl_fast.intent import build, checkpoints, distributed, open_intent, runs
 from mvcl_fast.intent.data import data_loader
 from mvcl_fast.intent.distributed import Distributed
 from mvcl_fast.intent.errors import ConfigError, MVCLError
@@ -135,6 +135,7 @@ class Trainer:
         self.model, self.criterion = build.build_model(args, self.cfg, text_encoder, self.device,
                                                        self.dist.group, self.train_label_counts)
         self.with_anchor = args.lambda_mv != 0
+        self.outlier_exposure = open_intent.OutlierExposure(self) if args.open_intent else None
         self.compiled = build.compile_fusion(self.model, args.compile, self.device)
         # Training runs through the DDP wrapper; evaluation and checkpoints use the bare model.
         self.train_model = build.data_parallel(self.model, self.dist, args.seed)
@@ -153,7 +154,8 @@ class Trainer:
             self._check_capture()
         self.step = TrainingStep(self.model, self.criterion, self.optimizer,
                                  amp_dtype=self.amp_dtype, grad_clip=args.grad_clip,
-                                 scaler=self.scaler, train_model=self.train_model, cache=not capture)
+                                 scaler=self.scaler, train_model=self.train_model, cache=not capture,
+                                 ood_weight=args.ood_weight if args.open_intent else 0.0)
         self.run_step = CapturedStep(self.step, self.device) if capture else self.step
         self.progress = checkpoints.Progress()
         self.epoch_sums: dict[str, float] = {}   # this rank's loss sums over the unfinished epoch
@@ -199,7 +201,10 @@ class Trainer:
         """One optimisation step on batch. It makes no host sync: the losses go to the meter."""
         inputs = model_inputs(self.splits["train"].tokens, batch, self.cfg.modalities, self.device,
                               with_anchor=self.with_anchor)
-        self.run_step({**inputs, "labels": to_device(batch["label"], self.device)})
+        inputs["labels"] = to_device(batch["label"], self.device)
+        if self.outlier_exposure is not None:     # --open-intent: the step's OOS rows
+            inputs.update(self.outlier_exposure.inputs(self.progress.global_step))
+        self.run_step(inputs)
         self.scheduler.step()     # outside the step: it sets the learning rates in place
 
     def read_losses(self, bar=None, scheduled: bool = True) -> None:

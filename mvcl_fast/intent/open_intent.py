@@ -56,7 +56,7 @@ CHECKPOINT_FIELD = "open_intent"
 OOS_PREFIX = "oos_"
 # The figures: metric key, column title.
 OPEN_COLUMNS = (("acc", "ACC (31-way)"), ("f1_known", "F1-known"), ("f1_open", "F1-open"),
-                ("f1", "F1 (31-way)"), ("auroc", "AUROC"), ("aupr_in", "AUPR-In"),
+                ("f1_known_open", "mean(F1-known, F1-open)"), ("f1", "F1 (31-way)"), ("auroc", "AUROC"), ("aupr_in", "AUPR-In"),
                 ("aupr_out", "AUPR-Out"), ("fpr95", "FPR95"))
 
 
@@ -159,7 +159,8 @@ def doc_predict(logits, thresholds) -> tuple[np.ndarray, np.ndarray]:
 def open_intent_metrics(y_true, y_pred, score, num_labels: int) -> dict[str, float]:
     """The benchmark's figures (x100, 2 decimals) of labels in [0, num_labels], num_labels = UNK:
     acc (31-way), f1_known, f1_open, f1 (as OID_Metrics: per-class F1 over the classes in y_true
-    or y_pred, F1-known their mean without UNK, f1 the mean with it), and, of score (high = in
+    or y_pred, F1-known their mean without UNK, f1 the mean with it), f1_known_open (the mean of
+    F1-known and F1-open, which weighs the open class as much as all known ones), and, of score (high = in
     scope; in-scope rows the positives, as OOD_Metrics), auroc, aupr_in, aupr_out (of 1 - score)
     and fpr95 (the share of OOS rows at or above the score that keeps 95% of in-scope rows)."""
     from sklearn import metrics as skm
@@ -174,6 +175,7 @@ def open_intent_metrics(y_true, y_pred, score, num_labels: int) -> dict[str, flo
     precision_out, recall_out, _ = skm.precision_recall_curve(1 - in_scope, 1 - score)
     out = {"acc": skm.accuracy_score(y_true, y_pred),
            "f1_known": np.mean(f1[:-1]) if known else 0.0, "f1_open": f1[-1], "f1": np.mean(f1),
+           "f1_known_open": ((np.mean(f1[:-1]) if known else 0.0) + f1[-1]) / 2,
            "auroc": skm.auc(fpr, tpr), "aupr_in": skm.auc(recall_in, precision_in),
            "aupr_out": skm.auc(recall_out, precision_out),
            "fpr95": fpr[np.argmax(tpr >= 0.95)]}

@@ -49,8 +49,9 @@ class StopSignals:
     one raises KeyboardInterrupt, or, while a checkpoint is written (:meth:`held`), once it is.
     Handlers are installed in the main thread only."""
 
-    def __init__(self, log):
+    def __init__(self, log, finishing: str = "the current step"):
         self.log = log
+        self.finishing = finishing  # what runs before the stop
         self.received = 0           # this process's own count; the ranks decide stops together
         self.pid = os.getpid()      # forked DataLoader workers inherit the handler
         self.previous = {}
@@ -87,7 +88,7 @@ class StopSignals:
                 self.abort_held = True
                 return
             raise KeyboardInterrupt
-        self.log(f"{signal.Signals(signum).name}: finishing the current step, then saving last.pt "
+        self.log(f"{signal.Signals(signum).name}: finishing {self.finishing}, then saving last.pt "
                  "(a second one aborts without saving)")
 
 
@@ -105,7 +106,11 @@ class Trainer:
         self.last_path = self.output_dir / runs.LAST_CHECKPOINT
         self.folder: Optional[runs.RunFolder] = None    # rank 0's claim; it alone writes
         self.log_file = None
-        self.stops = StopSignals(self.log)
+        # Under DDP the ranks agree on a stop with a collective, which waits for the device: at
+        # the loss readings only, so that a step never waits.
+        self.stops = StopSignals(self.log, "the steps up to the next loss reading (at most "
+                                 f"--log-every {args.log_every})" if self.dist.enabled
+                                 else "the current step")
         try:
             self.folder = runs.claim_on_every_rank(self.output_dir, self.dist,
                                                    resume=resume_state is not None,
@@ -287,8 +292,9 @@ class Trainer:
                     if progress.global_step % self.args.log_every == 0:
                         self.read_losses(bar)
                     epoch_done = self._out_of_steps() or progress.step_in_epoch == self.steps_per_epoch
+                    agree = not self.dist.enabled or progress.global_step % self.args.log_every == 0
                     # A stop on an epoch's last step still gets the epoch's evaluation and checkpoint.
-                    if self._stop_agreed() and not epoch_done:
+                    if agree and self._stop_agreed() and not epoch_done:
                         seconds = time.perf_counter() - start
                         progress.elapsed += seconds
                         progress.epoch_train_seconds += seconds

@@ -103,7 +103,7 @@ class _CastTogether(torch.autograd.Function):
     def forward(ctx, dtype: torch.dtype, *tensors: Tensor):
         ctx.set_materialize_grads(False)
         ctx.shapes = [t.shape for t in tensors]
-        ctx.dtypes = [t.dtype for t in tensors]
+        ctx.grad_dtype = tensors[0].dtype     # the parameters': fp32
         flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=tensors[0].device)
         torch.cat([t.reshape(-1) for t in tensors], out=flat)
         return tuple(chunk.view(shape) for chunk, shape in
@@ -114,7 +114,7 @@ class _CastTogether(torch.autograd.Function):
         present = [g for g in grads if g is not None]   # unused weights keep no gradient
         if not present:
             return (None, *grads)
-        flat = torch.empty(sum(g.numel() for g in present), dtype=ctx.dtypes[0],
+        flat = torch.empty(sum(g.numel() for g in present), dtype=ctx.grad_dtype,
                            device=present[0].device)
         torch.cat([g.reshape(-1) for g in present], out=flat)
         chunks = iter(flat.split([g.numel() for g in present]))

@@ -74,13 +74,6 @@ def split_logits(model: torch.nn.Module, tokens: dict, loader, modalities, devic
     return logits
 
 
-def predicted_labels(model: torch.nn.Module, tokens: dict, loader, modalities, device: torch.device,
-                     amp_dtype: Optional[torch.dtype], dist, blank: Optional[str] = None) -> np.ndarray:
-    """The model's predictions (the argmax of :func:`split_logits`) over the whole split."""
-    return split_logits(model, tokens, loader, modalities, device, amp_dtype, dist,
-                        blank).argmax(dim=-1).numpy()
-
-
 def final_report(trainer, started: float) -> dict:
     """The best dev epoch's model of a mvcl_fast.intent.trainer.Trainer, loaded as predict loads
     it, on dev and test (and test without each --eval-drop-modality; --open-intent: the
@@ -92,10 +85,11 @@ def final_report(trainer, started: float) -> dict:
 
     args, progress = trainer.args, trainer.progress
     trainer.model = load_model(trainer.output_dir / BEST_CHECKPOINT, trainer.device).model
-    dev, _, _ = trainer.evaluate("dev")
-    test, y_true, y_pred = trainer.evaluate("test")
+    logits = {name: trainer.split_logits(name) for name in ("dev", "test")}
+    dev, _, _ = trainer.evaluate("dev", logits=logits["dev"])
+    test, y_true, y_pred = trainer.evaluate("test", logits=logits["test"])
     without = {m: trainer.evaluate("test", blank=m)[0] for m in args.eval_drop_modality}
-    opened = open_intent.report(trainer) if args.open_intent else {}
+    opened = open_intent.report(trainer, logits) if args.open_intent else {}
     cm = confusion_matrix(y_true, y_pred, trainer.cfg.num_labels)
     results = {
         "test": test, "dev": dev,

@@ -220,25 +220,19 @@ def save_thresholds(trainer, thresholds: np.ndarray) -> None:
 
 
 # -------------------------------------------------------------- the report
-def report(trainer) -> dict:
+def report(trainer, logits: dict[str, torch.Tensor]) -> dict:
     """After training, trainer.model the best dev epoch's: DOC thresholds fitted on the in-scope
-    training split (into best.pt), then dev and test in the open-intent protocol. Returns
+    training split (into best.pt), then dev and test in the open-intent protocol. logits: the
+    in-scope dev and test logits, already computed for the in-scope figures. Returns
     metrics.json's entries: dev_open, test_open, doc_thresholds."""
-    from mvcl_fast.intent.evaluation import split_logits
-
-    def logits(name: str) -> torch.Tensor:
-        loader = trainer._loader(name, trainer.args.eval_batch_size, shuffle=False)
-        return split_logits(trainer.model, trainer.splits[name].tokens, loader,
-                            trainer.cfg.modalities, trainer.device, trainer.amp_dtype, trainer.dist)
-
     splits = trainer.splits
-    thresholds = doc_thresholds(logits("train"), splits["train"].split.labels.numpy(),
+    thresholds = doc_thresholds(trainer.split_logits("train"), splits["train"].split.labels.numpy(),
                                 trainer.cfg.num_labels)
     save_thresholds(trainer, thresholds)
     results = {}
     for name in ("dev", "test"):
-        results[f"{name}_open"], _ = evaluate_open(logits(name), splits[name].split.labels.numpy(),
-                                                   logits(OOS_PREFIX + name), thresholds)
+        results[f"{name}_open"], _ = evaluate_open(logits[name], splits[name].split.labels.numpy(),
+                                                   trainer.split_logits(OOS_PREFIX + name), thresholds)
         results[f"{name}_open"]["utterances"] = len(splits[name]) + len(splits[OOS_PREFIX + name])
     results["doc_thresholds"] = {name: round(float(t), 4)
                                  for name, t in zip(trainer.label_names, thresholds)}

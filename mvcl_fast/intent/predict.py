@@ -77,7 +77,12 @@ def predict(args: argparse.Namespace) -> Optional[dict]:
     everything = torch.cat([logits, oos_logits])
     confidence, predicted = everything.softmax(dim=-1).max(dim=-1)
     names = [*loaded.label_names, OOS_LABEL]   # UNK: class len(label_names)
-    labelled = predicted.numpy() if thresholds is None else doc_predict(everything, thresholds)[0]
+    if thresholds is None:
+        labelled = predicted.numpy()
+    elif oos is None:
+        labelled = doc_predict(everything, thresholds)[0]
+    else:   # DOC's labels and the open-intent figures of the in-scope and out-of-scope rows
+        open_figures, labelled = evaluate_open(logits, split.labels, oos_logits, thresholds)
 
     table = io.StringIO()
     writer = csv.writer(table, delimiter="\t", lineterminator="\n")
@@ -108,7 +113,7 @@ def predict(args: argparse.Namespace) -> Optional[dict]:
         metrics.update(breakdown(split.labels, in_scope, names, loaded.train_label_counts))
     if oos is not None:
         metrics["out_of_scope_utterances"] = len(oos)
-        metrics["open"] = evaluate_open(logits, split.labels, oos_logits, thresholds)[0]
+        metrics["open"] = open_figures
     runs.replace_file(folder, PREDICTION_METRICS,
                       lambda file: file.write((json.dumps(metrics, indent=1) + "\n").encode()))
     print(f"{args.split}: {len(split)} utterances of {args.data_dir}, {model}\n"

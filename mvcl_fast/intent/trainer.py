@@ -31,7 +31,7 @@ from mvcl_fast.intent import build, checkpoints, distributed, open_intent, runs
 from mvcl_fast.intent.data import data_loader
 from mvcl_fast.intent.distributed import Distributed
 from mvcl_fast.intent.errors import ConfigError, MVCLError
-from mvcl_fast.intent.evaluation import predicted_labels
+from mvcl_fast.intent.evaluation import split_logits
 from mvcl_fast.intent.loading import PRECISIONS, autocast_dtype, model_inputs, to_device
 from mvcl_fast.intent.step import CapturedStep, TrainingStep
 
@@ -248,13 +248,20 @@ class Trainer:
                         f"{self.args.log_every} steps and at an epoch's end)")
         return message
 
-    def evaluate(self, split: str, blank: Optional[str] = None) -> tuple[dict, np.ndarray, np.ndarray]:
-        """(metrics, labels, predictions) of the whole split; blank: a modality blanked out."""
+    def split_logits(self, split: str, blank: Optional[str] = None) -> torch.Tensor:
+        """The model's logits [N, num_labels] over the whole split, in file order (on the CPU)."""
+        loader = self._loader(split, self.args.eval_batch_size, shuffle=False)
+        return split_logits(self.model, self.splits[split].tokens, loader, self.cfg.modalities,
+                            self.device, self.amp_dtype, self.dist, blank)
+
+    def evaluate(self, split: str, blank: Optional[str] = None,
+                 logits: Optional[torch.Tensor] = None) -> tuple[dict, np.ndarray, np.ndarray]:
+        """(metrics, labels, predictions) of the whole split; blank: a modality blanked out;
+        logits: the split's, when already computed (:meth:`split_logits`)."""
         from mvcl_fast.intent.metrics import classification_metrics
 
-        loader = self._loader(split, self.args.eval_batch_size, shuffle=False)
-        y_pred = predicted_labels(self.model, self.splits[split].tokens, loader, self.cfg.modalities,
-                                  self.device, self.amp_dtype, self.dist, blank)
+        logits = self.split_logits(split, blank) if logits is None else logits
+        y_pred = logits.argmax(dim=-1).numpy()
         y_true = self.splits[split].split.labels.numpy()
         return classification_metrics(y_true, y_pred, self.cfg.num_labels), y_true, y_pred
 
